@@ -1,0 +1,216 @@
+"""The contract between the store and a driver, told first as a story.
+
+The lifecycle
+-------------
+A user imports an image of two layers. The store checks the IDs, writes a record that
+says layer ``A`` is *incomplete*, and asks the driver to ``create("A", None, rw=False)``:
+the driver makes ``layers/A/`` in whatever shape it likes. The store then feeds the first
+layer tar to :meth:`Driver.apply_diff`; a driver that can unpack straight into its own
+layout does so and returns the size, otherwise it returns ``NotImplemented`` and the
+store mounts the layer and lets the archive engine unpack into the mounted view. Only
+when that has finished and been synced does the store mark ``A`` complete. A crash
+before then leaves an incomplete record, which :meth:`Store.cleanup` finds and removes
+with :meth:`Driver.remove`. The second layer ``B`` is made the same way with parent
+``A``.
+
+The user then runs a container: ``create("C", "B", rw=True, size=...)`` makes a
+read-write layer, and ``mount("C", ["C", "B", "A"], rw=True)`` returns one directory that
+shows the union of the chain, nearest layer first. The store counts references across
+processes and calls ``mount`` only for the first and ``unmount`` only for the last, so a
+driver never sees a second mount of the same layer. The container writes; the user asks
+for changes and a diff. A driver that can answer from its own layout (overlay reads its
+upper directory) does so; the others return ``NotImplemented`` and the store compares the
+mounted layer against its mounted parent with the archive engine.
+
+At the end the store refuses to remove a layer that has children or is mounted, and
+otherwise calls :meth:`Driver.remove`, which must tolerate a half-made layer: it is also
+how crash leftovers go.
+
+The words
+---------
+*layer*: an ID, an optional parent, content. *chain*: a layer and its ancestors, nearest
+first. *read-only layer*: image content, made by ``create`` (+ ``apply_diff``).
+*read-write layer*: a container's changes, made by ``create_rw``; it may have a *size*
+limit. *view*: the directory ``mount`` returns. *diff*: a layer's changes as a tar.
+*record*: what the store keeps about a layer (parent, kind, state); drivers never write
+records, and the store never looks inside ``layers/<id>/``.
+
+What the store guarantees a driver
+----------------------------------
+IDs are valid (:func:`lamina.ids.check_id`); ``create`` is never called for an existing
+ID and its parent is complete; calls that change one layer are serialised per layer by
+the store's locks; ``mount``/``unmount`` calls are paired and never nested per layer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+from lamina.archive.change import Change
+
+#: What a driver returns from an optional native operation it cannot do for these
+#: arguments; the store then falls back to the naive, mount-and-walk way.
+NOT_NATIVE: Any = NotImplemented
+
+
+@dataclass
+class CreateOptions:
+    """Options for a new layer (Docker's CreateOpts, parsed)."""
+
+    #: size limit in bytes for a read-write layer (StorageOpt "size"); None = unlimited
+    size: int | None = None
+    mount_label: str = ""
+    #: every StorageOpt as given, for driver-specific keys
+    storage_opt: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DriverContext:
+    """What a driver is given at start: where it lives and how it was configured."""
+
+    #: the store root; the driver owns ``root/"layers"/<id>`` and may keep private
+    #: state under ``root/<driver name>/`` (overlay's ``l/`` short links live at ``root/"l"``)
+    root: Path
+    #: driver options (``--storage-opt`` / ``Init``'s ``Opts``), already split at '='
+    options: dict[str, str] = field(default_factory=dict)
+    #: Docker-style ID maps: (container_id, host_id, size) triples
+    uid_map: Sequence[tuple[int, int, int]] = ()
+    gid_map: Sequence[tuple[int, int, int]] = ()
+
+    @property
+    def layers(self) -> Path:
+        return self.root / "layers"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+
+class FileGetter(abc.ABC):
+    """Opens a layer's files by their name in the layer tar (tar-split reassembly)."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> IO[bytes]:
+        """Open the file the tar called ``name`` (no leading "/")."""
+
+    def close(self) -> None:
+        """Release whatever the getter holds (a mount, open files)."""
+
+    def __enter__(self) -> FileGetter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Driver(abc.ABC):
+    """One way of keeping layer content. One module per driver, one subclass each."""
+
+    #: the name users pass to ``--driver`` and that the store records
+    name: ClassVar[str]
+
+    def __init__(self, ctx: DriverContext) -> None:
+        self.ctx = ctx
+
+    # -- availability -------------------------------------------------------------
+
+    @classmethod
+    def unavailable_reason(cls, root: Path) -> str | None:
+        """Why this driver cannot run for a store at ``root`` here, or None if it can.
+
+        Checked before the store is opened with this driver, and used to pick the
+        default driver; the reason is shown by ``lamina info``.
+        """
+        return None
+
+    # -- layer lifecycle ----------------------------------------------------------
+
+    def layer_dir(self, layer_id: str) -> Path:
+        """Where the driver keeps ``layer_id``'s content."""
+        return self.ctx.layers / layer_id
+
+    @abc.abstractmethod
+    def create(self, layer_id: str, parent: str | None, *, rw: bool, opts: CreateOptions) -> None:
+        """Make the content of a new, empty layer over ``parent`` (complete, not None).
+
+        Raise :class:`~lamina.errors.QuotaNotSupported` if ``opts.size`` is set and the
+        driver cannot enforce it.
+        """
+
+    @abc.abstractmethod
+    def remove(self, layer_id: str) -> None:
+        """Delete the layer's content, whole or half-made. Must not fail if it is gone."""
+
+    @abc.abstractmethod
+    def mount(self, layer_id: str, chain: Sequence[str], *, rw: bool, mount_label: str = "") -> Path:
+        """Return a directory showing the union of ``chain`` (``chain[0] == layer_id``,
+        nearest first). Called only for the first reference. A read-only layer's view
+        should be read-only where the driver can make it so."""
+
+    @abc.abstractmethod
+    def unmount(self, layer_id: str) -> None:
+        """Undo :meth:`mount`. Called for the last reference, and by cleanup for stale
+        mounts: must not fail if nothing is mounted."""
+
+    def is_mounted(self, layer_id: str) -> bool:
+        """Whether the view of ``layer_id`` is mounted now (for cleanup and check)."""
+        return False
+
+    # -- native diff operations (optional) ----------------------------------------
+
+    def apply_diff(
+        self,
+        layer_id: str,
+        parent: str | None,
+        chain: Sequence[str],
+        stream: IO[bytes],
+        tarsplit: IO[bytes] | None = None,
+    ) -> int:
+        """Unpack a layer tar into the new, empty layer ``layer_id`` without mounting.
+
+        Return the size applied (sum of regular-file sizes in the tar), or
+        ``NOT_NATIVE`` to let the store mount the layer and unpack into the view.
+        ``chain`` is the new layer's chain (for hardlinks into lower layers). When
+        ``tarsplit`` is given, the tar's headers and padding are recorded into it
+        (:mod:`lamina.archive.tarsplit`) so that the exact tar can be rebuilt later.
+        """
+        return NOT_NATIVE
+
+    def diff(self, layer_id: str, parent: str | None) -> Iterator[bytes] | Any:
+        """The layer's changes against ``parent`` as tar chunks, or ``NOT_NATIVE``."""
+        return NOT_NATIVE
+
+    def changes(self, layer_id: str, parent: str | None) -> list[Change] | Any:
+        """The layer's changes against ``parent``, or ``NOT_NATIVE``."""
+        return NOT_NATIVE
+
+    def diff_size(self, layer_id: str, parent: str | None) -> int | Any:
+        """Bytes of regular-file content changed against ``parent``, or ``NOT_NATIVE``."""
+        return NOT_NATIVE
+
+    def diff_getter(self, layer_id: str) -> FileGetter | Any:
+        """A getter for the layer's own files by tar name, or ``NOT_NATIVE`` (the store
+        then mounts the layer and opens files in the view)."""
+        return NOT_NATIVE
+
+    # -- information and housekeeping ---------------------------------------------
+
+    def status(self) -> list[tuple[str, str]]:
+        """Docker's Status pairs, e.g. ``[("Backing Filesystem", "extfs")]``."""
+        return []
+
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        """Docker's GetMetadata for one layer (paths the user may want to know)."""
+        return {}
+
+    def cleanup(self, known: set[str]) -> list[str]:
+        """Remove the driver's own leftovers (``known`` = IDs of every recorded layer)
+        and return one line per thing removed."""
+        return []
+
+    def close(self) -> None:
+        """Release process resources (open fds); the store's mounts stay."""

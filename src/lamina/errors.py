@@ -1,0 +1,91 @@
+"""Every error lamina raises on purpose, under one root class.
+
+Why typed errors: the CLI turns each into one line and exit code 1, the Docker plugin
+turns each into ``{"Err": ...}``, and callers of the Python API can catch the kind they
+care about (``except LayerNotFound``) without parsing messages. The message always names
+the culprit (a layer ID, a tar entry, a path) because that is what the user must fix.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class LaminaError(Exception):
+    """Base of every deliberate lamina error. ``str(err)`` is one line for the user."""
+
+    #: process exit status the CLI uses for this kind of error
+    exit_code: int = 1
+
+
+class InvalidLayerID(LaminaError, ValueError):
+    """A layer ID that breaks the naming rule; refused before it touches the disk."""
+
+
+class LayerNotFound(LaminaError, KeyError):
+    """No complete layer has this ID."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want plain text
+        return str(self.args[0]) if self.args else "layer not found"
+
+
+class LayerExists(LaminaError):
+    """A layer with this ID already exists (or is being made)."""
+
+
+class ParentNotFound(LaminaError):
+    """The parent named for a new layer does not exist."""
+
+
+class LayerBusy(LaminaError):
+    """The layer is mounted, or another process is changing it."""
+
+
+class LayerHasChildren(LaminaError):
+    """The layer cannot be removed while other layers are built on it."""
+
+
+class InvalidArchive(LaminaError):
+    """A layer tar is malformed or hostile; ``entry`` names the tar entry at fault."""
+
+    def __init__(self, message: str, entry: str | None = None) -> None:
+        self.entry = entry
+        super().__init__(f"{entry}: {message}" if entry is not None else message)
+
+
+class QuotaExceeded(LaminaError, OSError):
+    """A write went past a read-write layer's size limit."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, _errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class QuotaNotSupported(LaminaError):
+    """The driver or backing filesystem cannot enforce a size limit."""
+
+
+class UnsupportedFilesystem(LaminaError):
+    """The backing filesystem cannot host this driver (no d_type, overlay on overlay, ...)."""
+
+
+class DriverUnavailable(LaminaError):
+    """The driver cannot run here (kernel feature missing, not root, ...)."""
+
+
+class DriverMismatch(LaminaError):
+    """The store was made with another driver than the one asked for."""
+
+
+class InvalidOption(LaminaError, ValueError):
+    """A storage option (size, driver option) that cannot be parsed or used."""
+
+
+class StoreCorrupt(LaminaError):
+    """The store's records disagree with what is on disk in a way cleanup cannot mend."""
+
+
+class ImageError(LaminaError):
+    """An image archive is malformed, or a digest or DiffID does not match."""

@@ -1,0 +1,1 @@
+"""Filesystem mechanisms: safe paths inside a root, mounts, quotas, locks, copies."""

@@ -1,0 +1,110 @@
+"""Kernel mounts through libc, without shelling out to mount(8).
+
+Why ctypes and not ``mount(8)``: one fork+exec per mount costs milliseconds, and the
+option string must reach the kernel exactly as built (mount(8) reinterprets some).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+
+def mount(source: str, target: str | Path, fstype: str | None, flags: int = 0, data: str = "") -> None:
+    """mount(2); raises OSError with the errno and the target in the message."""
+    rc = _libc.mount(
+        source.encode(),
+        os.fsencode(str(target)),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data else None,
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or 'bind'} on {target}: {os.strerror(err)}")
+
+
+def umount(target: str | Path, *, lazy: bool = True) -> None:
+    """umount2(2); a target that is not mounted (EINVAL) or gone (ENOENT) is fine."""
+    rc = _libc.umount2(os.fsencode(str(target)), MNT_DETACH if lazy else 0)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):
+            return
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def is_mountpoint(path: str | Path) -> bool:
+    """True if ``path`` is listed as a mount point in /proc/self/mountinfo."""
+    want = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split(b" ", 5)
+                if _unescape(fields[4]) == want:
+                    return True
+    except OSError:
+        return os.path.ismount(want)
+    return False
+
+
+def mounts_under(prefix: str | Path) -> list[str]:
+    """Mount points at or below ``prefix``, deepest first (the order to unmount them)."""
+    root = os.path.realpath(prefix)
+    found: list[str] = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = _unescape(line.split(b" ", 5)[4])
+            if point == root or point.startswith(root + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def _unescape(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal ``\\NNN``."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i] == 0x5C and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
+            out.append(int(field[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def overlay_options(
+    lowers: Sequence[str | Path],
+    upper: str | Path | None = None,
+    work: str | Path | None = None,
+    extra: Sequence[str] = (),
+) -> str:
+    """The option string for an overlay mount; lowers nearest first."""
+    opts = list(extra)
+    opts.append("lowerdir=" + ":".join(_escape_lower(str(p)) for p in lowers))
+    if upper is not None:
+        opts.append(f"upperdir={upper}")
+        opts.append(f"workdir={work}")
+    return ",".join(opts)
+
+
+def _escape_lower(path: str) -> str:
+    # overlayfs splits lowerdir on ':' and the option string on ','; escape both
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
