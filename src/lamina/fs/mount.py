@@ -108,3 +108,20 @@ def overlay_options(
 def _escape_lower(path: str) -> str:
     # overlayfs splits lowerdir on ':' and the option string on ','; escape both
     return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def fs_type(path: str | Path) -> str:
+    """The filesystem type of the mount holding ``path`` ("ext4", "xfs", "tmpfs", ...),
+    from the longest matching mount point in /proc/self/mountinfo."""
+    want = os.path.realpath(path)
+    best, best_type = "", "unknown"
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                left, _, right = line.partition(b" - ")
+                point = _unescape(left.split(b" ")[4])
+                if (want == point or want.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, best_type = point, os.fsdecode(right.split(b" ", 1)[0])
+    except OSError:
+        pass
+    return best_type

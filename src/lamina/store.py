@@ -1,0 +1,619 @@
+"""The store: layer IDs, parents, records, locks, mount counts, and crash recovery.
+
+Everything a driver should not have to think about lives here, once for every driver:
+checking IDs before they touch the disk, refusing to remove a layer with children or
+mounts, counting mounts across processes, the naive (mount-and-walk) diff operations for
+drivers that have no native ones, tar-split for byte-exact diffs, and ``cleanup``.
+
+How a layer stays whole (design §3): its record is written as ``creating`` before any
+byte of it is, under a per-layer file lock that the making process holds until the record
+says ``ready``; the layer's files are synced (one ``syncfs``) before that. A crash leaves a
+``creating`` record whose lock is free, which ``cleanup`` drops along with whatever the
+driver had made. Removal is the same in reverse: ``removing`` first, then the driver
+deletes, then the record goes. Only ``ready`` layers are visible to ``exists``, ``ls``
+and every operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from lamina import liveness
+from lamina.archive.apply import ApplyOptions, apply_tar
+from lamina.archive.change import Change, ChangeKind
+from lamina.archive.changes import changes_dirs, changes_size
+from lamina.archive.export import tar_changes, tar_tree
+from lamina.archive.tarsplit import reassemble
+from lamina.drivers.base import NOT_NATIVE, CreateOptions, Driver, DriverContext, FileGetter
+from lamina.drivers.registry import default_driver, driver_class
+from lamina.errors import (
+    DriverMismatch,
+    DriverUnavailable,
+    LaminaError,
+    LayerBusy,
+    LayerExists,
+    LayerHasChildren,
+    LayerNotFound,
+    ParentNotFound,
+    StoreCorrupt,
+)
+from lamina.fs.durable import atomic_write, syncfs
+from lamina.fs.getter import DirFileGetter
+from lamina.fs.locks import FileLock
+from lamina.ids import check_id, parse_size
+from lamina.records import LayerRecord, Records
+from lamina.streams import open_chunks
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "lamina.json"
+
+
+def default_root() -> Path:
+    """``/var/lib/lamina`` for root, ``$XDG_DATA_HOME/lamina`` (``~/.local/share``) otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/lamina")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "lamina"
+
+
+def open(  # noqa: A001 - the natural name: lamina.open(root)
+    root: str | os.PathLike[str] | None = None,
+    driver: str | None = None,
+    options: dict[str, str] | None = None,
+    *,
+    uid_map: list[tuple[int, int, int]] | None = None,
+    gid_map: list[tuple[int, int, int]] | None = None,
+) -> Store:
+    """Open (creating if needed) the store at ``root`` with ``driver``.
+
+    A new store records the driver it was made with; opening it later with another one
+    raises :class:`DriverMismatch`, because the layers on disk are in that driver's shape.
+    """
+    return Store(Path(root) if root is not None else default_root(), driver, options or {},
+                 uid_map=uid_map or [], gid_map=gid_map or [])
+
+
+class Store:
+    """A layer store rooted at one directory. Safe to share between threads."""
+
+    def __init__(self, root: Path, driver: str | None, options: dict[str, str], *,
+                 uid_map: list[tuple[int, int, int]], gid_map: list[tuple[int, int, int]]) -> None:
+        self.root = root.absolute()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        for sub in ("layers", "tmp", "locks", "tarsplit"):
+            (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+        name = self._settle_driver(driver)
+        cls = driver_class(name)
+        reason = cls.unavailable_reason(self.root)
+        if reason:
+            raise DriverUnavailable(f"driver {name} cannot run here: {reason}")
+        self.records = Records(self.root / "meta.db")
+        self.driver: Driver = cls(DriverContext(self.root, dict(options), uid_map, gid_map))
+
+    def _settle_driver(self, asked: str | None) -> str:
+        cfg_path = self.root / CONFIG_NAME
+        lock = FileLock(self.root / "locks" / ".config.lock")
+        with lock:
+            if cfg_path.exists():
+                try:
+                    cfg = json.loads(cfg_path.read_text())
+                    recorded = cfg["driver"]
+                except (ValueError, KeyError) as e:
+                    raise StoreCorrupt(f"{cfg_path}: unreadable store configuration ({e})") from e
+                if cfg.get("format", 0) > FORMAT_VERSION:
+                    raise StoreCorrupt(f"{cfg_path}: store format {cfg['format']} is newer than this lamina")
+                if asked and asked != recorded:
+                    raise DriverMismatch(
+                        f"store {self.root} was made with driver {recorded}, not {asked}"
+                    )
+                return str(recorded)
+            name = asked or default_driver(self.root)
+            driver_class(name)  # unknown names fail before anything is recorded
+            atomic_write(cfg_path, json.dumps({"format": FORMAT_VERSION, "driver": name}).encode() + b"\n")
+            return name
+
+    # -- small helpers ----------------------------------------------------------------
+
+    def _lock(self, layer_id: str) -> FileLock:
+        return FileLock(self.root / "locks" / f"{layer_id}.lock")
+
+    @contextlib.contextmanager
+    def _busy(self, layer_id: str, doing: str) -> Iterator[None]:
+        """Hold the per-layer lock for long work; fail at once if another process has it."""
+        lock = self._lock(layer_id)
+        if not lock.acquire(blocking=False):
+            raise LayerBusy(f"layer {layer_id}: another process is {doing} it")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _ready(self, layer_id: str) -> LayerRecord:
+        check_id(layer_id)
+        with self.records.read() as db:
+            rec = Records.get(db, layer_id)
+        if rec is None or not rec.complete:
+            raise LayerNotFound(f"layer {layer_id} not found")
+        return rec
+
+    def _chain_of(self, db: Any, layer_id: str) -> list[str]:
+        chain, seen = [], set()
+        cur: str | None = layer_id
+        while cur is not None:
+            if cur in seen:
+                raise StoreCorrupt(f"layer {layer_id}: its parents form a loop at {cur}")
+            seen.add(cur)
+            chain.append(cur)
+            rec = Records.get(db, cur)
+            if rec is None:
+                raise StoreCorrupt(f"layer {layer_id}: ancestor {cur} has no record")
+            cur = rec.parent
+        return chain
+
+    def _tarsplit_path(self, layer_id: str) -> Path:
+        return self.root / "tarsplit" / f"{layer_id}.json.gz"
+
+    # -- making layers ------------------------------------------------------------------
+
+    def create(self, layer_id: str, parent: str | None = None, *, size: str | int | None = None,
+               storage_opt: dict[str, str] | None = None, mount_label: str = "") -> None:
+        """Make an empty read-only layer over ``parent`` [Create]."""
+        self._create(layer_id, parent, rw=False, size=size, storage_opt=storage_opt, mount_label=mount_label)
+
+    def create_rw(self, layer_id: str, parent: str | None = None, *, size: str | int | None = None,
+                  storage_opt: dict[str, str] | None = None, mount_label: str = "") -> None:
+        """Make an empty read-write (container) layer over ``parent`` [CreateReadWrite].
+
+        ``size`` (or ``storage_opt["size"]``) caps what it can hold, in Docker's units.
+        """
+        self._create(layer_id, parent, rw=True, size=size, storage_opt=storage_opt, mount_label=mount_label)
+
+    def _create(self, layer_id: str, parent: str | None, *, rw: bool, size: str | int | None,
+                storage_opt: dict[str, str] | None, mount_label: str) -> None:
+        opts = self._create_options(size, storage_opt, mount_label)
+        with self._busy(layer_id, "changing"):
+            self._begin_layer(layer_id, parent, rw, opts)
+            try:
+                self.driver.create(layer_id, parent or None, rw=rw, opts=opts)
+                syncfs(self.root)
+            except BaseException:
+                self._abandon(layer_id)
+                raise
+            self._commit(layer_id, size=0 if parent is None else None)
+
+    @staticmethod
+    def _create_options(size: str | int | None, storage_opt: dict[str, str] | None,
+                        mount_label: str) -> CreateOptions:
+        sopt = dict(storage_opt or {})
+        if size is None and "size" in sopt:
+            size = sopt["size"]
+        limit = parse_size(size) if size not in (None, "", 0) else None
+        return CreateOptions(size=limit or None, mount_label=mount_label, storage_opt=sopt)
+
+    def _begin_layer(self, layer_id: str, parent: str | None, rw: bool, opts: CreateOptions) -> None:
+        """Write the ``creating`` record (caller holds the layer lock)."""
+        check_id(layer_id)
+        if parent:
+            check_id(parent, "parent ID")
+        stale = False
+        with self.records.write() as db:
+            old = Records.get(db, layer_id)
+            if old is not None:
+                if old.state == "ready":
+                    raise LayerExists(f"layer {layer_id} already exists")
+                if old.state == "removing":
+                    raise LayerBusy(f"layer {layer_id} is being removed")
+                stale = True  # 'creating' and we hold its lock: a crashed earlier attempt
+            if parent:
+                prec = Records.get(db, parent)
+                if prec is None or not prec.complete:
+                    raise ParentNotFound(f"parent layer {parent} of {layer_id} not found")
+            if stale:
+                db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+            Records.insert(db, layer_id, parent or None, rw, opts.mount_label, opts.size)
+        if stale:
+            log.info("dropping the remains of an interrupted creation of %s", layer_id)
+            self.driver.remove(layer_id)
+
+    def _commit(self, layer_id: str, *, size: int | None, tarsplit: bool = False) -> None:
+        with self.records.write() as db:
+            db.execute("UPDATE layers SET state = 'ready', size = ?, tarsplit = ? WHERE id = ?",
+                       (size, int(tarsplit), layer_id))
+
+    def _abandon(self, layer_id: str) -> None:
+        """Undo a failed creation: driver content, refs, tar-split, record."""
+        try:
+            self._release_all(layer_id)
+            self.driver.remove(layer_id)
+            self._tarsplit_path(layer_id).unlink(missing_ok=True)
+        finally:
+            with self.records.write() as db:
+                db.execute("DELETE FROM layers WHERE id = ? AND state != 'ready'", (layer_id,))
+
+    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+        """Fill layer ``layer_id`` from an uncompressed layer tar; return the bytes applied.
+
+        If the layer does not exist it is made (read-only, over ``parent``); if it exists
+        (Docker calls Create first) it must be empty of children and mounts. Either way a
+        failure or crash leaves no layer behind. The tar's headers are kept (tar-split) so
+        that :meth:`diff` gives back the same bytes.
+        """
+        check_id(layer_id)
+        with self._busy(layer_id, "changing"):
+            with self.records.write() as db:
+                rec = Records.get(db, layer_id)
+                if rec is not None and rec.state == "ready":
+                    if Records.children(db, layer_id):
+                        raise LayerHasChildren(f"layer {layer_id} has children; cannot apply a diff into it")
+                    if rec.mount_count:
+                        raise LayerBusy(f"layer {layer_id} is mounted; cannot apply a diff into it")
+                    # from here on the layer is half-made until the apply finishes
+                    db.execute("UPDATE layers SET state = 'creating' WHERE id = ?", (layer_id,))
+                    existed = True
+                else:
+                    existed = False
+            if not existed:
+                self._begin_layer(layer_id, parent, False, CreateOptions())
+                try:
+                    self.driver.create(layer_id, parent or None, rw=False, opts=CreateOptions())
+                except BaseException:
+                    self._abandon(layer_id)
+                    raise
+            try:
+                size = self._apply_into(layer_id, stream)
+            except BaseException:
+                self._abandon(layer_id)
+                raise
+            self._commit(layer_id, size=size, tarsplit=True)
+            return size
+
+    def _apply_into(self, layer_id: str, stream: IO[bytes]) -> int:
+        with self.records.read() as db:
+            rec = Records.get(db, layer_id)
+            assert rec is not None
+            chain = self._chain_of(db, layer_id)
+        final = self._tarsplit_path(layer_id)
+        tmp = self.root / "tmp" / f"{layer_id}~tarsplit"
+        with gzip.open(tmp, "wb", compresslevel=1) as ts:
+            size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
+            if size is NOT_NATIVE:
+                path = self._get(layer_id, persistent=False)
+                try:
+                    size = apply_tar(path, stream, ApplyOptions(
+                        uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map, tarsplit=ts))
+                finally:
+                    self.put(layer_id)
+        syncfs(self.root)
+        os.replace(tmp, final)
+        return int(size)
+
+    # -- mounting -----------------------------------------------------------------------
+
+    def get(self, layer_id: str, mount_label: str = "", *, persistent: bool = False) -> Path:
+        """Mount the union view of the layer's chain and return its path [Get].
+
+        Counted across processes: the first reference mounts, later ones return the same
+        path. ``persistent=True`` takes a reference owned by no process (the CLI's
+        ``mount``), released only by a persistent :meth:`put` or ``cleanup(unmount_all)``.
+        """
+        self._ready(layer_id)
+        return self._get(layer_id, persistent=persistent, mount_label=mount_label)
+
+    def _get(self, layer_id: str, *, persistent: bool, mount_label: str = "") -> Path:
+        pid, start = liveness.me()
+        boot = liveness.boot_id()
+        with self.records.write() as db:
+            rec = Records.get(db, layer_id)
+            if rec is None:
+                raise LayerNotFound(f"layer {layer_id} not found")
+            db.execute("DELETE FROM refs WHERE id = ? AND boot_id != ?", (layer_id, boot))
+            row = db.execute("SELECT path, boot_id FROM mounts WHERE id = ?", (layer_id,)).fetchone()
+            if row is not None and row[1] == boot and self._refcount(db, layer_id):
+                path = Path(row[0])
+            else:
+                chain = self._chain_of(db, layer_id)
+                path = self.driver.mount(layer_id, chain, rw=rec.rw, mount_label=mount_label or rec.mount_label)
+                db.execute("INSERT OR REPLACE INTO mounts (id, path, boot_id) VALUES (?, ?, ?)",
+                           (layer_id, str(path), boot))
+            db.execute("INSERT INTO refs (id, pid, pid_start, persistent, boot_id) VALUES (?, ?, ?, ?, ?)",
+                       (layer_id, pid, start, int(persistent), boot))
+        return path
+
+    @staticmethod
+    def _refcount(db: Any, layer_id: str) -> int:
+        return int(db.execute("SELECT COUNT(*) FROM refs WHERE id = ?", (layer_id,)).fetchone()[0])
+
+    def put(self, layer_id: str, *, persistent: bool = False) -> bool:
+        """Release one reference [Put]; the last one unmounts. False if none was held.
+
+        The reference released is this process's own if it has one (or a persistent one
+        for ``persistent=True``), else the oldest: dockerd puts what a plugin process
+        that has since restarted got.
+        """
+        check_id(layer_id)
+        pid, start = liveness.me()
+        with self.records.write() as db:
+            row = self._pick_ref(db, layer_id, persistent, pid, start)
+            if row is None:
+                return False
+            db.execute("DELETE FROM refs WHERE ref = ?", (row,))
+            if self._refcount(db, layer_id) == 0:
+                self.driver.unmount(layer_id)
+                db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
+        return True
+
+    @staticmethod
+    def _pick_ref(db: Any, layer_id: str, persistent: bool, pid: int, start: str) -> int | None:
+        if persistent:
+            sql = "SELECT ref FROM refs WHERE id = ? ORDER BY persistent DESC, ref LIMIT 1"
+            row = db.execute(sql, (layer_id,)).fetchone()
+        else:
+            sql = ("SELECT ref FROM refs WHERE id = ? ORDER BY"
+                   " (persistent = 0 AND pid = ? AND pid_start = ?) DESC, persistent, ref LIMIT 1")
+            row = db.execute(sql, (layer_id, pid, start)).fetchone()
+        return int(row[0]) if row else None
+
+    def _release_all(self, layer_id: str) -> None:
+        with self.records.write() as db:
+            if self._refcount(db, layer_id) or db.execute(
+                    "SELECT 1 FROM mounts WHERE id = ?", (layer_id,)).fetchone():
+                self.driver.unmount(layer_id)
+            db.execute("DELETE FROM refs WHERE id = ?", (layer_id,))
+            db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
+
+    @contextlib.contextmanager
+    def mounted(self, layer_id: str, mount_label: str = "") -> Iterator[Path]:
+        """``with store.mounted(id) as path:`` pairs :meth:`get` and :meth:`put`."""
+        path = self.get(layer_id, mount_label)
+        try:
+            yield path
+        finally:
+            self.put(layer_id)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def exists(self, layer_id: str) -> bool:
+        """True if a complete layer has this ID [Exists]."""
+        check_id(layer_id)
+        with self.records.read() as db:
+            rec = Records.get(db, layer_id)
+        return rec is not None and rec.complete
+
+    def layer(self, layer_id: str) -> LayerRecord:
+        """The record of a complete layer."""
+        return self._ready(layer_id)
+
+    def layers(self) -> list[LayerRecord]:
+        """Every complete layer, oldest first."""
+        with self.records.read() as db:
+            return [r for r in Records.all(db) if r.complete]
+
+    def children(self, layer_id: str) -> list[str]:
+        self._ready(layer_id)
+        with self.records.read() as db:
+            return Records.children(db, layer_id)
+
+    def chain(self, layer_id: str) -> list[str]:
+        """The layer and its ancestors, nearest first."""
+        self._ready(layer_id)
+        with self.records.read() as db:
+            return self._chain_of(db, layer_id)
+
+    def status(self) -> list[tuple[str, str]]:
+        """Docker's Status pairs: the driver's own, after the store's."""
+        with self.records.read() as db:
+            n = db.execute("SELECT COUNT(*) FROM layers WHERE state = 'ready'").fetchone()[0]
+        return [("Driver", self.driver.name), ("Root", str(self.root)), ("Layers", str(n)),
+                *self.driver.status()]
+
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        """Docker's GetMetadata for one layer."""
+        self._ready(layer_id)
+        return self.driver.metadata(layer_id)
+
+    # -- removing -------------------------------------------------------------------------
+
+    def remove(self, layer_id: str) -> None:
+        """Remove a layer, crash-safely [Remove].
+
+        Refused with :class:`LayerHasChildren` or :class:`LayerBusy` (mounted, or being
+        changed by another process). The record is marked ``removing`` before anything is
+        deleted, so an interrupted removal is finished by ``cleanup``.
+        """
+        check_id(layer_id)
+        with self._busy(layer_id, "changing"):
+            with self.records.write() as db:
+                rec = Records.get(db, layer_id)
+                if rec is None:
+                    raise LayerNotFound(f"layer {layer_id} not found")
+                kids = Records.children(db, layer_id)
+                if kids:
+                    more = f" and {len(kids) - 3} more" if len(kids) > 3 else ""
+                    raise LayerHasChildren(
+                        f"layer {layer_id} has children ({', '.join(kids[:3])}{more}); remove them first")
+                db.execute("DELETE FROM refs WHERE id = ? AND boot_id != ?", (layer_id, liveness.boot_id()))
+                count = self._refcount(db, layer_id)
+                if count and rec.complete:
+                    raise LayerBusy(f"layer {layer_id} is mounted ({count} reference{'s' * (count > 1)}); unmount it first")
+                db.execute("UPDATE layers SET state = 'removing' WHERE id = ?", (layer_id,))
+            self._finish_remove(layer_id)
+
+    def _finish_remove(self, layer_id: str) -> None:
+        self._release_all(layer_id)
+        self.driver.remove(layer_id)
+        self._tarsplit_path(layer_id).unlink(missing_ok=True)
+        with self.records.write() as db:
+            db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def cleanup(self, *, unmount_all: bool = False) -> list[str]:
+        """Mend what crashes and reboots left [Cleanup]; one line per thing mended.
+
+        Drops half-made layers whose maker is gone, finishes interrupted removals,
+        releases references of dead processes and of earlier boots (unmounting where
+        that was the last), removes orphan files, and lets the driver tidy its own.
+        With ``unmount_all`` every mount is released (dockerd's Cleanup at shutdown).
+        """
+        done: list[str] = []
+        boot = liveness.boot_id()
+        with self.records.write() as db:
+            n = db.execute("DELETE FROM refs WHERE boot_id != ?", (boot,)).rowcount
+            if n:
+                done.append(f"reset {n} mount reference(s) from an earlier boot")
+            db.execute("DELETE FROM mounts WHERE boot_id != ?", (boot,))
+            refs = db.execute("SELECT ref, id, pid, pid_start, persistent FROM refs").fetchall()
+            for ref, layer_id, pid, start, persistent in refs:
+                if unmount_all or (not persistent and not liveness.alive(pid, start)):
+                    db.execute("DELETE FROM refs WHERE ref = ?", (ref,))
+                    if not unmount_all:
+                        done.append(f"released a mount reference of layer {layer_id} held by dead process {pid}")
+            for (layer_id,) in db.execute("SELECT id FROM mounts").fetchall():
+                if not self._refcount(db, layer_id):
+                    self.driver.unmount(layer_id)
+                    db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
+                    done.append(f"unmounted layer {layer_id}")
+            pending = db.execute("SELECT id, state FROM layers WHERE state != 'ready'").fetchall()
+        for layer_id, state in pending:
+            lock = self._lock(layer_id)
+            if not lock.acquire(blocking=False):
+                continue  # its process is still at work
+            try:
+                if state == "creating":
+                    self._abandon(layer_id)
+                    done.append(f"dropped half-made layer {layer_id}")
+                else:
+                    self._finish_remove(layer_id)
+                    done.append(f"finished removing layer {layer_id}")
+            finally:
+                lock.release()
+        done += self._remove_orphans()
+        with self.records.read() as db:
+            known = {r.id for r in Records.all(db)}
+        done += self.driver.cleanup(known)
+        return done
+
+    def _remove_orphans(self) -> list[str]:
+        done = []
+        with self.records.read() as db:
+            known = {r.id for r in Records.all(db)}
+        for entry in sorted((self.root / "tmp").iterdir()):
+            owner = entry.name.split("~", 1)[0]
+            lock = self._lock(owner)
+            if owner in known and not lock.acquire(blocking=False):
+                continue
+            if lock.held:
+                lock.release()
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            done.append(f"removed leftover {entry.relative_to(self.root)}")
+        for entry in sorted((self.root / "tarsplit").iterdir()):
+            if entry.name.removesuffix(".json.gz") not in known:
+                entry.unlink(missing_ok=True)
+                done.append(f"removed orphan tar-split {entry.name}")
+        return done
+
+    # -- diffs ------------------------------------------------------------------------------
+
+    def _resolve_parent(self, rec: LayerRecord, parent: str | None) -> str | None:
+        """None → the recorded parent; "" → nothing; else that (complete) layer."""
+        if parent is None:
+            return rec.parent
+        if parent == "":
+            return None
+        self._ready(parent)
+        return parent
+
+    def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
+        """The layer's changes against ``parent`` as an uncompressed tar [Diff].
+
+        ``parent=None`` means the layer's own parent, ``""`` means against nothing. For an
+        unchanged layer made by :meth:`apply_diff`, the bytes are those it was made from.
+        Close the stream: that releases the mounts it holds.
+        """
+        rec = self._ready(layer_id)
+        against = self._resolve_parent(rec, parent)
+        if rec.has_tarsplit and not rec.rw and against == rec.parent:
+            getter = self.diff_getter(layer_id)
+            ts = gzip.open(self._tarsplit_path(layer_id), "rb")
+
+            def done() -> None:
+                ts.close()
+                getter.close()
+
+            return open_chunks(reassemble(ts, getter), done)
+        native = self.driver.diff(layer_id, against)
+        if native is not NOT_NATIVE:
+            return open_chunks(native)
+        path = self.get(layer_id)
+        try:
+            if against is None:
+                chunks = tar_tree(path, uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map)
+            else:
+                with self.mounted(against) as ppath:
+                    changes = changes_dirs(path, ppath)
+                chunks = tar_changes(path, changes, uid_map=self.driver.ctx.uid_map,
+                                     gid_map=self.driver.ctx.gid_map)
+        except BaseException:
+            self.put(layer_id)
+            raise
+        return open_chunks(chunks, lambda: self.put(layer_id))
+
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
+        """What changed in the layer against ``parent``, sorted by path [Changes]."""
+        rec = self._ready(layer_id)
+        against = self._resolve_parent(rec, parent)
+        native = self.driver.changes(layer_id, against)
+        if native is not NOT_NATIVE:
+            return sorted(native)
+        with self.mounted(layer_id) as path:
+            if against is None:
+                return changes_dirs(path, None)
+            with self.mounted(against) as ppath:
+                return changes_dirs(path, ppath)
+
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
+        """Bytes of regular-file content changed against ``parent`` [DiffSize]."""
+        rec = self._ready(layer_id)
+        against = self._resolve_parent(rec, parent)
+        native = self.driver.diff_size(layer_id, against)
+        if native is not NOT_NATIVE:
+            return int(native)
+        changes = self.changes(layer_id, parent)
+        with self.mounted(layer_id) as path:
+            return changes_size(path, [c for c in changes if c.kind != ChangeKind.DELETE])
+
+    def diff_getter(self, layer_id: str) -> FileGetter:
+        """Open the layer's files by tar name [DiffGetter]; close it when done."""
+        self._ready(layer_id)
+        native = self.driver.diff_getter(layer_id)
+        if native is not NOT_NATIVE:
+            return native
+        path = self.get(layer_id)
+        return DirFileGetter(path, on_close=lambda: self.put(layer_id))
+
+    def close(self) -> None:
+        """Release this process's handles; mounts and persistent references stay."""
+        self.driver.close()
+        self.records.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Store", "open", "default_root", "LaminaError"]
