@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS layers (
     size        INTEGER,
     mount_label TEXT NOT NULL DEFAULT '',
     size_limit  INTEGER,
-    tarsplit    INTEGER NOT NULL DEFAULT 0
+    tarsplit    INTEGER NOT NULL DEFAULT 0,
+    diff_id     TEXT
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 CREATE TABLE IF NOT EXISTS mounts (
@@ -64,6 +65,7 @@ class LayerRecord:
     mount_label: str
     size_limit: int | None
     has_tarsplit: bool
+    diff_id: str | None = None
     mount_count: int = 0
 
     @property
@@ -79,6 +81,7 @@ class LayerRecord:
             "created": self.created,
             "size": self.size,
             "size_limit": self.size_limit,
+            "diff_id": self.diff_id,
             "mounts": self.mount_count,
         }
 
@@ -127,7 +130,7 @@ class Records:
     def get(db: sqlite3.Connection, layer_id: str) -> LayerRecord | None:
         row = db.execute(
             "SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
-            " (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id)"
+            " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id)"
             " FROM layers WHERE id = ?",
             (layer_id,),
         ).fetchone()
@@ -137,7 +140,7 @@ class Records:
     def all(db: sqlite3.Connection) -> list[LayerRecord]:
         rows = db.execute(
             "SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
-            " (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id)"
+            " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id)"
             " FROM layers ORDER BY created, id"
         ).fetchall()
         return [_record(r) for r in rows]
@@ -163,5 +166,6 @@ class Records:
 def _record(row: tuple) -> LayerRecord:  # type: ignore[type-arg]
     return LayerRecord(
         id=row[0], parent=row[1], rw=bool(row[2]), state=row[3], created=row[4], size=row[5],
-        mount_label=row[6], size_limit=row[7], has_tarsplit=bool(row[8]), mount_count=row[9],
+        mount_label=row[6], size_limit=row[7], has_tarsplit=bool(row[8]), diff_id=row[9],
+        mount_count=row[10],
     )

@@ -47,6 +47,7 @@ from lamina.errors import (
 )
 from lamina.fs.durable import atomic_write, syncfs
 from lamina.fs.getter import DirFileGetter
+from lamina.fs.hashing import HashingReader
 from lamina.fs.locks import FileLock
 from lamina.ids import check_id, parse_size
 from lamina.records import LayerRecord, Records
@@ -225,10 +226,11 @@ class Store:
             log.info("dropping the remains of an interrupted creation of %s", layer_id)
             self.driver.remove(layer_id)
 
-    def _commit(self, layer_id: str, *, size: int | None, tarsplit: bool = False) -> None:
+    def _commit(self, layer_id: str, *, size: int | None, tarsplit: bool = False,
+                diff_id: str | None = None) -> None:
         with self.records.write() as db:
-            db.execute("UPDATE layers SET state = 'ready', size = ?, tarsplit = ? WHERE id = ?",
-                       (size, int(tarsplit), layer_id))
+            db.execute("UPDATE layers SET state = 'ready', size = ?, tarsplit = ?, diff_id = ? WHERE id = ?",
+                       (size, int(tarsplit), diff_id, layer_id))
 
     def _abandon(self, layer_id: str) -> None:
         """Undo a failed creation: driver content, refs, tar-split, record."""
@@ -269,15 +271,17 @@ class Store:
                 except BaseException:
                     self._abandon(layer_id)
                     raise
+            hashed = HashingReader(stream)
             try:
-                size = self._apply_into(layer_id, stream)
+                size = self._apply_into(layer_id, hashed)
+                hashed.drain()
             except BaseException:
                 self._abandon(layer_id)
                 raise
-            self._commit(layer_id, size=size, tarsplit=True)
+            self._commit(layer_id, size=size, tarsplit=True, diff_id=hashed.digest())
             return size
 
-    def _apply_into(self, layer_id: str, stream: IO[bytes]) -> int:
+    def _apply_into(self, layer_id: str, stream: HashingReader) -> int:
         with self.records.read() as db:
             rec = Records.get(db, layer_id)
             assert rec is not None

@@ -156,6 +156,11 @@ class Driver(abc.ABC):
         """Undo :meth:`mount`. Called for the last reference, and by cleanup for stale
         mounts: must not fail if nothing is mounted."""
 
+    def own_mounts(self) -> set[str]:
+        """Mount points the driver keeps by itself, outside :meth:`mount` (e.g. the sized
+        filesystem image under a read-write layer), so ``check`` does not call them leaked."""
+        return set()
+
     def is_mounted(self, layer_id: str) -> bool:
         """Whether the view of ``layer_id`` is mounted now (for cleanup and check)."""
         return False
