@@ -1,0 +1,146 @@
+"""Progress bars for long CLI work, drawn on stderr only when stderr is a terminal.
+
+Why so shy: the CLI's stdout often carries a tar stream or JSON for another program, and
+its stderr is often a log file. A bar is for a person watching a terminal; anywhere else
+it would be noise (or, worse, bytes inside a pipe), so :class:`Progress` draws nothing
+unless its stream is a TTY. It also redraws at most a few times a second, so counting
+every chunk of a multi-gigabyte tar costs nothing measurable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import IO, TextIO
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: binary units, as Docker's sizes and ``parse_size`` use."""
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """A one-line byte counter with an optional bar (when the total is known).
+
+    Use as a context manager; :meth:`update` after each chunk. When ``enabled`` is None
+    the bar shows only if ``stream`` is a terminal.
+    """
+
+    #: seconds between redraws; the last state is always drawn on close
+    interval = 0.1
+
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        *,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        width: int = 30,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.total = total if total and total > 0 else None
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = _is_tty(self.stream) if enabled is None else enabled
+        self.width = width
+        self.done = 0
+        self._clock = clock
+        self._start = clock()
+        self._last_draw = float("-inf")
+        self._drawn = False
+
+    def update(self, n: int) -> None:
+        """Count ``n`` more bytes; redraw if enough time has passed."""
+        self.done += n
+        if not self.enabled:
+            return
+        now = self._clock()
+        if now - self._last_draw >= self.interval:
+            self._last_draw = now
+            self._draw(now)
+
+    def render(self, now: float | None = None) -> str:
+        """The line as it would be drawn now (without the carriage return)."""
+        now = self._clock() if now is None else now
+        elapsed = max(now - self._start, 1e-9)
+        rate = f"{human_bytes(self.done / elapsed)}/s"
+        if self.total is None:
+            return f"{self.label} {human_bytes(self.done)} {rate}"
+        frac = min(self.done / self.total, 1.0)
+        filled = int(frac * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        return (f"{self.label} [{bar}] {frac * 100:3.0f}% "
+                f"{human_bytes(self.done)}/{human_bytes(self.total)} {rate}")
+
+    def _draw(self, now: float) -> None:
+        # \r back to column 0, \x1b[K clears what a longer previous line left behind
+        self.stream.write("\r" + self.render(now) + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """Draw the final state and end the line (only if anything was drawn)."""
+        if self.enabled and (self._drawn or self.done):
+            self._draw(self._clock())
+            self.stream.write("\n")
+            self.stream.flush()
+        self.enabled = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class ProgressReader:
+    """A read-only file object that counts what passes through into a :class:`Progress`.
+
+    Only ``read``/``readinto`` are wrapped: that is what the archive engine and
+    ``shutil.copyfileobj`` call. ``peek`` passes through uncounted.
+    """
+
+    def __init__(self, raw: IO[bytes], progress: Progress) -> None:
+        self._raw = raw
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self._progress.update(len(data))
+        return data
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        got = self._raw.readinto(buf)  # type: ignore[attr-defined]
+        if got:
+            self._progress.update(got)
+        return got
+
+    def readable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._raw, name)
+
+
+def counted(chunks: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
+    """Yield ``chunks`` unchanged, counting each into ``progress``."""
+    for chunk in chunks:
+        progress.update(len(chunk))
+        yield chunk
+
+
+def _is_tty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
