@@ -310,15 +310,17 @@ class Store:
         path. ``persistent=True`` takes a reference owned by no process (the CLI's
         ``mount``), released only by a persistent :meth:`put` or ``cleanup(unmount_all)``.
         """
-        self._ready(layer_id)
-        return self._get(layer_id, persistent=persistent, mount_label=mount_label)
+        check_id(layer_id)
+        return self._get(layer_id, persistent=persistent, mount_label=mount_label, complete_only=True)
 
-    def _get(self, layer_id: str, *, persistent: bool, mount_label: str = "") -> Path:
+    def _get(self, layer_id: str, *, persistent: bool, mount_label: str = "",
+             complete_only: bool = False) -> Path:
+        """Take a reference; ``complete_only=False`` lets apply mount its own half-made layer."""
         pid, start = liveness.me()
         boot = liveness.boot_id()
         with self.records.write() as db:
             rec = Records.get(db, layer_id)
-            if rec is None:
+            if rec is None or (complete_only and not rec.complete):
                 raise LayerNotFound(f"layer {layer_id} not found")
             db.execute("DELETE FROM refs WHERE id = ? AND boot_id != ?", (layer_id, boot))
             row = db.execute("SELECT path, boot_id FROM mounts WHERE id = ?", (layer_id,)).fetchone()

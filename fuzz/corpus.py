@@ -1,0 +1,147 @@
+"""The hostile-tar corpus: broken and malicious layer tars, each with what must happen.
+
+``error``: applying must fail with InvalidArchive naming ``culprit`` (a substring of the
+message), and leave no layer. ``contained``: applying may succeed or fail cleanly, but
+nothing outside the layer may change and no half layer may stay. Every case also runs
+with a canary file beside the store, which must stay untouched.
+
+``python -m fuzz.corpus DIR`` writes the corpus as files (the fuzzer's seeds).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuzz.rawtar import (
+    BLK, CHR, DIR, FIFO, LNK, REG, SYM, entry, end, gnu_longname, header, pax, pax_record, tar,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    data: bytes
+    expect: str  # "error" or "contained"
+    culprit: str = ""
+    needs_parent: bool = False  # apply over a parent layer holding /etc/passwd and /lib -> usr/lib
+
+
+def cases() -> Iterator[Case]:
+    ok = entry("ok.txt", b"fine\n")
+    # -- traversal in names ----------------------------------------------------------
+    yield Case("dotdot-name", tar(ok, entry("../escape.txt", b"x")), "error", "../escape.txt")
+    yield Case("dotdot-deep", tar(entry("a/../../escape.txt", b"x")), "error", "escape.txt")
+    yield Case("dotdot-dir", tar(entry("../evil", typeflag=DIR, mode=0o755)), "error", "../evil")
+    yield Case("absolute-name", tar(entry("/etc/evil", b"x")), "error", "/etc/evil")
+    yield Case("absolute-dir", tar(entry("/tmp/evil-dir", typeflag=DIR)), "error", "/tmp/evil-dir")
+    yield Case("pax-path-dotdot", tar(pax(pax_record("path", "../pax-escape")), entry("innocent", b"x")),
+               "error", "pax-escape")
+    yield Case("pax-path-absolute", tar(pax(pax_record("path", "/pax-abs")), entry("innocent", b"x")),
+               "error", "/pax-abs")
+    yield Case("gnu-longname-dotdot", tar(gnu_longname(b"../" * 40 + b"longescape"), entry("short", b"x")),
+               "error", "longescape")
+    yield Case("prefix-field-dotdot", tar(header(b"a" * 50 + b"/" + b"../" * 30 + b"x" * 20, REG, 0) + end()[:0]),
+               "error", "..")
+    # -- symlinks --------------------------------------------------------------------
+    yield Case("symlink-then-write", tar(entry("link", typeflag=SYM, linkname="/tmp/lamina-hostile-canary"), entry("link/etc-evil", b"x")),
+               "error", "link/etc-evil")
+    yield Case("symlink-dotdot-then-write",
+               tar(entry("up", typeflag=SYM, linkname="../../.."), entry("up/evil", b"x")), "error", "up/evil")
+    yield Case("symlink-dir-then-mkdir",
+               tar(entry("d", typeflag=SYM, linkname="/tmp/lamina-hostile-canary"), entry("d/sub", typeflag=DIR)), "error", "d/sub")
+    yield Case("symlink-then-hardlink-through",
+               tar(entry("s", typeflag=SYM, linkname="/tmp/lamina-hostile-canary"), entry("h", typeflag=LNK, linkname="s/passwd")),
+               "error", "h")
+    yield Case("symlink-replaced-by-file-write", tar(entry("x", typeflag=SYM, linkname="/tmp/lamina-hostile-canary/passwd"),
+                                                    entry("x", b"overwrite\n")), "contained")
+    yield Case("symlink-in-parent-layer", tar(entry("lib/evil.so", b"x")), "error", "lib/evil.so",
+               needs_parent=True)
+    yield Case("symlink-target-absolute-ok", tar(entry("abs", typeflag=SYM, linkname="/tmp/lamina-hostile-canary/passwd")), "contained")
+    yield Case("symlink-long-target", tar(pax(pax_record("linkpath", "../" * 500)),
+                                          entry("lnk", typeflag=SYM)), "contained")
+    # -- hardlinks --------------------------------------------------------------------
+    yield Case("hardlink-dotdot", tar(entry("h", typeflag=LNK, linkname="../../etc/passwd")), "error", "h")
+    yield Case("hardlink-absolute", tar(entry("h", typeflag=LNK, linkname="/tmp/lamina-hostile-canary/passwd")), "error", "h")
+    yield Case("hardlink-missing", tar(entry("h", typeflag=LNK, linkname="nothere")), "error", "h")
+    yield Case("hardlink-to-dir", tar(entry("d", typeflag=DIR), entry("h", typeflag=LNK, linkname="d")), "error", "h")
+    yield Case("hardlink-pax-linkpath-escape",
+               tar(pax(pax_record("linkpath", "../../../../tmp/lamina-hostile-canary/shadow")), entry("h", typeflag=LNK)), "error", "h")
+    # -- whiteouts ---------------------------------------------------------------------
+    yield Case("whiteout-dotdot", tar(entry(".wh...", b"")), "error", ".wh...")
+    yield Case("whiteout-dotdot-nested", tar(entry("a/.wh...", b"")), "error", ".wh..")
+    yield Case("whiteout-root", tar(entry(".wh.", b"")), "error", ".wh.")
+    yield Case("whiteout-through-symlink", tar(entry("s", typeflag=SYM, linkname="/tmp/lamina-hostile-canary"), entry("s/.wh.passwd")),
+               "error", "s/.wh.passwd")
+    yield Case("opaque-through-symlink", tar(entry("s", typeflag=SYM, linkname="/tmp/lamina-hostile-canary"), entry("s/.wh..wh..opq")),
+               "error", "s/.wh..wh..opq")
+    yield Case("whiteout-of-parent-file", tar(entry(".wh.etc")), "contained", needs_parent=True)
+    # -- special files ------------------------------------------------------------------
+    yield Case("char-device", tar(entry("dev/null2", typeflag=CHR, devmajor=1, devminor=3)), "contained")
+    yield Case("block-device-sda", tar(entry("sda", typeflag=BLK, devmajor=8, devminor=0)), "contained")
+    yield Case("fifo", tar(entry("pipe", typeflag=FIFO)), "contained")
+    yield Case("unknown-type", tar(entry("weird", typeflag=b"Z")), "error", "weird")
+    # -- numbers and framing ------------------------------------------------------------
+    yield Case("huge-size-octal", header("big", REG, size_field=b"77777777777\0") + b"x" * 512, "error", "big")
+    yield Case("huge-size-base256", header("big256", REG, size_field=b"\x80" + b"\x7f" + b"\xff" * 10) + end(),
+               "error", "big256")
+    yield Case("negative-size-base256", header("neg", REG, size_field=b"\xff" * 12) + end(), "error", "neg")
+    yield Case("garbage-size", header("gsize", REG, size_field=b"zzzzzzzzzzz\0") + end(), "error", "gsize")
+    yield Case("truncated-data", header("trunc", REG, 4096) + b"x" * 1000, "error", "trunc")
+    yield Case("truncated-header", ok + header("half", REG, 0)[:300], "error", "")
+    yield Case("bad-checksum", tar(entry("ok2", b"x"), header("badsum", REG, 0, checksum_delta=7)), "error", "badsum")
+    yield Case("no-end-blocks", ok, "contained")
+    yield Case("empty-stream", b"", "contained")
+    yield Case("only-zeros", b"\0" * 10240, "contained")
+    yield Case("garbage", b"this is not a tar file at all" * 40, "error", "")
+    # -- PAX ------------------------------------------------------------------------------
+    yield Case("pax-bad-length", tar(pax(b"99 path=x\n"), entry("p1", b"x")), "error", "")
+    yield Case("pax-no-equals", tar(pax(b"12 pathxxxx\n"), entry("p2", b"x")), "error", "")
+    yield Case("pax-zero-length", tar(pax(b"0 path=x\n"), entry("p3", b"x")), "error", "")
+    yield Case("pax-huge-size", tar(pax(pax_record("size", "999999999999999")), entry("p4", b"")), "error", "p4")
+    yield Case("pax-negative-mtime", tar(pax(pax_record("mtime", "-1e30")), entry("p5", b"x")), "contained")
+    yield Case("pax-nul-in-path", tar(pax(pax_record("path", "a\0b")), entry("p6", b"x")), "error", "")
+    yield Case("pax-xattr-flood", tar(pax(b"".join(pax_record(f"SCHILY.xattr.user.k{i}", "v" * 200)
+                                                   for i in range(2000))), entry("flood", b"x")), "contained")
+    yield Case("pax-xattr-trusted-overlay",
+               tar(pax(pax_record("SCHILY.xattr.trusted.overlay.opaque", "y")), entry("fake-opaque", typeflag=DIR)),
+               "contained")
+    yield Case("gnu-longname-chain", tar(gnu_longname(b"a" * 300), gnu_longname(b"b" * 300),
+                                         gnu_longname(b"c" * 300), entry("x", b"y")), "contained")
+    yield Case("gnu-longname-huge", header("././@LongLink", b"L", size_field=b"77777777777\0") + end(), "error", "")
+    # -- type changes ------------------------------------------------------------------------
+    yield Case("dir-replaced-by-file", tar(entry("d", typeflag=DIR), entry("d/in", b"x"), entry("d", b"file")),
+               "contained")
+    yield Case("file-replaced-by-dir", tar(entry("f", b"file"), entry("f", typeflag=DIR), entry("f/in", b"x")),
+               "contained")
+    yield Case("file-replaced-by-symlink-then-write",
+               tar(entry("f", b"file"), entry("f", typeflag=SYM, linkname="/tmp/lamina-hostile-canary"), entry("f/passwd", b"x")),
+               "error", "f/passwd")
+
+
+def million_empty_entries(count: int = 1_000_000) -> Iterator[bytes]:
+    """A stream of ``count`` empty-file entries (bounded time and memory to apply)."""
+    h = header("same-empty-file", REG, 0)
+    chunk = h * 2048
+    full, rest = divmod(count, 2048)
+    for _ in range(full):
+        yield chunk
+    yield h * rest
+    yield end()
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0] if argv else "fuzz/corpus")
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for case in cases():
+        (out / f"{case.name}.tar").write_bytes(case.data)
+        n += 1
+    print(f"wrote {n} tars to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
