@@ -1,0 +1,68 @@
+# lamina: two commands on a fresh machine — `make demo` and `make test`.
+# Everything runs from .venv, made by `make venv` (needs python3 with venv/ensurepip;
+# on Debian/Ubuntu: apt-get install python3-venv).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+RUFF       := $(VENV)/bin/ruff
+LINT_PATHS ?= src tests bench scripts
+PYTEST_ARGS ?=
+DEMO_ARGS  ?=
+
+.PHONY: help venv demo test lint bench stress clean distclean
+
+help:
+	@echo "make demo    install into $(VENV) and run the demo on the default driver"
+	@echo "make test    ruff, then the whole pytest suite (root for overlay/loop tests)"
+	@echo "make lint    ruff only"
+	@echo "make bench   every bench/bench_*.py in full"
+	@echo "make stress  every stress/ harness in full, then the slow tests (pytest -m slow)"
+	@echo "make clean   caches and build output; distclean also removes $(VENV)"
+
+# The stamp re-installs when pyproject.toml changes (new pins), not on every run.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+lint: venv
+	$(RUFF) check $(LINT_PATHS)
+
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+test: venv
+	$(RUFF) check $(LINT_PATHS)
+	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+bench: venv
+	@set -e; found=0; for f in bench/bench_*.py; do \
+	  [ -e "$$f" ] || continue; found=1; \
+	  echo "== $$f"; $(PY) "$$f"; \
+	done; \
+	[ $$found -eq 1 ] || echo "make bench: no bench/bench_*.py yet"
+
+# Long-running checks: every stress/*.py harness in full (python -m stress.NAME), then
+# the tests marked slow. Having no slow tests yet is not a failure here.
+STRESS_ARGS ?=
+stress: venv
+	@set -e; for f in stress/*.py; do \
+	  name=$$(basename "$$f" .py); [ "$$name" != __init__ ] && [ -e "$$f" ] || continue; \
+	  echo "== stress.$$name"; $(PY) -m "stress.$$name" $(STRESS_ARGS); \
+	done
+	@rc=0; LAMINA_TEST_SLOW=1 $(PY) -m pytest -m slow $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make stress: no tests marked slow"; exit 0; fi; \
+	exit $$rc
+
+clean:
+	rm -rf build dist bench/out .pytest_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) src/*.egg-info
