@@ -1,0 +1,425 @@
+"""dockerd's graph-driver plugin: a lamina store served over HTTP on a unix socket.
+
+With this server listening on ``/run/docker/plugins/lamina.sock``, ``dockerd
+--experimental -s lamina`` keeps its images and containers in a lamina store whose root
+is the ``Home`` dockerd sends to ``/GraphDriver.Init`` (``<data-root>/lamina``).
+
+How a request is served
+-----------------------
+aiohttp parses HTTP (chunked bodies included) on one asyncio loop; every store call runs
+in a thread pool, because the store is blocking (SQLite, file locks, mounts, tar
+unpacking) and safe to share between threads. Requests are therefore served
+concurrently; two requests that change the same layer are kept apart by the store's
+per-layer locks, so the second fails at once with a clear ``LayerBusy``, and a request
+for a layer still being made finds no layer (``LayerNotFound``) — never a half one.
+Diff and ApplyDiff stream through :mod:`lamina.plugin.bridge` in bounded memory.
+
+Decisions that follow dockerd's behaviour (``reference/graphdriver-protocol.md`` §1)
+-----------------------------------------------------------------------------------
+* Mount references are taken *persistent*: dockerd pairs Get and Put across restarts
+  of this process, so a reference must not die with it.
+* ``ApplyDiff`` fills only a layer that ``Create`` made. dockerd retries a call whose
+  connection failed with the *rest* of the same body, so after a plugin crash in the
+  middle of an import the retry carries a tail of the tar; refusing a layer that does
+  not exist (the crashed attempt's half layer is never visible) turns that into a clean
+  error instead of a layer built from half a tar.
+* ``Remove`` is idempotent and authoritative, as Docker's own drivers are: a missing
+  layer is fine, and mount references left by a dockerd that crashed are released first.
+* ``Cleanup`` (dockerd's shutdown) releases every mount, as overlay2 does.
+* dockerd calls Init once per start and never again if only this plugin restarts, so
+  the last Init is saved (``--state``) and the store reopened from it at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+
+from lamina.errors import LaminaError, LayerBusy, LayerNotFound
+from lamina.fs.durable import atomic_write
+from lamina.plugin import wire
+from lamina.plugin.bridge import BodyPipe, send_stream
+
+if TYPE_CHECKING:
+    from lamina.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = Path("/run/docker/plugins/lamina.sock")
+#: where the last Init is kept; /run is emptied at boot, as dockerd's own state is
+STATE_DIR = Path("/run/lamina")
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PluginNotInitialised(LaminaError):
+    """A GraphDriver call came before dockerd's Init told the plugin where the store is."""
+
+
+def default_state_path(socket_path: Path) -> Path:
+    """One state file per socket, so two plugins on one machine keep their own."""
+    return STATE_DIR / f"docker-plugin-{socket_path.stem}.json"
+
+
+def _reply(data: dict[str, Any], status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, content_type=wire.MEDIA_TYPE)
+
+
+class DockerPlugin:
+    """The graph-driver endpoints over one lamina store (opened by Init)."""
+
+    def __init__(self, *, driver: str | None = None, options: dict[str, str] | None = None,
+                 state_path: Path | None = None, exact_diffs: bool = True, workers: int = 16) -> None:
+        #: the lamina driver for a new store (None: the store's recorded one, or the default)
+        self.driver = driver
+        self.options = dict(options or {})
+        self.state_path = state_path
+        #: what Capabilities says; True because the store rebuilds imported tars exactly
+        self.exact_diffs = exact_diffs
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lamina-plugin")
+        self._store: Store | None = None
+        self._init: wire.InitRequest | None = None
+        self._open_lock = threading.Lock()
+
+    # -- the store ----------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        store = self._store
+        if store is None:
+            raise PluginNotInitialised("dockerd has not called GraphDriver.Init on this plugin yet")
+        return store
+
+    def initialise(self, req: wire.InitRequest) -> list[str]:
+        """Open the store at ``req.home`` (reusing it if already open there), mend what a
+        crash left, and save the request for a restart. Returns what cleanup mended."""
+        import lamina  # late: the store pulls in the drivers and the archive engine
+
+        options = {**self.options, **req.options()}
+        with self._open_lock:
+            home = Path(req.home)
+            if self._store is not None and self._init is not None and self._init == req:
+                store = self._store
+            else:
+                old, self._store = self._store, None
+                if old is not None:
+                    old.close()
+                store = lamina.open(home, driver=self.driver, options=options or None,
+                                    uid_map=req.uid_maps, gid_map=req.gid_maps)
+                self._store = store
+            self._init = req
+            if self.state_path is not None:
+                self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                atomic_write(self.state_path, json.dumps(req.to_json()).encode() + b"\n", mode=0o600)
+        mended = store.cleanup()
+        for line in mended:
+            log.info("store %s: %s", store.root, line)
+        log.info("store %s open with driver %s", store.root, store.driver.name)
+        return mended
+
+    def restore(self) -> bool:
+        """Reopen the store of the last Init, if one was saved and its home still exists.
+
+        Why: dockerd calls Init only when it starts, so a plugin restarted under a running
+        dockerd must find its store by itself.
+        """
+        if self.state_path is None or not self.state_path.exists():
+            return False
+        try:
+            req = wire.InitRequest.parse(json.loads(self.state_path.read_text()))
+        except (OSError, ValueError, LaminaError) as e:
+            log.warning("ignoring unreadable plugin state %s: %s", self.state_path, e)
+            return False
+        if not Path(req.home).is_dir():
+            log.info("saved store %s is gone; waiting for dockerd's Init", req.home)
+            return False
+        self.initialise(req)
+        return True
+
+    def close(self) -> None:
+        """Finish running work and close the store (its mounts stay for dockerd)."""
+        self._pool.shutdown(wait=True)
+        with self._open_lock:
+            store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    # -- the application ----------------------------------------------------------------
+
+    def application(self) -> web.Application:
+        """The aiohttp application: one POST route per endpoint, JSON 404 elsewhere."""
+        app = web.Application()
+        routes: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "/Plugin.Activate": self.activate,
+            "/GraphDriver.Init": self.init,
+            "/GraphDriver.Capabilities": self.capabilities,
+            "/GraphDriver.Create": self.create,
+            "/GraphDriver.CreateReadWrite": self.create_rw,
+            "/GraphDriver.Remove": self.remove,
+            "/GraphDriver.Get": self.get,
+            "/GraphDriver.Put": self.put,
+            "/GraphDriver.Exists": self.exists,
+            "/GraphDriver.Status": self.status,
+            "/GraphDriver.GetMetadata": self.get_metadata,
+            "/GraphDriver.Cleanup": self.cleanup,
+            "/GraphDriver.Changes": self.changes,
+            "/GraphDriver.DiffSize": self.diff_size,
+        }
+        for path, fn in routes.items():
+            app.router.add_post(path, self._json_endpoint(path, fn))
+        app.router.add_post("/GraphDriver.Diff", self._guarded("/GraphDriver.Diff", self.diff))
+        app.router.add_post("/GraphDriver.ApplyDiff", self._guarded("/GraphDriver.ApplyDiff", self.apply_diff))
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        assert set(routes) | {"/GraphDriver.Diff", "/GraphDriver.ApplyDiff"} == set(wire.ENDPOINTS)
+        return app
+
+    def _guarded(self, endpoint: str, handler: Handler) -> Handler:
+        """Turn every error raised before a response is under way into ``{"Err": ...}``."""
+        name = endpoint.rsplit(".", 1)[-1]
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            started = time.monotonic()
+            try:
+                response = await handler(request)
+            except wire.BadRequest as e:
+                log.warning("%s: %s", name, e)
+                return _reply(wire.error(str(e)), 400)
+            except LaminaError as e:
+                log.info("%s: %s", name, e)
+                return _reply(wire.error(str(e)), 500)
+            except OSError as e:
+                log.warning("%s: %s", name, e)
+                return _reply(wire.error(f"{name}: {e}"), 500)
+            except Exception as e:
+                log.exception("%s failed", name)
+                return _reply(wire.error(f"{name}: internal error ({type(e).__name__}): {e}"), 500)
+            log.debug("%s %s in %.1f ms", name, request.query_string, (time.monotonic() - started) * 1000)
+            return response
+
+        return guarded
+
+    def _json_endpoint(self, endpoint: str,
+                       fn: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body = wire.parse_body(await request.read())
+            return _reply(await fn(body))
+
+        return self._guarded(endpoint, handler)
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        return _reply(wire.error(f"{request.method} {request.path}: no such plugin endpoint"), 404)
+
+    # -- endpoints ----------------------------------------------------------------------
+
+    async def activate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return wire.ACTIVATE_RESPONSE
+
+    async def init(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.InitRequest.parse(body)
+        log.info("Init: home %s, options %s", req.home, req.opts or "none")
+        await self._run(self.initialise, req)
+        return wire.ok()
+
+    async def capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
+        return wire.capabilities(self.exact_diffs)
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "Create")
+        await self._run(self.store.create, req.id, req.parent or None,
+                        storage_opt=req.storage_opt, mount_label=req.mount_label)
+        return wire.ok()
+
+    async def create_rw(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "CreateReadWrite")
+        await self._run(self.store.create_rw, req.id, req.parent or None,
+                        storage_opt=req.storage_opt, mount_label=req.mount_label)
+        return wire.ok()
+
+    async def remove(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "Remove")
+        await self._run(self._remove, req.id)
+        return wire.ok()
+
+    def _remove(self, layer_id: str) -> None:
+        store = self.store
+        try:
+            store.remove(layer_id)
+        except LayerNotFound:
+            log.debug("Remove %s: no such layer (already removed)", layer_id)
+        except LayerBusy:
+            # only references left mounted are ours to release; work in progress is not
+            if not store.exists(layer_id) or not store.layer(layer_id).mount_count:
+                raise
+            released = 0
+            while store.put(layer_id, persistent=True):
+                released += 1
+            log.warning("Remove %s: released %d mount reference(s) dockerd never put", layer_id, released)
+            store.remove(layer_id)
+
+    async def get(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "Get")
+        path = await self._run(self.store.get, req.id, req.mount_label, persistent=True)
+        return wire.directory(str(path))
+
+    async def put(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "Put")
+        if not await self._run(self.store.put, req.id, persistent=True):
+            log.debug("Put %s: no reference was held", req.id)
+        return wire.ok()
+
+    async def exists(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "Exists")
+        try:
+            found = await self._run(self.store.exists, req.id)
+        except LaminaError:
+            found = False
+        return wire.exists(found)
+
+    async def status(self, body: dict[str, Any]) -> dict[str, Any]:
+        return wire.status(await self._run(self.store.status))
+
+    async def get_metadata(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "GetMetadata")
+        return wire.metadata(await self._run(self.store.metadata, req.id))
+
+    async def cleanup(self, body: dict[str, Any]) -> dict[str, Any]:
+        store = self._store
+        if store is not None:
+            for line in await self._run(store.cleanup, unmount_all=True):
+                log.info("Cleanup: %s", line)
+        return wire.ok()
+
+    async def changes(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "Changes")
+        # an absent Parent is "" in dockerd's Go: compare against nothing
+        return wire.changes(await self._run(self.store.changes, req.id, req.parent))
+
+    async def diff_size(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = wire.LayerRequest.parse(body, "DiffSize")
+        return wire.size(await self._run(self.store.diff_size, req.id, req.parent))
+
+    async def diff(self, request: web.Request) -> web.StreamResponse:
+        req = wire.LayerRequest.parse(wire.parse_body(await request.read()), "Diff")
+        stream = await self._run(self.store.diff, req.id, req.parent)
+        return await send_stream(request, stream, self._pool)
+
+    async def apply_diff(self, request: web.Request) -> web.StreamResponse:
+        # dockerd builds this query with Sprintf and no escaping; IDs are plain hex
+        layer_id = request.query.get("id", "")
+        parent = request.query.get("parent", "")
+        if not layer_id:
+            raise wire.BadRequest("ApplyDiff: query has no id")
+        store = self.store
+        if not await self._run(store.exists, layer_id):
+            raise LayerNotFound(f"layer {layer_id} not found: ApplyDiff fills a layer made by Create")
+        log.info("ApplyDiff %s: receiving", layer_id)
+        body = BodyPipe(request.content, f"ApplyDiff {layer_id}")
+        pump = asyncio.ensure_future(body.pump())
+
+        def apply() -> int:
+            with body.reader as stream:
+                return store.apply_diff(layer_id, parent or None, stream)
+
+        try:
+            size = await self._run(apply)
+        finally:
+            if not pump.done():  # the store stopped reading: stop feeding it
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+        log.info("ApplyDiff %s: applied %d bytes", layer_id, size)
+        return _reply(wire.size(size))
+
+
+# -- serving on a unix socket -------------------------------------------------------------
+
+
+def _prepare_socket(path: Path) -> None:
+    """Make the socket's directory; clear a stale socket, refuse a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise LaminaError(f"{path} exists and is not a socket; remove it first")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # nobody listens: left by a crashed server
+    else:
+        raise LaminaError(f"another server is listening on {path}")
+    finally:
+        probe.close()
+
+
+class PluginServer:
+    """The HTTP server for one :class:`DockerPlugin` on one unix socket."""
+
+    def __init__(self, plugin: DockerPlugin, socket_path: Path, *, shutdown_timeout: float = 10.0) -> None:
+        self.plugin = plugin
+        self.socket_path = Path(socket_path)
+        self.shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        _prepare_socket(self.socket_path)
+        runner = web.AppRunner(self.plugin.application(), access_log=None, handle_signals=False,
+                               shutdown_timeout=self.shutdown_timeout)
+        await runner.setup()
+        site = web.UnixSite(runner, str(self.socket_path))
+        await site.start()
+        os.chmod(self.socket_path, 0o660)
+        self._runner = runner
+        log.info("serving dockerd's graph-driver protocol on %s", self.socket_path)
+
+    async def stop(self) -> None:
+        """Stop listening, let running requests finish (up to the timeout)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+
+def serve(plugin: DockerPlugin, socket_path: Path) -> None:
+    """Serve until SIGTERM or SIGINT, then close the plugin. Blocks."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = PluginServer(plugin, socket_path)
+        await server.start()
+        try:
+            await stop.wait()
+            log.info("stopping")
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        plugin.close()
