@@ -1,0 +1,218 @@
+"""``image load``: docker-save archives and OCI layouts into the store.
+
+The path of one layer, read once::
+
+    archive member --pread--> HashingReader (blob digest) --> sniff --> decompress
+        --> HashingReader (DiffID) --> store.apply_diff(chain ID, parent chain ID)
+
+After ``apply_diff`` returns, whatever the tar reader left unread (the end-of-archive
+padding) is read through the same hashes, and the digests are compared with what the
+manifest and the config promise. A mismatch removes every layer this load made for the
+image (never one that was there before), so a failed load leaves the store as it was.
+
+Layers are named by chain ID, so a layer already in the store (shared with an image
+loaded before, or the same image loaded again) is not read at all: a second load of an
+image costs a few JSON reads. Loads and removals hold the images lock, so one load
+cannot remove or reuse a layer another is still making.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Protocol
+
+from lamina.errors import ImageError, LaminaError, LayerNotFound
+from lamina.images import compress, dockersave, oci
+from lamina.images.digest import HashingReader, layer_id, split_digest
+from lamina.images.records import ImageRecord, ImageRecords
+from lamina.images.source import Source, open_source
+from lamina.images.spec import ImageSpec, LayerBlob
+
+if TYPE_CHECKING:
+    from lamina.store import Store
+
+log = logging.getLogger(__name__)
+
+_BUFFER = 1 << 20
+
+
+class ProgressSink(Protocol):
+    """What the loader tells a progress bar (lamina.progress.Progress fits)."""
+
+    label: str
+    total: int | None
+    done: int
+
+    def update(self, n: int) -> None: ...
+
+
+@dataclass
+class LoadResult:
+    """What a load did."""
+
+    images: list[ImageRecord] = field(default_factory=list)
+    #: layers made by this load
+    layers_loaded: int = 0
+    #: layers that were already in the store
+    layers_reused: int = 0
+    #: bytes of layer blobs read from the archive
+    bytes_read: int = 0
+
+
+def read_archive(src: Source) -> list[ImageSpec]:
+    """The images of an archive, in either format (docker-save wins when both are there:
+    its manifest carries full names)."""
+    if dockersave.is_docker_save(src):
+        return dockersave.read_images(src)
+    if oci.is_layout(src):
+        return oci.read_images(src)
+    raise ImageError(f"{src.label}: no manifest.json (docker save) or index.json (OCI layout) "
+                     "in the archive")
+
+
+def load(store: Store, path: str | Path | None, *, stdin: IO[bytes] | None = None,
+         progress: ProgressSink | None = None, tag: str | None = None) -> LoadResult:
+    """Load every image of the archive at ``path`` (``-``/None: ``stdin``) into ``store``.
+
+    ``tag`` names the image when the archive gives it no name (only with one image).
+    """
+    records = ImageRecords(store.root)
+    spool_progress = progress.update if progress is not None else None
+    with open_source(path, stdin=stdin, tmpdir=store.root / "tmp", progress=spool_progress) as src:
+        specs = read_archive(src)
+        if tag is not None:
+            from lamina.images.refs import normalize
+
+            if len(specs) != 1:
+                raise ImageError(f"{src.label}: --tag needs an archive of one image, this one has {len(specs)}")
+            specs[0].names = [normalize(tag)]
+        result = LoadResult()
+        with records.lock():
+            if progress is not None:
+                progress.done = 0  # the spooling (if any) counted other bytes
+                progress.total = _bytes_to_read(store, src, specs) or None
+            for n, spec in enumerate(specs, 1):
+                rec = _load_image(store, records, src, spec, progress, result,
+                                  f"image {n}/{len(specs)}" if len(specs) > 1 else "")
+                result.images.append(rec)
+    return result
+
+
+def _bytes_to_read(store: Store, src: Source, specs: list[ImageSpec]) -> int:
+    total = 0
+    seen: set[str] = set()
+    for spec in specs:
+        for blob, chain in zip(spec.layers, spec.chain_ids, strict=True):
+            lid = layer_id(chain)
+            if lid not in seen and not store.exists(lid):
+                total += src.size(blob.path)
+            seen.add(lid)
+    return total
+
+
+def _load_image(store: Store, records: ImageRecords, src: Source, spec: ImageSpec,
+                progress: ProgressSink | None, result: LoadResult, prefix: str) -> ImageRecord:
+    chains = spec.chain_ids
+    made: list[str] = []
+    try:
+        parent: str | None = None
+        for i, (blob, chain) in enumerate(zip(spec.layers, chains, strict=True), 1):
+            lid = layer_id(chain)
+            what = f"{src.label}: layer {i} ({blob.path})"
+            if store.exists(lid):
+                _check_existing(store, lid, parent, what)
+                result.layers_reused += 1
+            else:
+                if progress is not None:
+                    progress.label = " ".join(x for x in (prefix, f"layer {i}/{len(chains)}") if x)
+                result.bytes_read += _apply_layer(store, src, blob, lid, parent, what, progress, made)
+                result.layers_loaded += 1
+            parent = lid
+    except BaseException:
+        _undo(store, made)
+        raise
+    old = records.get(spec.config_digest)
+    names = list(dict.fromkeys((old.names if old else []) + spec.names))
+    rec = ImageRecord(id=spec.config_digest, names=names, diff_ids=spec.diff_ids,
+                      chain_ids=chains, config=spec.config.decode("utf-8"))
+    records.take_names(spec.names, rec.id)
+    records.put(rec)
+    return rec
+
+
+def _check_existing(store: Store, lid: str, parent: str | None, what: str) -> None:
+    """A layer found by chain ID must be an image layer on the expected parent."""
+    rec = store.layer(lid)
+    if rec.rw or (rec.parent or None) != parent:
+        raise ImageError(f"{what}: layer {lid} exists in the store but is not this image's layer "
+                         f"(parent {rec.parent or 'none'}, expected {parent or 'none'})")
+
+
+def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: str | None,
+                 what: str, progress: ProgressSink | None, made: list[str]) -> int:
+    """Stream one blob into layer ``lid``, verifying both digests; return its size."""
+    size = src.size(blob.path)
+    if blob.size is not None and blob.size != size:
+        raise ImageError(f"{what}: blob is {size} bytes, the manifest says {blob.size}")
+    algorithm = split_digest(blob.digest)[0] if blob.digest else "sha256"
+    on_read: Callable[[int], None] | None = progress.update if progress is not None else None
+    with src.open(blob.path) as raw:
+        outer = HashingReader(raw, algorithm, on_read)
+        buffered = io.BufferedReader(outer, _BUFFER)
+        kind = compress.sniff(buffered.peek(compress.SNIFF_BYTES)[: compress.SNIFF_BYTES])
+        inner: HashingReader | None = None
+        if kind == compress.NONE and algorithm == "sha256":
+            stream: IO[bytes] = buffered  # one hash serves as blob digest and DiffID
+        else:
+            inner = HashingReader(compress.decompressed(buffered, kind, what))
+            stream = io.BufferedReader(inner, _BUFFER)
+        try:
+            made.append(lid)
+            store.apply_diff(lid, parent, stream)
+        except LaminaError as e:
+            # a damaged blob often breaks the tar first; the digest says why, if it can
+            _finish(outer, inner, swallow=True)
+            _verify(blob, outer, inner, kind, what)
+            raise ImageError(f"{what}: {e}") from e
+        _finish(outer, inner)
+        _verify(blob, outer, inner, kind, what)
+    return outer.count
+
+
+def _finish(outer: HashingReader, inner: HashingReader | None, *, swallow: bool = False) -> None:
+    """Read what the tar reader left (padding) through the hashes."""
+    try:
+        if inner is not None:
+            inner.drain()
+        outer.drain()
+    except LaminaError:
+        if not swallow:
+            raise
+
+
+def _verify(blob: LayerBlob, outer: HashingReader, inner: HashingReader | None, kind: str,
+            what: str) -> None:
+    if blob.digest is not None and outer.digest != blob.digest:
+        raise ImageError(f"{what}: blob digest mismatch: the manifest says {blob.digest}, "
+                         f"the blob is {outer.digest}")
+    diff = inner.digest if inner is not None else outer.digest
+    if diff != blob.diff_id:
+        extra = f" ({kind}-compressed)" if kind != compress.NONE else ""
+        raise ImageError(f"{what}: DiffID mismatch: the config says {blob.diff_id}, "
+                         f"the layer{extra} is {diff}")
+
+
+def _undo(store: Store, made: list[str]) -> None:
+    """Remove the layers this load made for a failed image, top first."""
+    for lid in reversed(made):
+        try:
+            if store.exists(lid):
+                store.remove(lid)
+        except LayerNotFound:
+            pass
+        except LaminaError as e:  # pragma: no cover - mounted by someone meanwhile
+            log.warning("could not remove layer %s after a failed load: %s", lid, e)

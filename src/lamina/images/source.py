@@ -1,0 +1,315 @@
+"""Random access to the files of an image archive: a tar file or a directory.
+
+Why an index and not one pass over the tar: ``docker save`` writes ``manifest.json``
+*after* the layers (its tar is made by walking a directory in name order), so the
+loader cannot know which layer is the base until it has seen the end of the archive.
+For a tar on disk we read only the headers first (seeking over the data, which costs
+nothing), then read each layer straight from its offset in the file: the layer bytes
+are read once, directly into the apply. Only a stream (stdin, a pipe) or a compressed
+archive is first copied, decompressed, to a temporary file in the store's ``tmp/``;
+``docker load`` copies every archive that way.
+
+Names inside an archive are untrusted: lookups are by normalised name in the index, so
+nothing a manifest says can reach a file outside the archive. Symlinks and hardlinks
+between members (``docker save`` links a layer that occurs twice) are followed inside
+the archive only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import posixpath
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+from lamina.errors import ImageError
+from lamina.images import compress
+
+#: the largest JSON document (manifest, config, index) read into memory
+MAX_JSON = 64 << 20
+_MAX_LINKS = 40
+_SPOOL_CHUNK = 1 << 20
+
+
+class Source(Protocol):
+    """The files of one archive, by their names inside it."""
+
+    #: how errors name the archive ("image.tar", "stdin", "layout/")
+    label: str
+
+    def has(self, name: str) -> bool: ...
+
+    def size(self, name: str) -> int: ...
+
+    def open(self, name: str) -> IO[bytes]:
+        """A raw reader of the member's bytes (``readinto`` works; close it)."""
+        ...
+
+    def names(self) -> list[str]: ...
+
+
+def clean_name(name: str) -> str | None:
+    """The normal form of a member name, or None if it points outside the archive."""
+    name = name.replace("\\", "/").lstrip("/")
+    norm = posixpath.normpath(name) if name else "."
+    if norm == "." or norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def read_json_bytes(src: Source, name: str, what: str) -> bytes:
+    """The bytes of a small member (a JSON document), refusing absurd sizes."""
+    if not src.has(name):
+        raise ImageError(f"{src.label}: {what} {name} missing from the archive")
+    size = src.size(name)
+    if size > MAX_JSON:
+        raise ImageError(f"{src.label}: {what} {name} is {size} bytes; refusing more than {MAX_JSON}")
+    with src.open(name) as f:
+        data = f.read()
+    if len(data) != size:
+        raise ImageError(f"{src.label}: {what} {name} is truncated")
+    return data
+
+
+class RegionReader(io.RawIOBase):
+    """Reads ``length`` bytes at ``offset`` of an open file descriptor with pread.
+
+    pread keeps no shared file position, so several regions of one archive can be read
+    in any order. Reading past the end of the file before ``length`` bytes is an error:
+    the archive was truncated.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int, what: str) -> None:
+        super().__init__()
+        self._fd = fd
+        self._pos = offset
+        self._left = length
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._left <= 0:
+            return 0
+        view = memoryview(b)
+        if len(view) > self._left:
+            view = view[: self._left]
+        n = os.preadv(self._fd, [view], self._pos)
+        if n == 0:
+            raise ImageError(f"{self._what}: archive is truncated ({self._left} bytes missing)")
+        self._pos += n
+        self._left -= n
+        return n
+
+
+@dataclass(frozen=True)
+class _Member:
+    offset: int
+    size: int
+    link: str | None = None  # normalised target of a symlink or hardlink
+
+
+class TarSource:
+    """An uncompressed tar file on disk (seekable), indexed by member name."""
+
+    def __init__(self, f: IO[bytes], label: str) -> None:
+        self.label = label
+        self._f = f
+        self._fd = f.fileno()
+        self._members: dict[str, _Member] = {}
+        self._index()
+
+    def _index(self) -> None:
+        file_size = os.fstat(self._fd).st_size
+        self._f.seek(0)
+        try:
+            tf = tarfile.open(fileobj=self._f, mode="r:")  # type: ignore[arg-type]
+        except tarfile.TarError as e:
+            raise ImageError(f"{self.label}: not a tar archive ({e})") from e
+        last = None
+        try:
+            for info in tf:
+                name = clean_name(info.name)
+                last = info.name
+                if name is None:
+                    continue
+                if info.isreg():
+                    if info.offset_data + info.size > file_size:
+                        raise ImageError(f"{self.label}: archive is truncated inside {info.name}")
+                    self._members[name] = _Member(info.offset_data, info.size)
+                elif info.issym():
+                    base = posixpath.dirname(name)
+                    target = clean_name(posixpath.join(base, info.linkname)
+                                        if not info.linkname.startswith("/") else info.linkname)
+                    if target is not None:
+                        self._members[name] = _Member(0, 0, target)
+                elif info.islnk():
+                    target = clean_name(info.linkname)
+                    if target is not None:
+                        self._members[name] = _Member(0, 0, target)
+            end = tf.offset
+        except tarfile.TarError as e:
+            raise ImageError(f"{self.label}: archive is truncated or damaged after {last or 'its start'} ({e})") from e
+        if not self._members and end == 0:
+            raise ImageError(f"{self.label}: empty archive")
+        # tarfile stops quietly at a header cut short; what follows the last member must
+        # be the end-of-archive zeros (or nothing), else the file was truncated there
+        tail = os.pread(self._fd, 4096, end)
+        if tail.strip(b"\0"):
+            raise ImageError(f"{self.label}: archive is truncated or damaged after {last or 'its start'}")
+
+    def _resolve(self, name: str) -> _Member | None:
+        norm = clean_name(name)
+        for _ in range(_MAX_LINKS):
+            if norm is None:
+                return None
+            m = self._members.get(norm)
+            if m is None or m.link is None:
+                return m
+            norm = m.link
+        return None
+
+    def has(self, name: str) -> bool:
+        return self._resolve(name) is not None
+
+    def size(self, name: str) -> int:
+        m = self._resolve(name)
+        if m is None:
+            raise ImageError(f"{self.label}: {name} missing from the archive")
+        return m.size
+
+    def open(self, name: str) -> IO[bytes]:
+        m = self._resolve(name)
+        if m is None:
+            raise ImageError(f"{self.label}: {name} missing from the archive")
+        return RegionReader(self._fd, m.offset, m.size, f"{self.label}: {name}")  # type: ignore[return-value]
+
+    def names(self) -> list[str]:
+        return sorted(self._members)
+
+
+class DirSource:
+    """An archive unpacked in a directory (an OCI image layout, usually)."""
+
+    def __init__(self, root: Path, label: str | None = None) -> None:
+        self.root = root.resolve()
+        self.label = label or str(root)
+
+    def _path(self, name: str) -> Path | None:
+        norm = clean_name(name)
+        if norm is None:
+            return None
+        path = Path(os.path.realpath(self.root / norm))
+        if path != self.root and self.root not in path.parents:
+            return None  # a symlink in the layout that leads out of it
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return path if stat.S_ISREG(st.st_mode) else None
+
+    def has(self, name: str) -> bool:
+        return self._path(name) is not None
+
+    def size(self, name: str) -> int:
+        path = self._path(name)
+        if path is None:
+            raise ImageError(f"{self.label}: {name} missing from the layout")
+        return path.stat().st_size
+
+    def open(self, name: str) -> IO[bytes]:
+        path = self._path(name)
+        if path is None:
+            raise ImageError(f"{self.label}: {name} missing from the layout")
+        return open(path, "rb", buffering=0)
+
+    def names(self) -> list[str]:
+        out = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for f in files:
+                out.append(os.path.relpath(os.path.join(dirpath, f), self.root))
+        return sorted(out)
+
+
+def _spool(src: IO[bytes], tmpdir: Path, label: str,
+           progress: Callable[[int], None] | None) -> IO[bytes]:
+    """Copy ``src`` (decompressed if it is compressed) into an anonymous temp file."""
+    buffered = src if hasattr(src, "peek") else io.BufferedReader(src, _SPOOL_CHUNK)  # type: ignore[arg-type]
+    head = buffered.peek(compress.SNIFF_BYTES)[: compress.SNIFF_BYTES]  # type: ignore[attr-defined]
+    counted: IO[bytes] = _Counting(buffered, progress) if progress else buffered  # type: ignore[assignment]
+    stream = compress.decompressed(counted, compress.sniff(head), label)
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    out = tempfile.TemporaryFile(dir=tmpdir, prefix="image-load-")
+    try:
+        buf = bytearray(_SPOOL_CHUNK)
+        while True:
+            n = stream.readinto(buf)  # type: ignore[attr-defined]
+            if not n:
+                break
+            out.write(memoryview(buf)[:n])
+        out.flush()
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+class _Counting(io.RawIOBase):
+    def __init__(self, src: IO[bytes], progress: Callable[[int], None]) -> None:
+        super().__init__()
+        self._src = src
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._src.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self._progress(n)
+        return n or 0
+
+
+@contextlib.contextmanager
+def open_source(path: str | Path | None, *, stdin: IO[bytes] | None = None, tmpdir: Path,
+                progress: Callable[[int], None] | None = None) -> Iterator[Source]:
+    """Open an archive given as a path (a tar or a directory) or as a stream.
+
+    ``path`` ``None`` or ``"-"`` reads ``stdin``. A regular uncompressed tar is used in
+    place; a stream or a compressed tar is spooled into ``tmpdir`` first (``progress``
+    gets the bytes read while spooling).
+    """
+    with contextlib.ExitStack() as stack:
+        if path is None or str(path) == "-":
+            if stdin is None:
+                raise ImageError("no archive given")
+            label = "stdin"
+            f: IO[bytes] = stdin
+        else:
+            label = str(path)
+            p = Path(path)
+            if p.is_dir():
+                yield DirSource(p, label)
+                return
+            try:
+                f = stack.enter_context(open(p, "rb"))
+            except OSError as e:
+                raise ImageError(f"cannot read {path}: {e.strerror}") from e
+        seekable = False
+        with contextlib.suppress(OSError, AttributeError, io.UnsupportedOperation, ValueError):
+            st = os.fstat(f.fileno())
+            seekable = stat.S_ISREG(st.st_mode)
+        if seekable:
+            head = os.pread(f.fileno(), compress.SNIFF_BYTES, 0)
+            seekable = compress.sniff(head) == compress.NONE
+        if not seekable:
+            f = stack.enter_context(_spool(f, tmpdir, label, progress))
+        yield TarSource(f, label)
