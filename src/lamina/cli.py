@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from lamina.store import Store
 
 #: modules that add verbs; each exposes ``register(subparsers)``. Imported only if listed.
-EXTENSIONS: list[str] = ["lamina.plugin.cli"]
+EXTENSIONS: list[str] = ["lamina.plugin.cli", "lamina.images.cli"]
 
 log = logging.getLogger("lamina.cli")
 
@@ -349,8 +349,15 @@ def _create(inv: Invocation, rw: bool) -> int:
     size = parse_size(args.size) if getattr(args, "size", None) else None
     storage_opt = parse_options(getattr(args, "storage_opt", None) or [])
     make = inv.store.create_rw if rw else inv.store.create
-    make(args.id, args.parent, size=size, storage_opt=storage_opt or None, mount_label=args.mount_label)
-    inv.emit({"id": args.id, "parent": args.parent, "kind": "rw" if rw else "ro"}, args.id)
+    parent = args.parent
+    if getattr(args, "image", None):  # create-rw --image NAME: on the image's top layer
+        if parent:
+            raise UsageError("give --parent or --image, not both")
+        from lamina.images import resolve_image_top
+
+        parent = resolve_image_top(inv.store, args.image)
+    make(args.id, parent, size=size, storage_opt=storage_opt or None, mount_label=args.mount_label)
+    inv.emit({"id": args.id, "parent": parent, "kind": "rw" if rw else "ro"}, args.id)
     return 0
 
 
@@ -528,6 +535,8 @@ def _register_core(sub: argparse._SubParsersAction) -> None:
                            help="size limit, Docker units (20G = 20 GiB)")
             p.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VAL",
                            help="driver storage option, repeatable")
+            p.add_argument("--image", default=None, metavar="NAME",
+                           help="put the layer on this image's top layer (instead of --parent)")
 
     p = _verb(sub, "apply", cmd_apply, "make layer ID from a tar (prints the bytes applied)")
     p.add_argument("id", metavar="ID")
