@@ -1,0 +1,221 @@
+"""dockerd on lamina against dockerd on its own overlay2, in the same run.
+
+Two numbers, each as a ratio lamina / overlay2 (targets: ≤ 1.3):
+
+* ``docker load`` of a multi-layer image of ≥ 300 MB (a docker-save archive built here,
+  deterministic, cached in ``bench/out``): small-file layers like a distribution's, and
+  big-file layers like an application's. Best of two loads (``docker rmi`` between).
+* ``docker run --rm --network none IMAGE true`` latency: median of N runs after one
+  warm-up, which is what a user feels for every container.
+
+Each dockerd is private (own data-root, exec-root, socket; see ``tests/dockerd.py``)
+and both live on the same filesystem. The lamina side is ``lamina serve docker-plugin``
+with the driver given by ``--lamina-driver`` (overlay by default, the fair match for
+overlay2). Needs root and Debian's docker.io; without them it says so and exits 0.
+
+    python bench/bench_docker.py [--size-mb 320] [--runs 10] [--lamina-driver overlay]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "src"))
+
+from dockerd import DockerDaemon, busybox_rootfs_tar  # noqa: E402
+from plugin_process import PluginProcess  # noqa: E402
+
+OUT = HERE / "out"
+IMAGE = "lamina-bench:1"
+MTIME = 1_700_000_000
+
+
+# -- the image -----------------------------------------------------------------------------
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.mtime = len(data), 0o644, MTIME
+    tar.addfile(ti, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, MTIME
+    tar.addfile(ti)
+
+
+def _small_files_layer(path: Path, rnd: random.Random, top: str, count: int, lo: int, hi: int) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add_dir(tar, top)
+        per_dir = 50
+        for d in range((count + per_dir - 1) // per_dir):
+            _add_dir(tar, f"{top}/d{d:03d}")
+            for f in range(min(per_dir, count - d * per_dir)):
+                _add(tar, f"{top}/d{d:03d}/f{f:03d}", rnd.randbytes(rnd.randint(lo, hi)))
+
+
+def _big_file_layer(path: Path, rnd: random.Random, name: str, size: int, whiteout: str | None = None) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        top = name.split("/")[0]
+        _add_dir(tar, top)
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime = size, 0o644, MTIME
+        tar.addfile(ti, _RandomReader(rnd, size))
+        if whiteout:
+            head, _, base = whiteout.rpartition("/")
+            _add(tar, f"{head}/.wh.{base}", b"")
+
+
+class _RandomReader(io.RawIOBase):
+    """``size`` random bytes, generated as read (a 100 MB file never sits in memory)."""
+
+    def __init__(self, rnd: random.Random, size: int) -> None:
+        self._rnd, self._left = rnd, size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        self._left -= n
+        return self._rnd.randbytes(n)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_image(size_mb: int) -> Path:
+    """A docker-save archive of five layers adding up to about ``size_mb`` MB; cached."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    archive = OUT / f"docker-bench-{size_mb}mb.tar"
+    if archive.exists():
+        return archive
+    rnd = random.Random(size_mb)
+    big = (size_mb << 20) - (70 << 20)
+    work = Path(tempfile.mkdtemp(prefix="bench-image-", dir=OUT))
+    try:
+        layers = [work / f"layer{i}.tar" for i in range(5)]
+        busybox_rootfs_tar(layers[0], extra={"etc/os-release": b"NAME=bench\n"})
+        _small_files_layer(layers[1], rnd, "usr/share/doc", 6000, 512, 8192)  # ~28 MB
+        _big_file_layer(layers[2], rnd, "opt/app.bin", big * 2 // 5)
+        _small_files_layer(layers[3], rnd, "usr/lib/app", 300, 64 << 10, 192 << 10)  # ~38 MB
+        _big_file_layer(layers[4], rnd, "opt/data.bin", big * 3 // 5, whiteout="etc/os-release")
+        diff_ids = ["sha256:" + _sha256(p) for p in layers]
+        config = json.dumps({
+            "architecture": "amd64", "os": "linux", "created": "2023-11-14T22:13:20Z",
+            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created": "2023-11-14T22:13:20Z", "created_by": f"bench layer {i}"}
+                        for i in range(len(layers))],
+        }).encode()
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        manifest = [{"Config": config_name, "RepoTags": [IMAGE],
+                     "Layers": [f"{d[7:]}/layer.tar" for d in diff_ids]}]
+        tmp = archive.with_suffix(".partial")
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for d, p in zip(diff_ids, layers, strict=True):
+                _add_dir(tar, d[7:])
+                _add(tar, f"{d[7:]}/VERSION", b"1.0")
+                tar.add(p, f"{d[7:]}/layer.tar")
+            _add(tar, config_name, config)
+            _add(tar, "manifest.json", json.dumps(manifest).encode())
+        os.replace(tmp, archive)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return archive
+
+
+# -- one side of the comparison ---------------------------------------------------------------
+
+
+@contextmanager
+def daemon_on(kind: str, workdir: Path, lamina_driver: str | None) -> Iterator[DockerDaemon]:
+    """A private dockerd on overlay2, or on a lamina plugin process."""
+    plugin = None
+    if kind == "lamina":
+        plugin = PluginProcess(workdir / "plugin", driver=lamina_driver)
+        plugin.start()
+    daemon = DockerDaemon(workdir / "docker", storage_driver=plugin.name if plugin else "overlay2")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.close()
+        if plugin is not None:
+            plugin.close()
+
+
+def measure(kind: str, archive: Path, runs: int, lamina_driver: str | None) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=OUT))
+    try:
+        with daemon_on(kind, work, lamina_driver) as d:
+            loads = []
+            for attempt in range(2):
+                if attempt:
+                    d.docker("rmi", IMAGE)
+                t0 = time.perf_counter()
+                d.docker("load", "-q", "-i", str(archive), timeout=900)
+                loads.append(time.perf_counter() - t0)
+            d.docker("run", "--rm", "--network", "none", IMAGE, "true")  # warm-up
+            latencies = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                d.docker("run", "--rm", "--network", "none", IMAGE, "true")
+                latencies.append(time.perf_counter() - t0)
+            driver = d.info()["Driver"]
+        return {"driver": driver, "load_s": min(loads), "loads_s": loads,
+                "run_s": statistics.median(latencies), "runs_s": latencies}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=320, help="image size (default 320, at least 300)")
+    ap.add_argument("--runs", type=int, default=10, help="docker run repetitions (default 10)")
+    ap.add_argument("--lamina-driver", default="overlay", help="lamina driver (default overlay)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        print("bench_docker: skipped (needs root and dockerd from Debian's docker.io)")
+        return 0
+    archive = build_image(args.size_mb)
+    print(f"image: {archive.name}, {archive.stat().st_size / 1e6:.0f} MB, 5 layers")
+    results = {kind: measure(kind, archive, args.runs, args.lamina_driver) for kind in ("overlay2", "lamina")}
+    base, ours = results["overlay2"], results["lamina"]
+    load_ratio = float(ours["load_s"]) / float(base["load_s"])  # type: ignore[arg-type]
+    run_ratio = float(ours["run_s"]) / float(base["run_s"])  # type: ignore[arg-type]
+    print(f"{'':24}{'overlay2':>12}{'lamina':>12}{'ratio':>8}  target")
+    print(f"{'docker load (best of 2)':24}{base['load_s']:>11.2f}s{ours['load_s']:>11.2f}s{load_ratio:>8.2f}  <= 1.3")
+    print(f"{'docker run --rm (median)':24}{base['run_s']:>11.3f}s{ours['run_s']:>11.3f}s{run_ratio:>8.2f}  <= 1.3")
+    print(f"lamina driver: {args.lamina_driver}")
+    (OUT / "bench_docker.json").write_text(json.dumps(
+        {"size_mb": args.size_mb, "results": results, "load_ratio": load_ratio, "run_ratio": run_ratio},
+        indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
