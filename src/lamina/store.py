@@ -525,6 +525,22 @@ class Store:
             else:
                 entry.unlink(missing_ok=True)
             done.append(f"removed leftover {entry.relative_to(self.root)}")
+        for entry in sorted(self.driver.ctx.layers.iterdir()):
+            name = entry.name
+            if name in known or "~" in name or name.endswith("-removing"):
+                continue  # a layer, or a driver's own work in progress (its cleanup's job)
+            try:
+                check_id(name)
+            except LaminaError:
+                continue
+            lock = self._lock(name)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                self.driver.remove(name)
+            finally:
+                lock.release()
+            done.append(f"removed orphan layer directory {name}")
         for entry in sorted((self.root / "tarsplit").iterdir()):
             if entry.name.removesuffix(".json.gz") not in known:
                 entry.unlink(missing_ok=True)
