@@ -288,15 +288,19 @@ class Store:
             chain = self._chain_of(db, layer_id)
         final = self._tarsplit_path(layer_id)
         tmp = self.root / "tmp" / f"{layer_id}~tarsplit"
-        with gzip.open(tmp, "wb", compresslevel=1) as ts:
-            size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
-            if size is NOT_NATIVE:
-                path = self._get(layer_id, persistent=False)
-                try:
-                    size = apply_tar(path, stream, ApplyOptions(
-                        uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map, tarsplit=ts))
-                finally:
-                    self.put(layer_id)
+        try:
+            with gzip.open(tmp, "wb", compresslevel=1) as ts:
+                size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
+                if size is NOT_NATIVE:
+                    path = self._get(layer_id, persistent=False)
+                    try:
+                        size = apply_tar(path, stream, ApplyOptions(
+                            uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map, tarsplit=ts))
+                    finally:
+                        self.put(layer_id)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         syncfs(self.root)
         os.replace(tmp, final)
         return int(size)
