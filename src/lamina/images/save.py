@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from lamina.errors import ImageError, LayerNotFound
+from lamina.errors import ImageError, InvalidArchive, LayerNotFound
 from lamina.images import dockersave, oci
 from lamina.images.digest import hash_chunks, layer_id
 from lamina.images.dockersave import SaveImage
@@ -66,10 +66,14 @@ def select(store: Store, refs: list[str]) -> list[SaveImage]:
 
 
 def _diff_chunks(store: Store, lid: str, progress: ProgressSink | None) -> Iterator[bytes]:
+    """The layer's diff as chunks; a damaged layer is an error naming it."""
     stream = store.diff(lid)
     try:
         while True:
-            chunk = stream.read(_CHUNK)
+            try:
+                chunk = stream.read(_CHUNK)
+            except InvalidArchive as e:  # tar-split found a file changed behind its back
+                raise ImageError(f"layer {lid}: {e}") from e
             if not chunk:
                 return
             if progress is not None:
