@@ -12,24 +12,20 @@ Format only: no driver, no layer directories. What lives here and why:
 * a header encoder that writes what go-winio's ``BasicInfoHeader`` writes (PAX format,
   mode with the file-type bits and no permission bits, records sorted by key), which
   ``tarfile`` cannot (it masks the mode to ``0o7777``);
-* the *tar record*: a layer tar with the file contents taken out, so the tar can be
-  rebuilt later from the stored files (the tar-split idea, in a small format of our
-  own: JSON lines, ``{"s": base64}`` for raw bytes, ``{"f": name, "n": size, "c": crc32}``
-  for content read back from the layer).
+* the hooks an importer needs to record the tar as Docker's tar-split does (raw
+  segments, and name, size and CRC-64 per member), so the layer's tar can be rebuilt
+  byte for byte from the stored files.
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
-import json
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntFlag
-from typing import IO
+from typing import IO, Protocol
 
-from lamina.errors import InvalidArchive, StoreCorrupt
+from lamina.archive.tarsplit import Crc64
+from lamina.errors import InvalidArchive
 
 # -- layout -------------------------------------------------------------------------------
 
@@ -356,53 +352,33 @@ class TarEntry:
             raise InvalidArchive(f"{key}={text!r} is not a PAX time", self.name) from None
 
 
-class TarRecorder:
-    """Writes the tar record: raw bytes kept, file contents referred to by name.
+class TarRecorder(Protocol):
+    """Where a reader sends what it reads (:class:`lamina.archive.tarsplit.TarSplitWriter`
+    fits): raw bytes as segments, each member as name, data size and CRC-64."""
 
-    Consecutive raw bytes are merged into one line so a record has about one line per
-    member, not three.
-    """
+    def segment(self, payload: bytes) -> None: ...
 
-    def __init__(self, out: IO[bytes]) -> None:
-        self._gz = gzip.GzipFile(fileobj=out, mode="wb", mtime=0)
-        self._pending = bytearray()
-
-    def segment(self, raw: bytes) -> None:
-        self._pending += raw
-
-    def file(self, name: str, size: int, crc: int) -> None:
-        self._flush()
-        self._line({"f": name, "n": size, "c": crc})
-
-    def close(self) -> None:
-        self._flush()
-        self._gz.close()
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._line({"s": base64.b64encode(bytes(self._pending)).decode()})
-            self._pending.clear()
-
-    def _line(self, obj: dict[str, object]) -> None:
-        self._gz.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+    def file(self, name: bytes, size: int, checksum: bytes | None) -> None: ...
 
 
 class TarReader:
     """Reads a tar stream member by member, in bounded memory.
 
-    Every byte read is passed to ``recorder`` (if given): headers, padding, skipped
-    data and the end-of-archive trailer as raw segments; data copied out through
-    :meth:`copy_data` as a file reference. The trailer is everything from the first
-    zero block to the end of the stream, so writers that pad to a record size are
-    rebuilt exactly.
+    With a ``recorder``, every byte read is accounted for as tar-split does it: raw
+    segments (headers, padding, the end-of-archive blocks and whatever follows them),
+    and one file record per member. Data copied out with :meth:`copy_data` is recorded
+    by size and CRC-64 (it will be read back from the layer); data the caller skips is
+    kept in the record as a raw segment, so the tar is rebuilt exactly either way.
     """
 
     def __init__(self, stream: IO[bytes], recorder: TarRecorder | None = None) -> None:
         self._stream = stream
         self._rec = recorder
+        self._pending = bytearray()  # raw bytes not yet handed to the recorder
         self._remaining = 0  # unread data bytes of the current member
         self._pad = 0
         self._current: TarEntry | None = None
+        self._filed = False  # whether the current member's file record is written
         self.done = False
 
     # -- low-level reads ------------------------------------------------------------
@@ -419,9 +395,22 @@ class TarReader:
             left -= len(chunk)
         return b"".join(chunks)
 
-    def _record(self, raw: bytes) -> None:
+    def _segment(self, raw: bytes) -> None:
         if self._rec is not None:
-            self._rec.segment(raw)
+            self._pending += raw
+            if len(self._pending) >= 1 << 20:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._rec is not None and self._pending:
+            self._rec.segment(bytes(self._pending))
+            self._pending.clear()
+
+    def _file(self, size: int, checksum: bytes | None) -> None:
+        if self._rec is not None and self._current is not None and not self._filed:
+            self._flush()
+            self._rec.file(self._current.name.encode("utf-8", "surrogateescape"), size, checksum)
+        self._filed = True
 
     # -- members ----------------------------------------------------------------------
 
@@ -438,20 +427,24 @@ class TarReader:
         while True:
             block = self._read_block_or_eof()
             if block is None:
-                # a stream that ends without the two zero blocks: Go reports EOF too
-                self._record(bytes(raw))
+                # a stream that ends at a block boundary: Go's reader reports EOF too
                 self.done = True
                 if raw:
                     raise InvalidArchive("tar stream ends inside a member's headers")
+                self._flush()
                 return None
             if block == bytes(BLOCK):
-                self._record(bytes(raw) + block + self._read_rest())
+                self._segment(block)
+                self._copy_rest()
+                self._flush()
                 self.done = True
                 return None
             raw += block
             hdr = _parse_ustar(block)
             kind = hdr["typeflag"]
             if kind in (b"x", b"g", b"L", b"K"):
+                if hdr["size"] > 1 << 20:
+                    raise InvalidArchive("extended header larger than 1 MiB", hdr["name"])
                 payload = self._read_exact(hdr["size"], "an extended header")
                 raw += payload + self._read_exact(-hdr["size"] % BLOCK, "padding")
                 if kind == b"x":
@@ -480,37 +473,46 @@ class TarReader:
             typeflag = TYPE_DIR if name.endswith("/") else TYPE_REG
         # header-only types carry no data in Go's reader, whatever the size field says
         data_size = 0 if typeflag in _HEADER_ONLY else size
-        self._record(bytes(raw))
+        self._segment(bytes(raw))
         entry = TarEntry(name, typeflag, size, linkname, hdr["mode"], mtime_ns, pax, bytes(raw))
         self._current = entry
+        self._filed = False
         self._remaining = data_size
         self._pad = -data_size % BLOCK
         return entry
 
-    def copy_data(self, write: Callable[[bytes], object], name: str | None = None) -> int:
-        """Copy the current member's data to ``write`` and record it as a file reference
-        under ``name`` (default: the member's name). Returns the byte count."""
-        crc = 0
+    @property
+    def data_size(self) -> int:
+        """Bytes of data the current member has left to read."""
+        return self._remaining
+
+    def copy_data(self, write: Callable[[bytes], object]) -> int:
+        """Copy the current member's data to ``write``, recording it as content the
+        layer will serve back. Returns the byte count."""
+        crc = Crc64()
         total = 0
         while self._remaining:
             chunk = self._stream.read(min(self._remaining, 1 << 20))
             if not chunk:
-                raise InvalidArchive("unexpected end of tar stream in file data", self._current and self._current.name)
+                raise InvalidArchive("unexpected end of tar stream in file data",
+                                     self._current.name if self._current else None)
             self._remaining -= len(chunk)
             total += len(chunk)
-            crc = zlib.crc32(chunk, crc)
+            crc.update(chunk)
             write(chunk)
-        if self._rec is not None and self._current is not None:
-            self._rec.file(name if name is not None else self._current.name, total, crc)
+        self._file(total, crc.digest() if total else None)
         return total
 
     def _finish_current(self) -> None:
+        if self._current is None:
+            return
+        self._file(0, None)
         while self._remaining:
             chunk = self._read_exact(min(self._remaining, 1 << 20), "file data")
             self._remaining -= len(chunk)
-            self._record(chunk)
+            self._segment(chunk)
         if self._pad:
-            self._record(self._read_exact(self._pad, "padding"))
+            self._segment(self._read_exact(self._pad, "padding"))
             self._pad = 0
         self._current = None
 
@@ -522,13 +524,13 @@ class TarReader:
             first += self._read_exact(BLOCK - len(first), "a header")
         return first
 
-    def _read_rest(self) -> bytes:
-        chunks = []
+    def _copy_rest(self) -> None:
+        """Everything after the first zero block goes into the record as it is."""
         while True:
-            chunk = self._stream.read(1 << 16)
+            chunk = self._stream.read(1 << 20)
             if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+                return
+            self._segment(chunk)
 
 
 def _number(raw: bytes, what: str) -> int:
@@ -563,42 +565,3 @@ def _parse_ustar(block: bytes) -> dict:  # type: ignore[type-arg]
         "typeflag": block[156:157],
         "linkname": block[157:257].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
     }
-
-
-# -- rebuilding a tar from its record ----------------------------------------------------------
-
-
-def reassemble(record: IO[bytes], open_file: Callable[[str], IO[bytes]]) -> Iterator[bytes]:
-    """Rebuild a tar from its record, reading each file's content with ``open_file``.
-
-    StoreCorrupt if a file is shorter or its content differs from what was imported
-    (the file integrity check Docker's tar-split does too).
-    """
-    with gzip.GzipFile(fileobj=record, mode="rb") as gz:
-        for line in gz:
-            obj = json.loads(line)
-            if "s" in obj:
-                yield base64.b64decode(obj["s"])
-                continue
-            name, size, want = obj["f"], obj["n"], obj["c"]
-            crc = 0
-            left = size
-            with open_file(name) as f:
-                while left:
-                    chunk = f.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise StoreCorrupt(f"file integrity check failed for {name!r}: shorter than {size} bytes")
-                    left -= len(chunk)
-                    crc = zlib.crc32(chunk, crc)
-                    yield chunk
-            if crc != want:
-                raise StoreCorrupt(f"file integrity checksum failed for {name!r}")
-
-
-def record_entries(record: IO[bytes]) -> Iterator[tuple[str, int]]:
-    """(name, size) of each file reference in a tar record, in tar order."""
-    with gzip.GzipFile(fileobj=record, mode="rb") as gz:
-        for line in gz:
-            obj = json.loads(line)
-            if "f" in obj:
-                yield obj["f"], obj["n"]

@@ -1,0 +1,74 @@
+"""Where a Windows file's metadata lives on Linux: xattrs on the file itself.
+
+Why xattrs: overlayfs copies a file's xattrs when it copies the file up into a
+sandbox, so a Windows file edited from Linux keeps its security descriptor, attributes
+and creation time, and a file created from Linux has none (and gets defaults on
+export). A side table keyed by path would go stale on every rename and copy-up.
+
+Why ``trusted.``: ``user.`` xattrs are refused on symlinks, and Windows symlinks and
+junctions carry attributes and descriptors too. ``trusted.`` needs root, which this
+driver needs anyway (overlay mounts, whiteout devices, loop-mounted sandboxes), and
+overlayfs copies ``trusted.*`` names other than its own ``trusted.overlay.*``.
+
+One xattr per record: ``trusted.lamina.win.<PAX key>`` holds the value of every
+``MSWINDOWS.*`` / ``LIBARCHIVE.*`` record exactly as the tar gave it; ``atime`` and
+``ctime`` hold the PAX time strings (Linux cannot set a ctime, and reading a file moves
+its atime); ``linkpath`` holds a symlink's target as Windows wrote it, since the link on
+disk points where Linux can follow it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+XATTR_PREFIX = "trusted.lamina.win."
+ATIME = "atime"
+CTIME = "ctime"
+LINKPATH = "linkpath"
+#: the layer folder file holding an imported tar's tar-split (Docker's format, gzipped)
+TAR_RECORD = "tar-split.json.gz"
+
+
+def write_meta(path: Path | str, records: dict[str, str]) -> None:
+    """Store ``records`` on ``path`` (never following a symlink)."""
+    for key, value in records.items():
+        os.setxattr(path, XATTR_PREFIX + key, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+
+
+def read_meta(path: Path | str) -> dict[str, str]:
+    """The records stored on ``path``; empty for a file written from Linux."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for name in names:
+        if name.startswith(XATTR_PREFIX):
+            value = os.getxattr(path, name, follow_symlinks=False)
+            out[name[len(XATTR_PREFIX):]] = value.decode("utf-8", "surrogateescape")
+    return out
+
+
+def linux_link_target(target: str) -> str:
+    """A Windows link target as a Linux symlink target that resolves inside the view:
+    ``C:\\a\\b`` (also ``\\??\\C:``/``\\\\?\\C:`` forms) becomes ``/a/b``, relative
+    ``..\\a`` becomes ``../a``; other drives and UNC paths keep their text."""
+    for prefix in ("\\??\\", "\\\\?\\"):
+        if target.startswith(prefix):
+            target = target[len(prefix):]
+            break
+    if len(target) >= 2 and target[1] == ":":
+        if target[0] in "cC":
+            return "/" + target[2:].replace("\\", "/").lstrip("/")
+        return target
+    if target.startswith("\\\\"):
+        return target
+    return target.replace("\\", "/")
+
+
+def windows_link_target(target: str) -> str:
+    """The Windows form of a Linux symlink target: ``/a/b`` -> ``C:\\a\\b``."""
+    if target.startswith("/"):
+        return "C:" + target.replace("/", "\\")
+    return target.replace("/", "\\")
