@@ -96,6 +96,11 @@ _DEFAULT_FILE_SD = winsd.sddl_to_bytes(winsd.DEFAULT_FILE_SDDL)
 _DEFAULT_DIR_SD = winsd.sddl_to_bytes(winsd.DEFAULT_DIR_SDDL)
 
 
+def default_security_descriptor(is_dir: bool) -> bytes:
+    """The descriptor an export gives a file that has none recorded (written from Linux)."""
+    return _DEFAULT_DIR_SD if is_dir else _DEFAULT_FILE_SD
+
+
 def parse_storage_opt(storage_opt: dict[str, str]) -> int:
     """The seed's parseStorageOpt: keys case-blind, ``size`` in RAMInBytes units,
     other keys ignored; 0 when no size is given."""
@@ -639,6 +644,38 @@ def _lower_names(lowers: Sequence[Path], rel: str) -> set[str]:
     return names
 
 
+def _inherit_streams(folder: Path, rel: str, lowers: Sequence[Path], upper_names: set[str],
+                     streams: dict[str, list[tuple[str, Path]]]) -> None:
+    """Give a file copied up into a sandbox the alternate data streams it has below.
+
+    Overlayfs copies up the file, not its ``file:stream`` siblings, but on Windows a
+    changed file keeps its streams and the exported diff must carry them. A file with
+    recorded Windows metadata came up from a lower layer; one without was made from
+    Linux and has no streams below.
+    """
+    masked = set(upper_names)
+    found: dict[str, dict[str, Path]] = {}
+    for lower in lowers:
+        below = lower / rel if rel else lower
+        if below.is_symlink() or not below.is_dir():
+            break
+        for entry in os.scandir(below):
+            if entry.name in masked:
+                continue
+            masked.add(entry.name)
+            split = wintar.stream_split(entry.name)
+            if split and not _is_whiteout(entry.stat(follow_symlinks=False)):
+                found.setdefault(split[0], {}).setdefault(split[1], Path(entry.path))
+        if _is_opaque(below):
+            break
+    for base, lower_streams in found.items():
+        path = folder / base
+        if base not in upper_names or path.is_symlink() or not read_meta(path):
+            continue
+        own = {s for s, _ in streams.get(base, [])}
+        streams.setdefault(base, []).extend((s, p) for s, p in lower_streams.items() if s not in own)
+
+
 def _walk_children(top: str, folder: Path, rel: str, lowers: Sequence[Path]) -> Iterator[_Item]:
     """Pre-order walk in byte order, as hcsshim's layer reader walks: each folder's
     deletions right after the folder's own entry, then its children; ``name:stream``
@@ -658,6 +695,8 @@ def _walk_children(top: str, folder: Path, rel: str, lowers: Sequence[Path]) -> 
         split = wintar.stream_split(name)
         if split and split[0] in present:
             streams.setdefault(split[0], []).append((split[1], folder / name))
+    if lowers:
+        _inherit_streams(folder, rel, lowers, present | deleted, streams)
     attached = {f"{base}:{s}" for base, lst in streams.items() for s, _ in lst}
     for entry in entries:
         if entry.name not in present or entry.name in attached:
@@ -694,7 +733,7 @@ def _write_tar(items: Iterator[_Item]) -> Iterator[bytes]:
             first = links.setdefault((st.st_dev, st.st_ino), item.name)
             if first != item.name:
                 meta = read_meta(item.path)
-                attrs = _attributes(meta, st)
+                attrs = windows_attributes(meta, st)
                 records = {wintar.FILEATTR: str(attrs), wintar.CREATIONTIME: _creation(meta, times)}
                 yield wintar.encode_header(item.name, wintar.TYPE_LINK, mode=0o644, mtime_ns=times[0],
                                            linkname=first, records={**records, **_time_records(times)})
@@ -703,7 +742,7 @@ def _write_tar(items: Iterator[_Item]) -> Iterator[bytes]:
     yield wintar.END_OF_ARCHIVE
 
 
-def _attributes(meta: dict[str, str], st: os.stat_result) -> int:
+def windows_attributes(meta: dict[str, str], st: os.stat_result) -> int:
     """Recorded attributes, kept consistent with what the file is now; defaults for a
     file written from Linux (directory 0x10, file 0x20, symlink adds 0x400)."""
     recorded = meta.get(wintar.FILEATTR)
@@ -737,7 +776,7 @@ def _header(name: str, typeflag: bytes, attrs: int, meta: dict[str, str],
     records[wintar.FILEATTR] = str(attrs)
     records[wintar.CREATIONTIME] = _creation(meta, times)
     if wintar.RAWSD not in records and wintar.SDDL not in records:
-        sd = _DEFAULT_DIR_SD if attrs & FileAttr.DIRECTORY else _DEFAULT_FILE_SD
+        sd = default_security_descriptor(bool(attrs & FileAttr.DIRECTORY))
         records[wintar.RAWSD] = base64.b64encode(sd).decode()
     records.update(_time_records(times))
     if mode is None:
@@ -749,7 +788,7 @@ def _header(name: str, typeflag: bytes, attrs: int, meta: dict[str, str],
 def _file_entry(item: _Item, st: os.stat_result, times: tuple[int, int, int]) -> Iterator[bytes]:
     assert item.path is not None
     meta = read_meta(item.path)
-    attrs = _attributes(meta, st)
+    attrs = windows_attributes(meta, st)
     if stat.S_ISDIR(st.st_mode):
         yield _header(item.name, wintar.TYPE_DIR, attrs, meta, times, size=0)
     elif stat.S_ISLNK(st.st_mode):
