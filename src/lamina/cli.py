@@ -40,7 +40,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lamina.errors import InvalidArchive, InvalidOption, LaminaError
+from lamina.errors import InvalidOption, LaminaError
 from lamina.ids import check_id, parse_size
 from lamina.progress import Progress, ProgressReader, counted, human_bytes
 
@@ -127,7 +127,7 @@ class Invocation:
         Yields a readable stream with a progress bar attached, and closes what it opened
         (never stdin). A terminal on stdin is refused (the user forgot the pipe). gzip,
         zstd, bzip2 and xz are recognised by their first bytes, as ``docker load`` does;
-        damage in the compressed stream is reported as a bad archive naming the input.
+        damage in the compressed stream is one error naming the input.
         """
         from lamina.images.compress import SNIFF_BYTES, decompressed, sniff
 
@@ -147,9 +147,8 @@ class Invocation:
             bar = stack.enter_context(self.progress(label, _regular_size(raw)))
             stream: IO[bytes] = ProgressReader(raw, bar)  # type: ignore[assignment]
             what = "stdin" if name == "-" else name
-            if kind != "none":
-                inner = stack.enter_context(decompressed(stream, kind, what))  # type: ignore[arg-type]
-                stream = _Decompressing(inner, f"{what} ({kind})")  # type: ignore[assignment]
+            if kind != "none":  # damage inside is reported as ImageError naming `what`
+                stream = stack.enter_context(decompressed(stream, kind, what))  # type: ignore[arg-type]
             yield stream
 
     def write_output(self, source: IO[bytes] | Iterable[bytes], output: str | None,
@@ -199,31 +198,6 @@ class Invocation:
                     tmp.unlink(missing_ok=True)
                 raise
         return total, digest.hexdigest()
-
-
-class _Decompressing:
-    """Turns a decompressor's own exceptions into :class:`InvalidArchive` naming the input.
-
-    Only reads of the decompressor pass through here, so an OSError met while writing the
-    layer is never mistaken for a damaged input.
-    """
-
-    def __init__(self, inner: IO[bytes], what: str) -> None:
-        from lamina.images.compress import DECOMPRESS_ERRORS
-
-        self._inner, self._what, self._errors = inner, what, DECOMPRESS_ERRORS
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self._inner.read(n)
-        except self._errors as e:
-            raise InvalidArchive(f"damaged compressed stream: {_one_line(e)}", self._what) from e
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 # -- helpers ---------------------------------------------------------------------------
