@@ -48,7 +48,7 @@ from lamina.errors import (
 from lamina.fs.durable import atomic_write, syncfs
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.hashing import HashingReader
-from lamina.fs.locks import FileLock
+from lamina.fs.locks import FileLock, KeyLock
 from lamina.ids import check_id, parse_size
 from lamina.records import LayerRecord, Records
 from lamina.streams import open_chunks
@@ -93,6 +93,7 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         for sub in ("layers", "tmp", "locks", "tarsplit"):
             (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+        (self.root / "locks" / "layers.lock").touch(mode=0o600)  # per-layer range locks
         name = self._settle_driver(driver)
         cls = driver_class(name)
         reason = cls.unavailable_reason(self.root)
@@ -125,8 +126,8 @@ class Store:
 
     # -- small helpers ----------------------------------------------------------------
 
-    def _lock(self, layer_id: str) -> FileLock:
-        return FileLock(self.root / "locks" / f"{layer_id}.lock")
+    def _lock(self, layer_id: str) -> KeyLock:
+        return KeyLock(self.root / "locks" / "layers.lock", layer_id)
 
     @contextlib.contextmanager
     def _busy(self, layer_id: str, doing: str) -> Iterator[None]:
@@ -181,6 +182,9 @@ class Store:
 
     def _create(self, layer_id: str, parent: str | None, *, rw: bool, size: str | int | None,
                 storage_opt: dict[str, str] | None, mount_label: str) -> None:
+        check_id(layer_id)
+        if parent:
+            check_id(parent, "parent ID")
         opts = self._create_options(size, storage_opt, mount_label)
         with self._busy(layer_id, "changing"):
             self._begin_layer(layer_id, parent, rw, opts)
@@ -251,6 +255,8 @@ class Store:
         that :meth:`diff` gives back the same bytes.
         """
         check_id(layer_id)
+        if parent:
+            check_id(parent, "parent ID")
         with self._busy(layer_id, "changing"):
             with self.records.write() as db:
                 rec = Records.get(db, layer_id)
@@ -353,6 +359,8 @@ class Store:
         check_id(layer_id)
         pid, start = liveness.me()
         with self.records.write() as db:
+            if Records.get(db, layer_id) is None:
+                raise LayerNotFound(f"layer {layer_id} not found")
             row = self._pick_ref(db, layer_id, persistent, pid, start)
             if row is None:
                 return False

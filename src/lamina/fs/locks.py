@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,3 +68,59 @@ def locked(path: Path, *, shared: bool = False) -> Iterator[FileLock]:
         yield lock
     finally:
         lock.release()
+
+
+_FLOCK = struct.Struct("hh4xqqi4x")  # struct flock on LP64 Linux (x86_64, aarch64)
+
+
+def _key_offset(key: str) -> int:
+    """A byte offset standing for ``key``: 62 bits of its hash, so collisions are negligible."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
+
+
+class KeyLock:
+    """An exclusive or shared lock on one key, as a one-byte open-file-description lock
+    at the key's offset in a single shared lock file.
+
+    Why not a lock file per key: a refused operation (bad parent, unknown layer) would
+    still leave a file behind, and deleting lock files safely is a known race. Why OFD
+    locks and not POSIX ``lockf``: POSIX record locks belong to the process, so two
+    threads of the plugin server would both "hold" the same key, and closing any fd of
+    the file drops them all; OFD locks belong to the open file, like flock.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = path
+        self.key = key
+        self._offset = _key_offset(key)
+        self._fd: int | None = None
+
+    def acquire(self, *, shared: bool = False, blocking: bool = True) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+        cmd = fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK
+        try:
+            fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, self._offset, 1, 0))
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the description drops its OFD locks
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> KeyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
