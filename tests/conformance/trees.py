@@ -14,9 +14,14 @@ from pathlib import Path
 
 
 def snapshot(root: Path, *, dir_mtimes: bool = True) -> dict[str, tuple]:
-    """``{"/rel/path": (facts...)}`` for everything under ``root`` (not root itself)."""
-    pictures: dict[str, tuple] = {}
-    first_of_inode: dict[tuple[int, int], str] = {}
+    """``{"/rel/path": (facts...)}`` for everything under ``root`` (not root itself).
+
+    Hardlinks are recorded as groups of paths *in this view* sharing an inode, not as
+    link counts: overlayfs shows a lower file's link count even when copy-up has split
+    the other name off, which says nothing about the view.
+    """
+    pictures: dict[str, list[object]] = {}
+    by_inode: dict[tuple[int, int], list[str]] = {}
     root = Path(root)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -28,17 +33,19 @@ def snapshot(root: Path, *, dir_mtimes: bool = True) -> dict[str, tuple]:
             facts: list[object] = [oct(kind), oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid]
             if stat.S_ISREG(kind):
                 facts.append(hashlib.sha256(full.read_bytes()).hexdigest())
-                if st.st_nlink > 1:
-                    key = (st.st_dev, st.st_ino)
-                    facts.append(("link-of", first_of_inode.setdefault(key, rel)))
+                by_inode.setdefault((st.st_dev, st.st_ino), []).append(rel)
             elif stat.S_ISLNK(kind):
                 facts.append(os.readlink(full))
             elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
                 facts.append((os.major(st.st_rdev), os.minor(st.st_rdev)))
             if not stat.S_ISDIR(kind) or dir_mtimes:
                 facts.append(int(st.st_mtime))
-            pictures[rel] = tuple(facts)
-    return pictures
+            pictures[rel] = facts
+    for group in by_inode.values():
+        if len(group) > 1:
+            for rel in group:
+                pictures[rel].append(("hardlinked-with", tuple(sorted(group))))
+    return {rel: tuple(facts) for rel, facts in pictures.items()}
 
 
 def only_paths(pictures: dict[str, tuple]) -> list[str]:
