@@ -1,0 +1,36 @@
+"""The archive benchmark runs end to end in its quick mode and prints its ratios.
+
+Not a measurement (the numbers of a quick run mean little): it keeps
+``bench/bench_archive.py`` working as the engine and the store change under it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, require_tool
+
+
+def test_bench_archive_quick_prints_ratios(tmp_path: Path) -> None:
+    require_tool("tar")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_archive.py"), "--quick", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # one ratio per lamina measurement, against tar -xf (apply) and tar -cf (diff)
+    assert re.search(r"tar -xf\s+\d+\.\d+ s", out) and re.search(r"tar -cf\s+\d+\.\d+ s", out)
+    assert len(re.findall(r"ratio \d+\.\d+x", out)) >= 4, out
+    summary = re.search(r"^summary: (.*)$", out, re.M)
+    assert summary, out
+    keys = dict(kv.split("=") for kv in summary.group(1).split())
+    assert set(keys) >= {"small.apply", "small.diff", "big.apply", "big.diff"}
+    assert all(re.fullmatch(r"\d+\.\d+x", v) for v in keys.values())
+    # the work directory is cleaned up
+    assert list(tmp_path.iterdir()) == []
