@@ -9,7 +9,8 @@ Two numbers, each as a ratio lamina / overlay2 (targets: ≤ 1.3):
   warm-up, which is what a user feels for every container.
 
 Each dockerd is private (own data-root, exec-root, socket; see ``tests/dockerd.py``)
-and both live on the same filesystem. The lamina side is ``lamina serve docker-plugin``
+and both live on the same filesystem, running at the same time; measurements alternate
+between them, so that other work on the machine weighs on both sides alike. The lamina side is ``lamina serve docker-plugin``
 with the driver given by ``--lamina-driver`` (overlay by default, the fair match for
 overlay2). Needs root and Debian's docker.io; without them it says so and exits 0.
 
@@ -148,7 +149,7 @@ def build_image(size_mb: int) -> Path:
     return archive
 
 
-# -- one side of the comparison ---------------------------------------------------------------
+# -- the comparison -------------------------------------------------------------------------
 
 
 @contextmanager
@@ -168,28 +169,39 @@ def daemon_on(kind: str, workdir: Path, lamina_driver: str | None) -> Iterator[D
             plugin.close()
 
 
-def measure(kind: str, archive: Path, runs: int, lamina_driver: str | None) -> dict[str, object]:
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=OUT))
+def _timed(d: DockerDaemon, *args: str) -> float:
+    t0 = time.perf_counter()
+    d.docker(*args, timeout=900)
+    return time.perf_counter() - t0
+
+
+def compare(archive: Path, runs: int, lamina_driver: str | None) -> dict[str, dict[str, object]]:
+    """Both daemons up at once, every measurement taken in turns (overlay2, lamina,
+    overlay2, ...), so that a machine busy with other work slows both sides alike."""
+    kinds = ("overlay2", "lamina")
+    work = Path(tempfile.mkdtemp(prefix="bench-docker-", dir=OUT))
+    loads: dict[str, list[float]] = {k: [] for k in kinds}
+    latencies: dict[str, list[float]] = {k: [] for k in kinds}
     try:
-        with daemon_on(kind, work, lamina_driver) as d:
-            loads = []
+        with daemon_on("overlay2", work / "overlay2", None) as a, \
+                daemon_on("lamina", work / "lamina", lamina_driver) as b:
+            daemons = dict(zip(kinds, (a, b), strict=True))
             for attempt in range(2):
-                if attempt:
-                    d.docker("rmi", IMAGE)
-                t0 = time.perf_counter()
-                d.docker("load", "-q", "-i", str(archive), timeout=900)
-                loads.append(time.perf_counter() - t0)
-            d.docker("run", "--rm", "--network", "none", IMAGE, "true")  # warm-up
-            latencies = []
+                for kind, d in daemons.items():
+                    if attempt:
+                        d.docker("rmi", IMAGE)
+                    loads[kind].append(_timed(d, "load", "-q", "-i", str(archive)))
+            for d in daemons.values():
+                d.docker("run", "--rm", "--network", "none", IMAGE, "true")  # warm-up
             for _ in range(runs):
-                t0 = time.perf_counter()
-                d.docker("run", "--rm", "--network", "none", IMAGE, "true")
-                latencies.append(time.perf_counter() - t0)
-            driver = d.info()["Driver"]
-        return {"driver": driver, "load_s": min(loads), "loads_s": loads,
-                "run_s": statistics.median(latencies), "runs_s": latencies}
+                for kind, d in daemons.items():
+                    latencies[kind].append(_timed(d, "run", "--rm", "--network", "none", IMAGE, "true"))
+            drivers = {kind: d.info()["Driver"] for kind, d in daemons.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return {kind: {"driver": drivers[kind], "load_s": min(loads[kind]), "loads_s": loads[kind],
+                   "run_s": statistics.median(latencies[kind]), "runs_s": latencies[kind]}
+            for kind in kinds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     archive = build_image(args.size_mb)
     print(f"image: {archive.name}, {archive.stat().st_size / 1e6:.0f} MB, 5 layers")
-    results = {kind: measure(kind, archive, args.runs, args.lamina_driver) for kind in ("overlay2", "lamina")}
+    results = compare(archive, args.runs, args.lamina_driver)
     base, ours = results["overlay2"], results["lamina"]
     load_ratio = float(ours["load_s"]) / float(base["load_s"])  # type: ignore[arg-type]
     run_ratio = float(ours["run_s"]) / float(base["run_s"])  # type: ignore[arg-type]

@@ -616,3 +616,47 @@ def test_serve_command_answers_and_stops_on_sigterm(tmp_path: Path, sockdir: Pat
     assert proc.returncode == 0, err.decode()
     assert not sock.exists()
     assert b"serving" in err
+
+
+# -- the files an operator installs ---------------------------------------------------------
+
+
+def test_contrib_spec_and_unit_name_the_default_socket() -> None:
+    from lamina.plugin.docker import DEFAULT_SOCKET
+
+    spec = (REPO / "contrib" / "lamina.spec").read_text()
+    assert spec.strip() == f"unix://{DEFAULT_SOCKET}" and spec.endswith("\n")
+    unit = (REPO / "contrib" / "lamina-docker-plugin.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.split()[1:4] == ["serve", "docker-plugin", "--socket"]
+    assert exec_start.split()[4] == str(DEFAULT_SOCKET)
+    assert "Type=notify" in unit
+
+
+def test_contrib_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze not installed")
+    unit = (REPO / "contrib" / "lamina-docker-plugin.service").read_text()
+    # verify checks that ExecStart's program exists: point it at one that does
+    copy = tmp_path / "lamina-docker-plugin.service"
+    copy.write_text(unit.replace("/usr/local/bin/lamina", "/bin/true"))
+    res = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_serve_notifies_systemd_when_ready(tmp_path: Path, sockdir: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sockdir / "notify"))
+    notify.settimeout(30)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), NOTIFY_SOCKET=str(sockdir / "notify"))
+    sock = sockdir / "n.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lamina", "serve", "docker-plugin", "--socket", str(sock),
+         "--state", str(tmp_path / "state.json")], env=env, stderr=subprocess.DEVNULL)
+    try:
+        assert notify.recv(100) == b"READY=1"
+        assert Dockerd(sock).post("/Plugin.Activate", b"").status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        notify.close()

@@ -16,7 +16,6 @@ from pathlib import Path
 from lamina.cli import Invocation, parse_options
 from lamina.plugin.docker import DEFAULT_SOCKET, DockerPlugin, default_state_path, serve
 
-
 _DESCRIPTION = """Serve dockerd's graph-driver plugin protocol on a unix socket, so that
 dockerd --experimental -s NAME keeps its images and containers in lamina (NAME is the
 socket's name: /run/docker/plugins/NAME.sock). The store root is the Home dockerd sends

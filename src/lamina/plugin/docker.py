@@ -403,6 +403,18 @@ class PluginServer:
             self.socket_path.unlink()
 
 
+def notify_systemd(state: str) -> None:
+    """Tell systemd (``Type=notify``) that the socket is up, so that a docker.service
+    ordered after this one starts only when dockerd can find the plugin."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state.encode(), address)
+
+
 def serve(plugin: DockerPlugin, socket_path: Path) -> None:
     """Serve until SIGTERM or SIGINT, then close the plugin. Blocks."""
 
@@ -413,6 +425,7 @@ def serve(plugin: DockerPlugin, socket_path: Path) -> None:
             loop.add_signal_handler(sig, stop.set)
         server = PluginServer(plugin, socket_path)
         await server.start()
+        notify_systemd("READY=1")
         try:
             await stop.wait()
             log.info("stopping")
