@@ -1,0 +1,54 @@
+"""Fixtures and helpers shared by the windowsfilter tests (imported by name into each
+test module, so pytest finds the fixtures without a second conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import require_loop, require_overlay
+from lamina.drivers.base import CreateOptions, DriverContext
+from lamina.drivers.windowsfilter import WindowsFilterDriver
+from lamina.fs.mount import mounts_under, umount
+
+#: every sandbox in the tests is this small unless a test asks for more
+SANDBOX = "64M"
+
+
+@pytest.fixture
+def wf(tmp_path: Path) -> Iterator[WindowsFilterDriver]:
+    """A windowsfilter driver on a fresh store root (root, overlayfs and loop devices)."""
+    require_overlay()
+    require_loop()
+    driver = WindowsFilterDriver(DriverContext(root=tmp_path / "store", options={"size": SANDBOX}))
+    try:
+        yield driver
+    finally:
+        for point in mounts_under(tmp_path):
+            umount(point)
+
+
+def import_layer(driver: WindowsFilterDriver, layer_id: str, parent: str | None, data: bytes) -> int:
+    """What the store does for a pull: create an empty read-only layer, apply the tar."""
+    driver.create(layer_id, parent, rw=False, opts=CreateOptions())
+    return driver.apply_diff(layer_id, parent, [], io.BytesIO(data))
+
+
+def export(driver: WindowsFilterDriver, layer_id: str) -> bytes:
+    return b"".join(driver.diff(layer_id, None))
+
+
+def sandbox(driver: WindowsFilterDriver, layer_id: str, parent: str, **storage_opt: str) -> Path:
+    """Create a read-write layer over ``parent`` and mount it; returns the view."""
+    driver.create(layer_id, parent, rw=True, opts=CreateOptions(storage_opt=dict(storage_opt)))
+    return driver.mount(layer_id, [], rw=True)
+
+
+def wipe(path: Path) -> None:
+    for point in mounts_under(path):
+        umount(point)
+    shutil.rmtree(path, ignore_errors=True)
