@@ -287,6 +287,19 @@ def test_cleanup_prints_what_it_mended(cli: Cli) -> None:
     assert cli.json("cleanup") == {"mended": []}
 
 
+def test_check_reports_damage(cli: Cli, base_tar: Path) -> None:
+    cli.ok("apply", "base", str(base_tar))
+    assert cli.ok("check") == "ok\n"
+    assert cli.json("check") == {"problems": [], "repaired": [], "ok": True}
+    (cli.root / "layers" / "base" / "a.txt").write_bytes(b"tampered\n")
+    r = cli("--json", "check")
+    assert r.returncode == 1
+    report = json.loads(r.stdout)
+    assert report["ok"] is False
+    assert [p["layer"] for p in report["problems"]] == ["base"]
+    assert cli("check", "--fast").returncode == 0  # content is not hashed
+
+
 # -- errors ------------------------------------------------------------------------------
 
 
