@@ -8,7 +8,11 @@ seconds, no atime/ctime, numeric ownership only (no user-name lookups), the mode
 carrying the file-type bits as Docker's ``FileInfoHeader`` writes them, a second name of
 a hardlinked inode written as a link to the first, sockets skipped. Xattrs travel as
 ``SCHILY.xattr.*`` PAX records: every ``user.``, ``security.`` and ``trusted.`` one
-except overlayfs's own bookkeeping (``trusted.overlay.*`` / ``user.overlay.*``).
+except overlayfs's own bookkeeping (``trusted.overlay.*`` / ``user.overlay.*``). Docker
+exports ``security.capability`` alone; lamina keeps the others too, so that what a
+layer was applied with (the apply engine sets every ``SCHILY.xattr``) comes back out.
+Like Docker, a revision-3 capability (it names a user namespace's root) goes out as
+revision 2.
 
 With ``whiteouts="overlay"`` the tree is an overlay upper directory and its whiteouts are
 turned into the tar form (Docker's overlay ``ConvertWrite``): a 0/0 character device
@@ -165,12 +169,14 @@ class _TarWriter:
         """
         buf = self.buf
         add = self.add
-        fast = self.map_uid is None and self.map_gid is None and self.xattrs_supported
+        map_uid, map_gid = self.map_uid, self.map_gid
+        mapped = map_uid is not None or map_gid is not None
+        list_fd = self._list_fd
         fits = tw.fits_ustar
         block = tw.ustar_block
         regtype = tw.REGTYPE
         pad = tw.padding
-        os_open, fstat, flistxattr, os_read, os_close = os.open, os.fstat, os.listxattr, os.read, os.close
+        os_open, fstat, os_read, os_close = os.open, os.fstat, os.read, os.close
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
         big_file = _BIG_FILE
@@ -185,11 +191,18 @@ class _TarWriter:
                     if entry.is_file(follow_symlinks=False):
                         fd = os_open(path, flags)
                         st = fstat(fd)
-                        if fast and S_ISREG(st.st_mode) and st.st_nlink == 1 and not flistxattr(fd):
+                        if (
+                            S_ISREG(st.st_mode)
+                            and st.st_nlink == 1
+                            and not list_fd(fd)
+                            and not (mapped and entry.name.startswith(WHITEOUT_PREFIX))
+                        ):
                             size = st.st_size
                             mtime = st.st_mtime_ns // 1_000_000_000
-                            if fits(rel, st.st_uid, st.st_gid, size, mtime):
-                                buf += block(rel, st.st_mode, st.st_uid, st.st_gid, size, mtime, regtype)
+                            uid = st.st_uid if map_uid is None else map_uid(st.st_uid, rel)
+                            gid = st.st_gid if map_gid is None else map_gid(st.st_gid, rel)
+                            if fits(rel, uid, gid, size, mtime):
+                                buf += block(rel, st.st_mode, uid, gid, size, mtime, regtype)
                                 if size > big_file:
                                     sfd, fd = fd, -1  # _stream closes it
                                     yield from self._stream(sfd, size, path)
@@ -365,6 +378,18 @@ class _TarWriter:
         finally:
             os.close(fd)
         buf += tw.padding(size)
+
+    def _list_fd(self, fd: int) -> list[str]:
+        """flistxattr, or [] where the filesystem has no xattrs (remembered)."""
+        if not self.xattrs_supported:
+            return []
+        try:
+            return os.listxattr(fd)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.xattrs_supported = False
+            return []
 
     def _xattrs(self, path: bytes, fmt: int) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The exported xattrs of ``path`` as sorted ``(name, value)`` pairs, and whether
