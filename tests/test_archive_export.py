@@ -390,3 +390,56 @@ def test_tar_tree_roundtrip_with_apply(tmp_path: Path) -> None:
     assert size == 70_000
     assert changes_dirs(dst, src) == []
     assert os.getxattr(dst / "a", "user.x") == b"y"
+
+
+# -- the header writer ----------------------------------------------------------------
+
+
+def test_pax_record_length_counts_itself() -> None:
+    from lamina.archive.tarwriter import pax_record
+
+    for n in range(0, 1100):
+        rec = pax_record(b"k", b"v" * n)
+        length, _, rest = rec.partition(b" ")
+        assert int(length) == len(rec), n
+        assert rest == b"k=" + b"v" * n + b"\n"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "n" * 100,  # fits the name field exactly, no NUL
+        "p" * 155 + "/" + "n" * 100,  # the largest ustar split
+        "p" * 156 + "/" + "n" * 10,  # prefix one too long: PAX path
+        "p" * 20 + "/" + "n" * 101,  # last component too long: PAX path
+        "a/" * 60 + "end",
+        "d" * 99 + "/",  # a directory name of 100 bytes with its slash
+        "ü" * 30,
+    ],
+)
+def test_header_names_read_back(name: str) -> None:
+    from lamina.archive import tarwriter as tw
+
+    raw = os.fsencode(name)
+    typeflag = tw.DIRTYPE if name.endswith("/") else tw.REGTYPE
+    data = tw.header(raw, 0o100644, 1, 2, 0, 1_700_000_000, typeflag) + tw.END_OF_ARCHIVE
+    (m,) = members(data)
+    assert m.name == name.rstrip("/")
+    assert (m.uid, m.gid, m.mtime) == (1, 2, 1_700_000_000)
+    long_or_unicode = len(raw) > 100 or not raw.isascii()
+    fits = tw.ustar_split(raw) is not None and raw.isascii()
+    assert ("path" in m.pax_headers) == (long_or_unicode and not fits)
+
+
+def test_header_big_numbers_go_to_pax() -> None:
+    from lamina.archive import tarwriter as tw
+
+    size = 0o77777777777 + 1  # 8 GiB: one more than the 12-byte field holds
+    data = tw.header(b"f", 0o100644, 2**21, 2**22, size, -5, tw.REGTYPE)
+    # read only the header: the data would be 8 GiB
+    info = tarfile.TarInfo.frombuf(data[-512:], "utf-8", "surrogateescape")
+    assert info.size == 0  # the ustar field overflowed and holds 0
+    with tarfile.open(fileobj=io.BytesIO(data + bytes(1024)), mode="r:") as tf:
+        m = tf.next()
+        assert m is not None
+        assert (m.uid, m.gid, m.size, m.mtime) == (2**21, 2**22, size, -5)
