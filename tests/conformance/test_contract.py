@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,7 @@ def test_duplicate_id_is_layer_exists(store) -> None:
     assert [r.id for r in store.layers()] == ["dup"]
 
 
-def _operations_on(store, missing: str) -> dict[str, object]:
+def _operations_on(store, missing: str) -> dict[str, Callable[[], object]]:
     return {
         "get": lambda: store.get(missing),
         "put": lambda: store.put(missing),
