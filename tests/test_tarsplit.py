@@ -1,0 +1,232 @@
+"""tar-split: Docker's JSON-lines format, CRC-64/ISO, and byte-identical reassembly."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import IO
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tarmaker as tm
+from lamina.archive.apply import ApplyOptions, apply_tar
+from lamina.archive.tarsplit import Crc64, crc64, reassemble
+from lamina.errors import InvalidArchive
+
+
+def crc64_bitwise(data: bytes) -> bytes:
+    """Go's crc64 ISO, one bit at a time: slow and obviously right."""
+    crc = (1 << 64) - 1
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xD800000000000000 if crc & 1 else crc >> 1
+    return (crc ^ ((1 << 64) - 1)).to_bytes(8, "big")
+
+
+class PathGetter:
+    """Opens layer files by tar name, as a driver's diff getter would."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.asked: list[str] = []
+
+    def get(self, name: str) -> IO[bytes]:
+        self.asked.append(name)
+        return open(os.path.join(self.root, name), "rb")
+
+
+def apply_recording(root: Path, data: bytes, **opts: object) -> bytes:
+    root.mkdir(exist_ok=True)
+    split = io.BytesIO()
+    apply_tar(root, io.BytesIO(data), ApplyOptions(tarsplit=split, **opts))  # type: ignore[arg-type]
+    return split.getvalue()
+
+
+def rebuild(split: bytes, root: Path) -> bytes:
+    return b"".join(reassemble(io.BytesIO(split), PathGetter(root)))
+
+
+# -- CRC-64 --------------------------------------------------------------------------
+
+
+def test_crc64_check_value() -> None:
+    # The published check value of CRC-64/GO-ISO for "123456789".
+    assert crc64(b"123456789").hex() == "b90956c775a41001"
+
+
+def test_crc64_of_nothing_is_zero() -> None:
+    assert crc64(b"") == bytes(8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=3000), st.integers(min_value=0, max_value=3000))
+def test_crc64_matches_bitwise_reference_in_any_split(data: bytes, cut: int) -> None:
+    c = Crc64()
+    c.update(data[:cut])
+    c.update(data[cut:])
+    assert c.digest() == crc64_bitwise(data)
+
+
+# -- the JSON format -----------------------------------------------------------------
+
+
+def test_json_lines_match_the_go_packer(tmp_path: Path) -> None:
+    data = tm.tar(tm.directory("d/"), tm.file("d/f", b"hello"))
+    lines = [json.loads(line) for line in apply_recording(tmp_path / "r", data).splitlines()]
+    assert [list(obj) for obj in lines] == [
+        ["type", "payload", "position"],
+        ["type", "name", "payload", "position"],
+        ["type", "payload", "position"],
+        ["type", "name", "size", "payload", "position"],
+        ["type", "payload", "position"],
+    ]
+    assert [obj["position"] for obj in lines] == list(range(5))
+    assert lines[1] == {"type": 1, "name": "d/", "payload": None, "position": 1}
+    assert base64.b64decode(lines[0]["payload"]) == data[:512]
+    assert lines[3]["size"] == 5
+    assert base64.b64decode(lines[3]["payload"]) == crc64_bitwise(b"hello")
+    # after the last file: its padding and both end blocks, in one segment
+    assert base64.b64decode(lines[4]["payload"]) == bytes(507 + 1024)
+
+
+def test_lines_are_compact_json(tmp_path: Path) -> None:
+    split = apply_recording(tmp_path / "r", tm.tar(tm.file("a<b>&c", b"x")))
+    assert b": " not in split and b", " not in split
+    assert b'"name":"a\\u003cb\\u003e\\u0026c"' in split  # escaped as Go escapes them
+
+
+def test_non_utf8_name_goes_in_name_raw(tmp_path: Path) -> None:
+    data = tm.tar(tm.file(b"caf\xe9", b"latin-1 name"))  # type: ignore[arg-type]
+    split = apply_recording(tmp_path / "r", data)
+    entry = json.loads(split.splitlines()[1])
+    assert "name" not in entry
+    assert base64.b64decode(entry["name_raw"]) == b"caf\xe9"
+    assert rebuild(split, tmp_path / "r") == data
+
+
+def test_reads_what_the_go_packer_writes(tmp_path: Path) -> None:
+    # A record written the way Go's json.Encoder writes tar-split entries.
+    hdr = tm.header("f", size=3)
+    lines = [
+        {"type": 2, "payload": base64.b64encode(hdr).decode(), "position": 0},
+        {"type": 1, "name": "f", "size": 3,
+         "payload": base64.b64encode(crc64_bitwise(b"abc")).decode(), "position": 1},
+        {"type": 2, "payload": base64.b64encode(bytes(509) + tm.end()).decode(), "position": 2},
+    ]
+    (tmp_path / "f").write_bytes(b"abc")
+    split = b"".join(json.dumps(obj).encode() + b"\n" for obj in lines)
+    assert rebuild(split, tmp_path) == hdr + b"abc" + bytes(509) + tm.end()
+
+
+# -- round trips ---------------------------------------------------------------------
+
+
+def varied_tar() -> bytes:
+    return tm.tar(
+        tm.pax({"comment": "made by tests"}, type=b"g", name="pax_global_header"),
+        tm.directory("./", mode=0o755),
+        tm.directory("etc/", mode=0o755),
+        tm.file("etc/hosts", b"127.0.0.1 localhost\n", mode=0o644),
+        tm.pax({"path": "usr/share/" + "very-long-" * 20 + "name.txt", "mtime": "1600000000.5"}),
+        tm.file("placeholder", b"long-named content" * 100),
+        tm.gnu_long(b"L", "opt/" + "g" * 150),
+        tm.file("gnu-short", b"gnu long name content"),
+        tm.pax({"SCHILY.xattr.user.note": b"\x00\x01binary", "uid": "1000", "gid": "1000"}),
+        tm.file("home/user/data.bin", os.urandom(70_000), mode=0o600),
+        tm.hardlink("home/user/data.link", "home/user/data.bin"),
+        tm.symlink("bin", "usr/bin"),
+        tm.file("empty", b""),
+        tm.file("lib/.wh.removed"),
+        tm.directory("var/opaque/"),
+        tm.file("var/opaque/.wh..wh..opq"),
+        tm.file("var/opaque/kept", b"k"),
+        tm.header("run/fifo", type=b"6", mode=0o600),
+        tm.file("exact-block", b"b" * 512),
+    ) + bytes(2048) + b"trailing bytes after the archive"
+
+
+@pytest.mark.parametrize("whiteouts", ["delete", "overlay"])
+def test_varied_tar_round_trips_byte_for_byte(tmp_path: Path, whiteouts: str) -> None:
+    data = varied_tar()
+    root = tmp_path / "layer"
+    split = apply_recording(root, data, whiteouts=whiteouts, opaque_xattr="user.overlay.opaque")
+    getter = PathGetter(root)
+    out = b"".join(reassemble(io.BytesIO(split), getter))
+    assert hashlib.sha256(out).hexdigest() == hashlib.sha256(data).hexdigest()
+    # only files with content are read back; whiteouts and links never are
+    assert sorted(getter.asked) == sorted([
+        "etc/hosts", "usr/share/" + "very-long-" * 20 + "name.txt", "opt/" + "g" * 150,
+        "home/user/data.bin", "var/opaque/kept", "exact-block"])
+
+
+def test_tarfile_pax_archive_round_trips(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(20):
+            ti = tarfile.TarInfo(f"dir{i % 3}/" + "ü" * (i * 6) + f"-{i}")
+            content = os.urandom(i * 1000)
+            ti.size = len(content)
+            ti.mtime = 1_600_000_000 + i
+            ti.pax_headers = {"SCHILY.xattr.user.i": str(i)}
+            tf.addfile(ti, io.BytesIO(content))
+    data = buf.getvalue()
+    split = apply_recording(tmp_path / "r", data)
+    assert rebuild(split, tmp_path / "r") == data
+
+
+def test_large_trailing_data_is_kept_in_bounded_segments(tmp_path: Path) -> None:
+    data = tm.tar(tm.file("f", b"x")) + os.urandom(2_500_000)
+    split = apply_recording(tmp_path / "r", data)
+    sizes = [len(base64.b64decode(json.loads(line)["payload"]))
+             for line in split.splitlines() if json.loads(line)["type"] == 2]
+    assert max(sizes) <= 1 << 20
+    assert rebuild(split, tmp_path / "r") == data
+
+
+def test_empty_stream_has_an_empty_record(tmp_path: Path) -> None:
+    split = apply_recording(tmp_path / "r", b"")
+    assert split == b""
+    assert rebuild(split, tmp_path / "r") == b""
+
+
+# -- refusals --------------------------------------------------------------------------
+
+
+def test_changed_content_is_caught_naming_the_file(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    split = apply_recording(root, tm.tar(tm.file("a/f", b"original")))
+    (root / "a/f").write_bytes(b"tampered")
+    with pytest.raises(InvalidArchive, match="checksum") as err:
+        rebuild(split, root)
+    assert err.value.entry == "a/f"
+
+
+@pytest.mark.parametrize("content,word", [(b"short", "shorter"), (b"much longer!", "longer")])
+def test_changed_size_is_caught_naming_the_file(tmp_path: Path, content: bytes, word: str) -> None:
+    root = tmp_path / "r"
+    split = apply_recording(root, tm.tar(tm.file("f", b"original")))
+    (root / "f").write_bytes(content)
+    with pytest.raises(InvalidArchive, match=word) as err:
+        rebuild(split, root)
+    assert err.value.entry == "f"
+
+
+def test_duplicate_names_cannot_be_recorded(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArchive, match="twice") as err:
+        apply_recording(tmp_path / "r", tm.tar(tm.file("a", b"1"), tm.file("./a", b"2")))
+    assert err.value.entry == "./a"
+
+
+def test_garbage_record_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArchive, match="not JSON"):
+        rebuild(b'{"type":2,"payload":\n', tmp_path)
+    with pytest.raises(InvalidArchive, match="base64"):
+        rebuild(b'{"type":2,"payload":"***","position":0}\n', tmp_path)
