@@ -557,3 +557,14 @@ def test_probe_results_are_reused_across_opens(tmp_path: Path) -> None:
     for _ in range(20):
         probe(r)
     assert (time.perf_counter() - t) / 20 < 0.005
+
+
+def test_bench_quick_smoke_run() -> None:
+    """bench/bench_overlay.py --quick runs to its summary (its numbers mean little)."""
+    require_overlay()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_overlay.py"), "--quick", "--runs", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("summary: changes_speedup="), done.stdout
+    assert "create_mount_ms=" in summary and "deep_mount_ms=" in summary
