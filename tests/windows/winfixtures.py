@@ -1,5 +1,5 @@
-"""Fixtures and helpers shared by the windowsfilter tests (imported by name into each
-test module, so pytest finds the fixtures without a second conftest.py)."""
+"""Helpers shared by the windowsfilter tests. Each test module defines its ``wf``
+fixture as ``yield from driver_at(tmp_path)``, so no second conftest.py is needed."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from conftest import require_loop, require_overlay
 from lamina.drivers.base import CreateOptions, DriverContext
@@ -19,9 +17,9 @@ from lamina.fs.mount import mounts_under, umount
 SANDBOX = "64M"
 
 
-@pytest.fixture
-def wf(tmp_path: Path) -> Iterator[WindowsFilterDriver]:
-    """A windowsfilter driver on a fresh store root (root, overlayfs and loop devices)."""
+def driver_at(tmp_path: Path) -> Iterator[WindowsFilterDriver]:
+    """A windowsfilter driver on a fresh store root (root, overlayfs and loop devices);
+    every mount under ``tmp_path`` is released afterwards."""
     require_overlay()
     require_loop()
     driver = WindowsFilterDriver(DriverContext(root=tmp_path / "store", options={"size": SANDBOX}))
