@@ -622,7 +622,7 @@ def test_serve_command_answers_and_stops_on_sigterm(tmp_path: Path, sockdir: Pat
 
 
 def test_contrib_spec_and_unit_name_the_default_socket() -> None:
-    from lamina.plugin.docker import DEFAULT_SOCKET
+    from lamina.plugin.cli import DEFAULT_SOCKET
 
     spec = (REPO / "contrib" / "lamina.spec").read_text()
     assert spec.strip() == f"unix://{DEFAULT_SOCKET}" and spec.endswith("\n")

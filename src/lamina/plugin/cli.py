@@ -14,7 +14,11 @@ import logging
 from pathlib import Path
 
 from lamina.cli import Invocation, parse_options
-from lamina.plugin.docker import DEFAULT_SOCKET, DockerPlugin, default_state_path, serve
+
+#: where dockerd looks first for plugin "lamina" (pkg/plugins/discovery.go)
+DEFAULT_SOCKET = Path("/run/docker/plugins/lamina.sock")
+#: where the last Init is kept; /run is emptied at boot, as dockerd's own state is
+STATE_DIR = Path("/run/lamina")
 
 _DESCRIPTION = """Serve dockerd's graph-driver plugin protocol on a unix socket, so that
 dockerd --experimental -s NAME keeps its images and containers in lamina (NAME is the
@@ -46,7 +50,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve_docker_plugin)
 
 
+def default_state_path(socket_path: Path) -> Path:
+    """One state file per socket, so two plugins on one machine keep their own."""
+    return STATE_DIR / f"docker-plugin-{socket_path.stem}.json"
+
+
 def cmd_serve_docker_plugin(inv: Invocation) -> int:
+    # imported here: every lamina command loads this module, only this one needs aiohttp
+    from lamina.plugin.docker import DockerPlugin, serve
+
     args = inv.args
     logging.getLogger("lamina").setLevel(logging.DEBUG if args.debug else logging.INFO)
     socket_path: Path = args.socket

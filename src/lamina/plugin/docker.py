@@ -60,21 +60,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = Path("/run/docker/plugins/lamina.sock")
-#: where the last Init is kept; /run is emptied at boot, as dockerd's own state is
-STATE_DIR = Path("/run/lamina")
-
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class PluginNotInitialised(LaminaError):
     """A GraphDriver call came before dockerd's Init told the plugin where the store is."""
-
-
-def default_state_path(socket_path: Path) -> Path:
-    """One state file per socket, so two plugins on one machine keep their own."""
-    return STATE_DIR / f"docker-plugin-{socket_path.stem}.json"
 
 
 def _reply(data: dict[str, Any], status: int = 200) -> web.Response:
