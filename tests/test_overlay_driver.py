@@ -392,6 +392,17 @@ def test_cleanup_mends_links_and_drops_unknown_layers(driver: OverlayDriver, roo
     assert sorted(os.listdir(root / "l")) == [short]
 
 
+def test_cleanup_leaves_the_link_of_a_layer_being_made(driver: OverlayDriver, root: Path) -> None:
+    """A create writes l/<short> before renaming its dir into layers/: a cleanup running
+    in between must not take the link away."""
+    (root / "tmp" / "busy~creating").mkdir()
+    (root / "l" / "INPROGRESSINPROGRESSINPROG").symlink_to("../layers/busy/diff")
+    assert driver.cleanup({"busy"}) == []
+    assert os.path.lexists(root / "l" / "INPROGRESSINPROGRESSINPROG")
+    (root / "tmp" / "busy~creating").rmdir()
+    assert driver.cleanup(set()) == ["removed stale short link l/INPROGRESSINPROGRESSINPROG"]
+
+
 # -- across processes (through the store) ----------------------------------------------
 
 
@@ -538,14 +549,17 @@ def test_not_root_outside_a_user_namespace_is_unavailable_with_a_reason(tmp_path
     if python is None:
         skip_or_fail("no Python 3.11+ that user 65534 can run with this source tree")
     code = ("from pathlib import Path; from lamina.drivers.overlay import OverlayDriver; "
-            "print(OverlayDriver.unavailable_reason(Path('/tmp/nowhere')))")
+            "from lamina.drivers.registry import default_driver; "
+            "print(default_driver(Path('/tmp/nowhere')), OverlayDriver.unavailable_reason(Path('/tmp/nowhere')))")
     done = subprocess.run([*_AS_NOBODY, python, "-c", code],
                           capture_output=True, text=True, cwd="/",
                           env={"PYTHONPATH": str(REPO / "src"), "PATH": os.environ.get("PATH", "")})
     if done.returncode != 0 and "Permission denied" in done.stderr:
         pytest.skip("the source tree is not readable by user 65534")
     assert done.returncode == 0, done.stderr
-    assert "root" in done.stdout and "user namespace" in done.stdout
+    chosen, _, reason = done.stdout.partition(" ")
+    assert chosen == "vfs", "the default driver falls back to vfs"
+    assert "root" in reason and "user namespace" in reason
 
 
 def test_probe_results_are_reused_across_opens(tmp_path: Path) -> None:

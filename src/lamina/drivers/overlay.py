@@ -543,7 +543,8 @@ class OverlayDriver(Driver):
 
     def _projects(self) -> quota.ProjectQuota:
         if self._project is None:
-            self._project = quota.ProjectQuota(self.ctx.root, self.ctx.layers)
+            self._project = quota.ProjectQuota(self.ctx.root, [self.ctx.layers, self.ctx.tmp],
+                                               self.ctx.root / "overlay" / "quota.lock")
         return self._project
 
     def remove(self, layer_id: str) -> None:
@@ -743,6 +744,9 @@ class OverlayDriver(Driver):
                 current = os.readlink(entry)
             except OSError:
                 current = None
+            owner = Path(current).parts[2] if current and current.startswith("../layers/") else ""
+            if owner in known and (self.ctx.tmp / f"{owner}~creating").exists():
+                continue  # a layer being made right now: its link comes before its dir
             if target is None or current != target:
                 entry.unlink()
                 done.append(f"removed stale short link l/{entry.name}")

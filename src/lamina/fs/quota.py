@@ -25,10 +25,12 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from lamina.errors import QuotaNotSupported
 from lamina.fs import newmount
+from lamina.fs.locks import locked
 from lamina.fs.mount import is_mountpoint, mount, umount
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -186,32 +188,36 @@ class ProjectQuota:
 
     IDs are allocated above the one ``home`` carries (as Docker does, so an
     administrator can reserve a range by setting it on the store root) and above every
-    ID already on a directory in ``scan_dirs``; the caller serialises allocation
-    (the store's per-store lock, or ``lock_path``).
+    ID already on a directory in ``scan_dirs``. Allocation happens under an flock on
+    ``lock_path``, so two processes limiting layers at once never share an ID.
     """
 
-    def __init__(self, home: Path, scan_dirs: Path) -> None:
+    def __init__(self, home: Path, scan_dirs: Sequence[Path], lock_path: Path) -> None:
         self.home = home
-        self.scan_dirs = scan_dirs
+        self.scan_dirs = list(scan_dirs)
+        self.lock_path = lock_path
 
     def _next_id(self) -> int:
         highest = get_project_id(self.home)
-        try:
-            entries = list(os.scandir(self.scan_dirs))
-        except FileNotFoundError:
-            entries = []
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                try:
-                    highest = max(highest, get_project_id(Path(entry.path)))
-                except OSError:
-                    continue
+        for parent in self.scan_dirs:
+            try:
+                entries = list(os.scandir(parent))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    try:
+                        highest = max(highest, get_project_id(Path(entry.path)))
+                    except OSError:
+                        continue
         return highest + 1
 
     def limit(self, directory: Path, size: int) -> int:
-        """Give ``directory`` a fresh project ID with a hard limit of ``size`` bytes."""
-        project_id = get_project_id(directory) or self._next_id()
-        set_project_id(directory, project_id)
+        """Give ``directory`` (in one of ``scan_dirs``) a fresh project ID with a hard
+        limit of ``size`` bytes."""
+        with locked(self.lock_path):
+            project_id = get_project_id(directory) or self._next_id()
+            set_project_id(directory, project_id)
         set_project_limit(self.home, project_id, size)
         return project_id
 
