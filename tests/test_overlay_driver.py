@@ -588,3 +588,13 @@ def test_bench_quick_smoke_run() -> None:
     summary = done.stdout.strip().splitlines()[-1]
     assert summary.startswith("summary: changes_speedup="), done.stdout
     assert "create_mount_ms=" in summary and "deep_mount_ms=" in summary
+
+
+def test_a_stale_mount_is_replaced_not_stacked(driver: OverlayDriver, root: Path) -> None:
+    driver.create("base", None, rw=False, opts=RO)
+    driver.create("child", "base", rw=False, opts=RO)
+    mount(driver, "child")
+    view = mount(driver, "child")  # as after a crash lost the record of the first
+    assert sum(1 for line in open("/proc/self/mountinfo") if f" {view} " in line) == 1
+    driver.unmount("child")
+    assert not is_mountpoint(view)

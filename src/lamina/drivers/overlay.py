@@ -580,18 +580,30 @@ class OverlayDriver(Driver):
         _rmtree(path)
 
     def mount(self, layer_id: str, chain: Sequence[str], *, rw: bool, mount_label: str = "") -> Path:
+        """The view of ``layer_id``. Read-only once a layer has been built on it, else
+        writable (``rw`` does not change that: an image layer is filled through its view
+        before it has children, as with overlay2). ``mount_label`` is not applied: SELinux
+        labels are not supported."""
         if not chain or chain[0] != layer_id:
             raise LaminaError(f"layer {layer_id}: mount was given the chain of {chain[:1]}")
         d = self.layer_dir(layer_id)
         committed = (d / "committed").exists()
         merged = d / "merged"
         upper = self._upper(layer_id)
+        if is_mountpoint(merged):
+            # the store mounts only for a first reference, so this one is stale (a
+            # crash between mount and record); mounting over it would stack views
+            umount(merged)
         if len(chain) == 1:
             if not committed:
                 return upper
             merged.mkdir(mode=0o700, exist_ok=True)
             mount(str(upper), merged, None, MS_BIND)
-            mount("", merged, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            try:
+                mount("", merged, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            except OSError:
+                umount(merged)
+                raise
             return merged
         parents = list(chain[1:])
         if len(parents) > self.max_depth:
