@@ -16,7 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuzz.rawtar import (
-    BLK, CHR, DIR, FIFO, LNK, REG, SYM, entry, end, gnu_longname, header, pax, pax_record, tar,
+    BLK,
+    CHR,
+    DIR,
+    FIFO,
+    LNK,
+    REG,
+    SYM,
+    end,
+    entry,
+    gnu_longname,
+    header,
+    pax,
+    pax_record,
+    tar,
 )
 
 

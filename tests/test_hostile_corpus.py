@@ -18,10 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conftest import require_overlay, require_root  # noqa: E402
 from fuzz.corpus import Case, cases, million_empty_entries  # noqa: E402
 
 import lamina  # noqa: E402
+from conftest import require_overlay, require_root  # noqa: E402
 from lamina.errors import InvalidArchive  # noqa: E402
 from lamina.streams import open_chunks  # noqa: E402
 

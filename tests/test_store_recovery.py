@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 import lamina
+from conftest import REPO
 from lamina.check import check
-from lamina.liveness import boot_id
 from lamina.errors import DriverMismatch, LayerBusy, LayerNotFound
+from lamina.liveness import boot_id
 
 
 def small_tar(n: int = 3) -> bytes:

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -130,11 +130,11 @@ class Store:
         return KeyLock(self.root / "locks" / "layers.lock", layer_id)
 
     @contextlib.contextmanager
-    def _busy(self, layer_id: str, doing: str) -> Iterator[None]:
+    def _busy(self, layer_id: str) -> Iterator[None]:
         """Hold the per-layer lock for long work; fail at once if another process has it."""
         lock = self._lock(layer_id)
         if not lock.acquire(blocking=False):
-            raise LayerBusy(f"layer {layer_id}: another process is {doing} it")
+            raise LayerBusy(f"layer {layer_id} is in use by another operation (reading or changing it)")
         try:
             yield
         finally:
@@ -186,7 +186,7 @@ class Store:
         if parent:
             check_id(parent, "parent ID")
         opts = self._create_options(size, storage_opt, mount_label)
-        with self._busy(layer_id, "changing"):
+        with self._busy(layer_id):
             self._begin_layer(layer_id, parent, rw, opts)
             try:
                 self.driver.create(layer_id, parent or None, rw=rw, opts=opts)
@@ -257,7 +257,7 @@ class Store:
         check_id(layer_id)
         if parent:
             check_id(parent, "parent ID")
-        with self._busy(layer_id, "changing"):
+        with self._busy(layer_id):
             with self.records.write() as db:
                 rec = Records.get(db, layer_id)
                 if rec is not None and rec.state == "ready":
@@ -449,7 +449,7 @@ class Store:
         deleted, so an interrupted removal is finished by ``cleanup``.
         """
         check_id(layer_id)
-        with self._busy(layer_id, "changing"):
+        with self._busy(layer_id):
             with self.records.write() as db:
                 rec = Records.get(db, layer_id)
                 if rec is None:
@@ -570,27 +570,78 @@ class Store:
         self._ready(parent)
         return parent
 
+    def _pin(self, *layer_ids: str | None) -> Callable[[], None]:
+        """Keep layers from being removed or re-applied while they are read.
+
+        Readers take the per-layer lock shared; ``remove`` and ``apply_diff`` take it
+        exclusively, so they fail with LayerBusy instead of deleting files a diff is
+        reading. Returns the function that lets go.
+        """
+        locks: list[KeyLock] = []
+
+        def release() -> None:
+            for lock in locks:
+                lock.release()
+
+        try:
+            for lid in layer_ids:
+                if lid is None:
+                    continue
+                lock = self._lock(lid)
+                if not lock.acquire(shared=True, blocking=False):
+                    raise LayerBusy(f"layer {lid} is being changed or removed by another operation")
+                locks.append(lock)
+                self._ready(lid)  # it cannot go away now; make sure it had not already
+        except BaseException:
+            release()
+            raise
+        return release
+
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
         """The layer's changes against ``parent`` as an uncompressed tar [Diff].
 
         ``parent=None`` means the layer's own parent, ``""`` means against nothing. For an
         unchanged layer made by :meth:`apply_diff`, the bytes are those it was made from.
-        Close the stream: that releases the mounts it holds.
+        Close the stream: that releases the mounts and locks it holds.
         """
         rec = self._ready(layer_id)
         against = self._resolve_parent(rec, parent)
+        unpin = self._pin(layer_id, against)
+        try:
+            chunks, release = self._diff_chunks(rec, against)
+        except BaseException:
+            unpin()
+            raise
+
+        def done() -> None:
+            try:
+                if release is not None:
+                    release()
+            finally:
+                unpin()
+
+        return open_chunks(chunks, done)
+
+    def _diff_chunks(self, rec: LayerRecord, against: str | None) -> tuple[Iterator[bytes], Callable[[], None] | None]:
+        layer_id = rec.id
         if rec.has_tarsplit and not rec.rw and against == rec.parent:
             getter = self.diff_getter(layer_id)
-            ts = gzip.open(self._tarsplit_path(layer_id), "rb")
+            try:
+                ts = gzip.open(self._tarsplit_path(layer_id), "rb")
+            except BaseException:
+                getter.close()
+                raise
 
             def done() -> None:
-                ts.close()
-                getter.close()
+                try:
+                    ts.close()
+                finally:
+                    getter.close()
 
-            return open_chunks(reassemble(ts, getter), done)
+            return reassemble(ts, getter), done
         native = self.driver.diff(layer_id, against)
         if native is not NOT_NATIVE:
-            return open_chunks(native)
+            return native, None
         path = self.get(layer_id)
         try:
             if against is None:
@@ -603,40 +654,53 @@ class Store:
         except BaseException:
             self.put(layer_id)
             raise
-        return open_chunks(chunks, lambda: self.put(layer_id))
+        return chunks, lambda: self.put(layer_id)
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         """What changed in the layer against ``parent``, sorted by path [Changes]."""
         rec = self._ready(layer_id)
         against = self._resolve_parent(rec, parent)
-        native = self.driver.changes(layer_id, against)
-        if native is not NOT_NATIVE:
-            return sorted(native)
-        with self.mounted(layer_id) as path:
-            if against is None:
-                return changes_dirs(path, None)
-            with self.mounted(against) as ppath:
-                return changes_dirs(path, ppath)
+        unpin = self._pin(layer_id, against)
+        try:
+            native = self.driver.changes(layer_id, against)
+            if native is not NOT_NATIVE:
+                return sorted(native)
+            with self.mounted(layer_id) as path:
+                if against is None:
+                    return changes_dirs(path, None)
+                with self.mounted(against) as ppath:
+                    return changes_dirs(path, ppath)
+        finally:
+            unpin()
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         """Bytes of regular-file content changed against ``parent`` [DiffSize]."""
         rec = self._ready(layer_id)
         against = self._resolve_parent(rec, parent)
-        native = self.driver.diff_size(layer_id, against)
-        if native is not NOT_NATIVE:
-            return int(native)
-        changes = self.changes(layer_id, parent)
-        with self.mounted(layer_id) as path:
-            return changes_size(path, [c for c in changes if c.kind != ChangeKind.DELETE])
+        unpin = self._pin(layer_id, against)
+        try:
+            native = self.driver.diff_size(layer_id, against)
+            if native is not NOT_NATIVE:
+                return int(native)
+            changes = self.changes(layer_id, parent)
+            with self.mounted(layer_id) as path:
+                return changes_size(path, [c for c in changes if c.kind != ChangeKind.DELETE])
+        finally:
+            unpin()
 
     def diff_getter(self, layer_id: str) -> FileGetter:
         """Open the layer's files by tar name [DiffGetter]; close it when done."""
         self._ready(layer_id)
-        native = self.driver.diff_getter(layer_id)
-        if native is not NOT_NATIVE:
-            return native
-        path = self.get(layer_id)
-        return DirFileGetter(path, on_close=lambda: self.put(layer_id))
+        unpin = self._pin(layer_id)
+        try:
+            native = self.driver.diff_getter(layer_id)
+            if native is NOT_NATIVE:
+                path = self.get(layer_id)
+                return DirFileGetter(path, on_close=lambda: (self.put(layer_id), unpin()))
+        except BaseException:
+            unpin()
+            raise
+        return _ClosingGetter(native, unpin)
 
     def close(self) -> None:
         """Release this process's handles; mounts and persistent references stay."""
@@ -648,6 +712,25 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ClosingGetter(FileGetter):
+    """A driver's getter that also lets go of the store's pin when closed."""
+
+    def __init__(self, inner: FileGetter, on_close: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_close: Callable[[], None] | None = on_close
+
+    def get(self, name: str) -> IO[bytes]:
+        return self._inner.get(name)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            cb, self._on_close = self._on_close, None
+            if cb is not None:
+                cb()
 
 
 __all__ = ["Store", "open", "default_root", "LaminaError"]

@@ -97,7 +97,7 @@ class FileGetter(abc.ABC):
     def get(self, name: str) -> IO[bytes]:
         """Open the file the tar called ``name`` (no leading "/")."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most getters hold nothing
         """Release whatever the getter holds (a mount, open files)."""
 
     def __enter__(self) -> FileGetter:
@@ -217,5 +217,5 @@ class Driver(abc.ABC):
         and return one line per thing removed."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most drivers hold nothing
         """Release process resources (open fds); the store's mounts stay."""

@@ -17,9 +17,9 @@ from typing import IO
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.drivers.base import CreateOptions, Driver, FileGetter
 from lamina.errors import QuotaNotSupported
-from lamina.fs.mount import fs_type
 from lamina.fs.copy import copy_tree
 from lamina.fs.getter import DirFileGetter
+from lamina.fs.mount import fs_type
 
 
 class VfsDriver(Driver):
