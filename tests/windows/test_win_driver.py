@@ -333,6 +333,21 @@ def test_empty_read_only_layer_exports_files_and_hives(wf: WindowsFilterDriver) 
     assert [m.name for m in hcs_check(export(wf, "empty"))] == ["Files", "Hives"]
 
 
+def test_deep_chains_mount_past_the_mount_option_page(wf: WindowsFilterDriver) -> None:
+    parent = None
+    for i in range(48):  # long IDs: the lowerdir list alone is far over 4 KiB
+        layer = f"{i:02d}" + "d" * 100
+        wf.create(layer, parent, rw=False, opts=CreateOptions())
+        parent = layer
+    (wf.dir("00" + "d" * 100) / "Files/bottom.txt").write_text("from the base")
+    assert len(wf.get_layer_chain(parent)) == 47
+    view = wf.mount(parent, [], rw=False)
+    assert (view / "bottom.txt").read_text() == "from the base"
+    wf.unmount(parent)
+    top = sandbox(wf, "ctr", parent)
+    assert (top / "bottom.txt").read_text() == "from the base"
+
+
 def test_driver_is_available_as_root() -> None:
     require_root()
     assert WindowsFilterDriver.unavailable_reason(Path("/")) is None

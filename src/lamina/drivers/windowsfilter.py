@@ -70,7 +70,7 @@ from lamina.errors import (
     StoreCorrupt,
     UnsupportedFilesystem,
 )
-from lamina.fs import quota
+from lamina.fs import newmount, quota
 from lamina.fs.backingfs import backing_fs, supports_d_type
 from lamina.fs.durable import atomic_write
 from lamina.fs.mount import MS_RDONLY, is_mountpoint, mount, mounts_under, overlay_options, umount
@@ -91,6 +91,8 @@ REMOVING_SUFFIX = "-removing"
 #: which a Windows diff cannot express: all off
 _OVERLAY_EXTRA = ("redirect_dir=off", "index=off", "metacopy=off")
 NOREEXEC_ENV = "LAMINA_WINDOWSFILTER_NOREEXEC"
+#: mount(2) copies at most one page of option data; leave room for the terminator
+_MOUNT_DATA_MAX = 4000
 
 _DEFAULT_FILE_SD = winsd.sddl_to_bytes(winsd.DEFAULT_FILE_SDDL)
 _DEFAULT_DIR_SD = winsd.sddl_to_bytes(winsd.DEFAULT_DIR_SDDL)
@@ -320,17 +322,14 @@ class WindowsFilterDriver(Driver):
             sandbox = folder / SANDBOX_MOUNT
             sandbox.mkdir(mode=0o700, exist_ok=True)
             quota.mount_image(image, sandbox)
-            options = overlay_options(lowers or [str(self._empty)], sandbox / "upper", sandbox / "work",
-                                      extra=_OVERLAY_EXTRA)
             try:
-                mount("overlay", view, "overlay", 0, options)
+                _mount_overlay(view, lowers or [str(self._empty)], sandbox / "upper", sandbox / "work")
             except BaseException:
                 quota.unmount_image(sandbox)
                 raise
         else:
             # a lowerdir-only overlay needs two lowers; the empty one makes up the count
-            options = overlay_options([*lowers, str(self._empty)], extra=_OVERLAY_EXTRA)
-            mount("overlay", view, "overlay", MS_RDONLY, options)
+            _mount_overlay(view, [*lowers, str(self._empty)], readonly=True)
         return view
 
     def unmount(self, layer_id: str) -> None:
@@ -554,6 +553,22 @@ class WindowsFilterDriver(Driver):
 def _ignore_missing(func: object, path: str, exc_info: tuple) -> None:  # type: ignore[type-arg]
     if not isinstance(exc_info[1], FileNotFoundError):
         raise exc_info[1]
+
+
+def _mount_overlay(view: Path, lowers: Sequence[str], upper: Path | None = None,
+                   work: Path | None = None, *, readonly: bool = False) -> None:
+    """Mount overlayfs at ``view``; chains whose option string would not fit in the page
+    mount(2) takes go through fsconfig, one ``lowerdir+`` per layer."""
+    options = overlay_options(lowers, upper, work, extra=_OVERLAY_EXTRA)
+    if len(options) < _MOUNT_DATA_MAX:
+        mount("overlay", view, "overlay", MS_RDONLY if readonly else 0, options)
+        return
+    pairs: list[tuple[str, str | os.PathLike[str]]] = [("lowerdir+", p) for p in lowers]
+    if upper is not None and work is not None:
+        pairs += [("upperdir", upper), ("workdir", work)]
+    pairs += [tuple(o.split("=", 1)) for o in _OVERLAY_EXTRA]  # type: ignore[misc]
+    newmount.mount_fs("overlay", view, source="overlay", options=pairs,
+                      attrs=newmount.MOUNT_ATTR_RDONLY if readonly else 0)
 
 
 def _filesystem_problem(folder: Path) -> str | None:

@@ -425,12 +425,13 @@ def write_layer(stream: IO[bytes], home: Path, layer_id: str, parents: list[Path
     layer = home / layer_id
     layer.mkdir(mode=0o700, exist_ok=True)
     staging = layer / f"{_STAGING_PREFIX}{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(0o700)
+    # the lock first: cleanup takes a staging folder whose lock is free for a dead import's
     lock = FileLock(layer / (staging.name + ".lock"))
     lock.acquire()
     try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(0o700)
         importer = LayerImporter(staging, parents)
         with gzip.open(staging / TAR_RECORD, "wb", compresslevel=1) as record:
             size = importer.run(stream, record)
