@@ -1,39 +1,62 @@
 """Crash injection: SIGKILL lamina in the middle of its work, then prove nothing was lost.
 
-For each operation (apply, create-rw, rm, image load, the plugin's ApplyDiff where
-those faces exist) the harness first times one undisturbed run, then starts the
-operation again and again, killing it at points spread evenly over that duration (plus
-a little past it). After every kill it runs ``lamina cleanup`` and ``check`` and asserts:
+Five operations are crashed: ``lamina apply``, ``lamina create-rw``, ``lamina rm``,
+``lamina image load`` (a docker-save archive built here) and the plugin's ApplyDiff
+(``lamina serve docker-plugin`` killed while it unpacks a chunked upload). For each, one
+undisturbed run is timed first, watching the store's records to learn when the
+operation's real work begins (its first record appears) and when it is done (the record
+is ready, gone, or the image record is written). The kill points are then spread over
+that window: a tenth before the work begins (start-up), most of them inside it, a tenth
+after it (commit to exit). A point inside the window is timed from the moment the work
+is seen to begin, not from the process start, so interpreter start-up jitter does not
+push the kills out of the window.
 
-* no half-made layer is visible: the target layer either does not exist, or exists and
-  its content matches its DiffID;
-* no mount is leaked under the store root;
-* every layer that was complete before the kill is still complete and intact.
+After every kill the harness runs ``cleanup`` and ``check`` (with content hashing) and
+asserts:
 
-Run ``python -m stress.crash --points 200`` for the full run (``make stress``); the test
-suite runs a short version.
+* no half-made layer is visible: every record is complete; the target either does not
+  exist or is whole (an applied layer's DiffID is the sha256 of the tar it came from);
+* no mount is leaked under the store root, and ``tmp/`` is empty;
+* every layer that was complete before the kill is still there and intact;
+* (image load) every image record is readable and names only complete layers.
+
+Full run: ``python -m stress.crash --points 200`` (``make stress``); the test suite runs
+``--points 10`` on small inputs (tests/test_stress_short.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import http.client
 import io
+import json
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
 
+from lamina import open as lamina_open  # noqa: E402
+from lamina.check import check, leaked_mounts  # noqa: E402
+from lamina.store import Store  # noqa: E402
 
-def lamina_cmd(root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "lamina", "--root", str(root), *args]
+OPERATIONS = ("apply", "create-rw", "rm", "image-load", "plugin-apply")
+POLL = 0.002  # seconds between looks at the records while waiting for the work to begin
+MTIME = 1_700_000_000
 
 
 def env() -> dict[str, str]:
@@ -42,145 +65,673 @@ def env() -> dict[str, str]:
     return e
 
 
-def make_layer_tar(path: Path, files: int, size: int, seed: int) -> None:
-    """A layer tar of ``files`` files of ``size`` bytes in nested dirs, plus a whiteout."""
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for d in range(max(1, files // 50)):
+def lamina_cmd(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lamina", "--root", str(root), *args]
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def layer_tar_bytes(files: int, size: int, seed: int) -> bytes:
+    """A layer tar: ``files`` files of ``size`` bytes in nested dirs, plus a whiteout."""
+    buf = io.BytesIO()
+    ndirs = max(1, files // 50)
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for d in range(ndirs):
             info = tarfile.TarInfo(f"d{d}")
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
             tf.addfile(info)
         for i in range(files):
-            data = (f"{seed}-{i}-".encode() * (size // 8 + 1))[:size]
-            info = tarfile.TarInfo(f"d{i % max(1, files // 50)}/f{i}")
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = 1_700_000_000
+            data = (f"{seed}-{i}-".encode() * (size // 4 + 1))[:size]
+            info = tarfile.TarInfo(f"d{i % ndirs}/f{seed}-{i}")
+            info.size, info.mode, info.mtime = len(data), 0o644, MTIME
             tf.addfile(info, io.BytesIO(data))
         wh = tarfile.TarInfo(".wh.gone")
+        wh.mtime = MTIME
         tf.addfile(wh)
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """A docker-save archive on disk and what loading it must produce."""
+
+    path: Path
+    image_id: str
+    layer_ids: list[str]  # lamina layer IDs (chain ID hex), bottom first
+    diff_ids: list[str]
+
+
+def make_docker_save(path: Path, layers: list[bytes], name: str) -> SavedImage:
+    """A docker-save archive (Docker 20.10's shape: ``<v1>/layer.tar``, config, manifest)."""
+    diff_ids = [sha256(t) for t in layers]
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux", "created": "2023-11-14T22:13:20Z",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
+    }).encode()
+    image_id = sha256(config)
+    chain: list[str] = []
+    for d in diff_ids:  # chain IDs: sha256 of "parent-chain diff-id"
+        chain.append(d if not chain else sha256(f"{chain[-1]} {d}".encode()))
+    entries: dict[str, bytes] = {}
+    paths = []
+    for i, tar in enumerate(layers):
+        v1 = hashlib.sha256(f"v1 {chain[i]}".encode()).hexdigest()
+        entries[f"{v1}/VERSION"] = b"1.0"
+        entries[f"{v1}/json"] = json.dumps({"id": v1}).encode()
+        entries[f"{v1}/layer.tar"] = tar
+        paths.append(f"{v1}/layer.tar")
+    entries[f"{image_id[7:]}.json"] = config
+    entries["manifest.json"] = json.dumps(
+        [{"Config": f"{image_id[7:]}.json", "RepoTags": [name], "Layers": paths}]).encode()
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for entry in sorted(entries):
+            info = tarfile.TarInfo(entry)
+            info.size, info.mode, info.mtime = len(entries[entry]), 0o644, MTIME
+            tf.addfile(info, io.BytesIO(entries[entry]))
+    return SavedImage(path, image_id, [c[7:] for c in chain], diff_ids)
+
+
+# -- watching the records -------------------------------------------------------------------
+
+
+class Probe:
+    """Reads ``meta.db`` directly, so the harness sees states the API hides (creating,
+    removing) while a victim is at work."""
+
+    def __init__(self, root: Path) -> None:
+        self._db = sqlite3.connect(f"file:{root / 'meta.db'}?mode=ro", uri=True, timeout=5,
+                                   check_same_thread=False)
+
+    def row(self, layer_id: str) -> tuple[str, str | None] | None:
+        """(state, diff_id) of a layer's record, or None."""
+        try:
+            return self._db.execute("SELECT state, diff_id FROM layers WHERE id = ?", (layer_id,)).fetchone()
+        except sqlite3.OperationalError:  # busy: a writer is checkpointing
+            return ("?", None)
+
+    def state(self, layer_id: str) -> str | None:
+        r = self.row(layer_id)
+        return r[0] if r else None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -- figures ----------------------------------------------------------------------------
 
 
 @dataclass
-class Tally:
+class Figures:
+    """What one operation's kills showed."""
+
+    op: str
     kills: int = 0
-    completed_anyway: int = 0
-    dropped: int = 0
-    failures: list[str] = field(default_factory=list)
+    #: the victim had begun the operation's work when it died
+    in_work: int = 0
+    #: the operation was already complete when the kill came (or the victim had exited)
+    completed: int = 0
+    #: cleanup dropped a half-made layer (or finished an interrupted removal)
+    mended: int = 0
+    #: killed before it touched the store: nothing to mend
+    before_work: int = 0
+    #: image load: complete layers of the killed load left with no image record
+    image_layers_left: int = 0
+    #: image load: half-written image record files (hidden dotfiles) left behind
+    record_temps_left: int = 0
+    window_ms: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        begin, done, end = self.window_ms
+        extra = ""
+        if self.op == "image-load":
+            extra = (f", complete image layers left without a record {self.image_layers_left}"
+                     f", record temp files left {self.record_temps_left}")
+        return (f"{self.op}: kills {self.kills} (work began at {begin:.0f} ms, done at {done:.0f} ms,"
+                f" exit at {end:.0f} ms), killed mid-work {self.in_work}, half-made/half-removed"
+                f" mended by cleanup {self.mended}, completed before the kill {self.completed},"
+                f" killed before any work {self.before_work}{extra}, problems {len(self.problems)}")
 
 
-def run_cleanup_and_check(root: Path, target: str, before: set[str], tally: Tally, what: str) -> None:
-    sys.path.insert(0, str(REPO / "src"))
-    from lamina import open as lamina_open
-    from lamina.check import check, leaked_mounts
+# -- victims ------------------------------------------------------------------------------
 
-    cl = subprocess.run(lamina_cmd(root, "cleanup"), env=env(), capture_output=True)
-    if cl.returncode != 0:
-        tally.failures.append(f"{what}: cleanup failed: {cl.stderr.decode().strip()}")
-        return
-    if b"dropped" in cl.stdout or b"finished removing" in cl.stdout:
-        tally.dropped += 1
-    store = lamina_open(root)
+
+class Victim:
+    """One run of an operation that can be killed. Subclasses start the work."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def finished(self) -> bool:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.finished():
+            if time.monotonic() > deadline:
+                raise TimeoutError("operation did not finish")
+            time.sleep(POLL)
+
+
+class CliVictim(Victim):
+    def __init__(self, cmd: list[str]) -> None:
+        self.cmd = cmd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=env(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def finished(self) -> bool:
+        assert self.proc is not None
+        return self.proc.poll() is not None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def reap(self) -> str:
+        """Wait for the process; return its stderr if it failed on its own."""
+        assert self.proc is not None
+        _, err = self.proc.communicate()
+        if self.proc.returncode not in (0, -signal.SIGKILL):
+            return err.decode(errors="replace").strip()
+        return ""
+
+
+class _Unix(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float = 60) -> None:
+        super().__init__("plugin.localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+def plugin_call(sock: Path, endpoint: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    conn = _Unix(sock)
     try:
-        problems, _ = check(store)
-        for p in problems:
-            tally.failures.append(f"{what}: check after cleanup: {p}")
-        ids = {r.id for r in store.layers()}
-        lost = before - ids - {target}
-        if lost:
-            tally.failures.append(f"{what}: complete layers lost: {sorted(lost)}")
-        leaks = leaked_mounts(root)
-        own = {os.path.realpath(p) for p in store.driver.own_mounts()}
-        leaks = [m for m in leaks if m not in own]
-        if leaks:
-            tally.failures.append(f"{what}: leaked mounts {leaks}")
+        conn.request("POST", endpoint, body=json.dumps(body or {}).encode(),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"{}")
     finally:
-        store.close()
+        conn.close()
+    if resp.status != 200 or data.get("Err"):
+        raise RuntimeError(f"{endpoint}: {resp.status} {data}")
+    return data
 
 
-def kill_at(cmd: list[str], delay: float, stdin_path: Path | None = None) -> int:
-    """Start ``cmd``, SIGKILL it after ``delay`` seconds; return its exit status."""
-    stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL  # noqa: SIM115
-    try:
-        proc = subprocess.Popen(cmd, env=env(), stdin=stdin, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+class PluginVictim(Victim):
+    """``lamina serve docker-plugin`` with layer ``layer_id`` made by Create; ``start``
+    streams the tar as a chunked ApplyDiff, and ``kill`` SIGKILLs the server."""
+
+    def __init__(self, root: Path, work: Path, layer_id: str, parent: str, tar: bytes,
+                 driver: str | None) -> None:
+        self.root, self.layer_id, self.parent, self.tar = root, layer_id, parent, tar
+        self.sock = work / "plugin.sock"
+        cmd = [sys.executable, "-m", "lamina", "serve", "docker-plugin", "--socket", str(self.sock),
+               "--state", str(work / "plugin-state.json"), "--workers", "2"]
+        if driver:
+            cmd += ["--driver", driver]
+        self.log = open(work / "plugin.log", "ab")  # noqa: SIM115 - closed in reap()
+        self.proc = subprocess.Popen(cmd, env=env(), stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"plugin exited with {self.proc.returncode}; see {work / 'plugin.log'}")
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                plugin_call(self.sock, "/Plugin.Activate")
+                break
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("plugin did not answer within 60 s")
+            time.sleep(0.02)
+        plugin_call(self.sock, "/GraphDriver.Init", {"Home": str(root), "Opts": [], "UIDMaps": None,
+                                                     "GIDMaps": None})
+        plugin_call(self.sock, "/GraphDriver.Create", {"ID": layer_id, "Parent": parent,
+                                                       "MountLabel": "", "StorageOpt": {}})
+        self.thread: threading.Thread | None = None
+        self.answer: str | None = None
+
+    def _chunks(self) -> Iterator[bytes]:
+        view = memoryview(self.tar)
+        for i in range(0, len(view), 48_000):
+            yield bytes(view[i:i + 48_000])
+
+    def _upload(self) -> None:
+        conn = _Unix(self.sock)
         try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        return proc.returncode
-    finally:
-        if stdin_path:
-            stdin.close()  # type: ignore[union-attr]
+            conn.request("POST", f"/GraphDriver.ApplyDiff?id={self.layer_id}&parent={self.parent}",
+                         body=self._chunks(), encode_chunked=True,
+                         headers={"Transfer-Encoding": "chunked", "Content-Type": "application/x-tar"})
+            resp = conn.getresponse()
+            self.answer = f"{resp.status} {resp.read()[:200]!r}"
+        except (OSError, http.client.HTTPException) as e:
+            self.answer = f"connection lost: {e}"
+        finally:
+            conn.close()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._upload, daemon=True)
+        self.thread.start()
+
+    def finished(self) -> bool:
+        return self.thread is not None and not self.thread.is_alive()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def reap(self) -> str:
+        """Join the client, stop a server that was not killed; return an unexpected error."""
+        if self.thread is not None:
+            self.thread.join(60)
+        failed = ""
+        if self.proc.poll() is None:
+            if self.answer is not None and not self.answer.startswith("200"):
+                failed = f"ApplyDiff answered {self.answer}"
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return failed
 
 
-def timed(cmd: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, env=env(), check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+# -- operations ---------------------------------------------------------------------------
 
 
-def crash_operation(name: str, root: Path, points: int, prepare: Callable[[int], tuple[list[str], str]],
-                    tally: Tally) -> None:
-    """Kill the command that ``prepare(i)`` returns at ``points`` moments over its run."""
-    cmd0, target0 = prepare(-1)
-    duration = timed(cmd0)
-    for i in range(points):
-        cmd, target = prepare(i)
-        before = _complete_layers(root)
-        delay = duration * 1.2 * (i + 0.5) / points
-        rc = kill_at(cmd, delay)
-        tally.kills += 1
-        if rc == 0:
-            tally.completed_anyway += 1
-        run_cleanup_and_check(root, target, before, tally, f"{name} killed at {delay * 1000:.0f} ms")
+@dataclass
+class Attempt:
+    """One run of an operation, ready to start."""
+
+    victim: Victim
+    #: the layers the operation makes or removes
+    targets: list[str]
+    #: the work has begun (a record appeared / changed state)
+    begun: Callable[[Probe], bool]
+    #: the work is done (committed)
+    done: Callable[[Probe], bool]
+    #: extra checks after cleanup and check: returns problems
+    verify: Callable[[Store], list[str]] = lambda store: []
 
 
-def _complete_layers(root: Path) -> set[str]:
-    out = subprocess.run(lamina_cmd(root, "--json", "ls"), env=env(), capture_output=True, check=True)
-    import json
+class Operation:
+    """An operation to crash: ``attempt(i)`` sets up the store and returns the run;
+    ``reset(store)`` puts the store back so the next attempt starts alike."""
 
-    return {item["id"] for item in json.loads(out.stdout)}
+    name = ""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def attempt(self, i: int) -> Attempt:
+        raise NotImplementedError
+
+    def reset(self, store: Store, attempt: Attempt) -> None:
+        for lid in reversed(attempt.targets):
+            if store.exists(lid):
+                store.remove(lid)
+
+
+@dataclass
+class Context:
+    root: Path
+    work: Path
+    driver: str | None
+    tar: bytes  # the layer applied by apply and ApplyDiff
+    image: SavedImage | None = None
+
+
+def _applied_intact(store: Store, lid: str, tar: bytes) -> list[str]:
+    if not store.exists(lid):
+        return []
+    rec = store.layer(lid)
+    if rec.diff_id not in (None, sha256(tar)):
+        return [f"layer {lid} exists with DiffID {rec.diff_id}, the tar is {sha256(tar)}"]
+    return []
+
+
+class ApplyOp(Operation):
+    name = "apply"
+
+    def attempt(self, i: int) -> Attempt:
+        lid = f"a{i}"
+        tar_path = self.ctx.work / "layer.tar"
+        if not tar_path.exists():
+            tar_path.write_bytes(self.ctx.tar)
+        return Attempt(CliVictim(lamina_cmd(self.ctx.root, "apply", lid, "--parent", "base", str(tar_path))),
+                       [lid], begun=lambda p: p.state(lid) is not None,
+                       done=lambda p: p.state(lid) == "ready",
+                       verify=lambda store: _applied_intact(store, lid, self.ctx.tar))
+
+
+class CreateRwOp(Operation):
+    name = "create-rw"
+
+    def attempt(self, i: int) -> Attempt:
+        lid = f"c{i}"
+        return Attempt(CliVictim(lamina_cmd(self.ctx.root, "create-rw", lid, "--parent", "base")),
+                       [lid], begun=lambda p: p.state(lid) is not None,
+                       done=lambda p: p.state(lid) == "ready")
+
+
+class RmOp(Operation):
+    name = "rm"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.store: Store | None = None
+
+    def attempt(self, i: int) -> Attempt:
+        lid = f"r{i}"
+        assert self.store is not None
+        self.store.apply_diff(lid, "base", io.BytesIO(self.ctx.tar))
+        return Attempt(CliVictim(lamina_cmd(self.ctx.root, "rm", lid)), [lid],
+                       begun=lambda p: p.state(lid) == "removing",
+                       done=lambda p: p.state(lid) is None,
+                       verify=lambda store: _applied_intact(store, lid, self.ctx.tar))
+
+
+class ImageLoadOp(Operation):
+    name = "image-load"
+
+    def attempt(self, i: int) -> Attempt:
+        img = self.ctx.image
+        assert img is not None
+        record = self.ctx.root / "images" / f"{img.image_id[7:]}.json"
+        return Attempt(CliVictim(lamina_cmd(self.ctx.root, "image", "load", str(img.path))),
+                       list(img.layer_ids),
+                       begun=lambda p: any(p.state(lid) is not None for lid in img.layer_ids),
+                       done=lambda p: record.exists(),
+                       verify=lambda store: self._verify(store, img))
+
+    def _verify(self, store: Store, img: SavedImage) -> list[str]:
+        problems = []
+        images = self.ctx.root / "images"
+        for path in images.glob("*.json"):
+            if path.name.startswith("."):
+                continue
+            try:
+                doc = json.loads(path.read_bytes())
+                chain = [c.split(":", 1)[1] for c in doc["chain_ids"]]
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                problems.append(f"image record {path.name} is unreadable: {e}")
+                continue
+            missing = [lid for lid in chain if not store.exists(lid)]
+            if missing:
+                problems.append(f"image record {path.name} names missing layer(s) {missing}")
+        return problems
+
+    def reset(self, store: Store, attempt: Attempt) -> None:
+        from lamina.images.records import ImageRecords
+        from lamina.images.remove import remove_images
+
+        img = self.ctx.image
+        assert img is not None
+        if ImageRecords(store.root).get(img.image_id) is not None:
+            remove_images(store, [img.image_id], force=True)
+        super().reset(store, attempt)
+        for tmp in (store.root / "images").glob(".*.tmp"):
+            tmp.unlink()
+
+
+class PluginApplyOp(Operation):
+    name = "plugin-apply"
+
+    def attempt(self, i: int) -> Attempt:
+        lid = f"p{i}"
+        victim = PluginVictim(self.ctx.root, self.ctx.work, lid, "base", self.ctx.tar, self.ctx.driver)
+
+        def done(p: Probe) -> bool:
+            row = p.row(lid)
+            return row is not None and row[0] == "ready" and row[1] is not None
+
+        return Attempt(victim, [lid], begun=lambda p: p.state(lid) == "creating", done=done,
+                       verify=lambda store: _applied_intact(store, lid, self.ctx.tar))
+
+
+OPS: dict[str, type[Operation]] = {c.name: c for c in (ApplyOp, CreateRwOp, RmOp, ImageLoadOp, PluginApplyOp)}
+
+
+# -- kill points --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    #: "start": seconds after the victim starts; "begun": seconds after its work is seen
+    anchor: str
+    offset: float
+
+
+def timeline(attempt: Attempt, probe: Probe, timeout: float = 600) -> tuple[float, float, float]:
+    """Run ``attempt`` to the end; return when its work began, was done, and it finished."""
+    begin = done = None
+    t0 = time.monotonic()
+    attempt.victim.start()
+    while True:
+        now = time.monotonic() - t0
+        if begin is None and attempt.begun(probe):
+            begin = now
+        if begin is not None and done is None and attempt.done(probe):
+            done = now
+        if attempt.victim.finished():
+            break
+        if now > timeout:
+            raise TimeoutError("the timing run did not finish")
+        time.sleep(POLL / 2)
+    end = time.monotonic() - t0
+    if begin is None:
+        begin = end
+    if done is None:
+        done = end
+    return begin, max(done, begin), end
+
+
+def kill_points(n: int, begin: float, done: float, end: float) -> list[KillPoint]:
+    """A tenth before the work, most within it, a tenth after it (to a little past exit)."""
+    pre = max(1, round(n * 0.1)) if n >= 3 else 0
+    post = max(1, round(n * 0.1)) if n >= 3 else 0
+    work = n - pre - post
+    points = [KillPoint("start", begin * (k + 0.5) / pre) for k in range(pre)]
+    span = max(done - begin, 0.001)
+    points += [KillPoint("begun", span * (k + 0.5) / work) for k in range(work)]
+    tail = max(end - done, 0.0) + 0.1 * end
+    points += [KillPoint("begun", span + tail * (k + 0.5) / post) for k in range(post)]
+    return points
+
+
+def strike(attempt: Attempt, probe: Probe, point: KillPoint) -> tuple[bool, bool]:
+    """Start the attempt and kill it at ``point``; return (killed, work had begun)."""
+    victim = attempt.victim
+    t0 = time.monotonic()
+    victim.start()
+    if point.anchor == "begun":
+        while not attempt.begun(probe):
+            if victim.finished():
+                return False, True
+            if time.monotonic() - t0 > 300:
+                break
+            time.sleep(POLL)
+        t0 = time.monotonic()
+    while time.monotonic() - t0 < point.offset:
+        if victim.finished():
+            return False, True
+        time.sleep(min(POLL, point.offset))
+    if victim.finished():
+        return False, True
+    began = attempt.begun(probe)
+    victim.kill()
+    return True, began
+
+
+# -- after a kill -------------------------------------------------------------------------
+
+
+def inspect(store: Store, before: set[str], attempt: Attempt) -> tuple[list[str], list[str]]:
+    """Run cleanup and check; return (what cleanup mended, problems)."""
+    problems: list[str] = []
+    mended = store.cleanup()
+    found, _ = check(store)
+    problems += [f"check after cleanup: {p}" for p in found]
+    ids = {r.id for r in store.layers()}
+    lost = before - ids - set(attempt.targets)
+    if lost:
+        problems.append(f"complete layers lost: {sorted(lost)}")
+    own = {os.path.realpath(p) for p in store.driver.own_mounts()}
+    leaks = [m for m in leaked_mounts(store.root) if m not in own]
+    problems += [f"leaked mount {m}" for m in leaks]
+    with store.records.read() as db:
+        half = db.execute("SELECT id, state FROM layers WHERE state != 'ready'").fetchall()
+        refs = db.execute("SELECT COUNT(*) FROM refs").fetchone()[0]
+    problems += [f"layer {lid} still {state} after cleanup" for lid, state in half]
+    if refs:
+        problems.append(f"{refs} mount reference(s) left with no process alive to hold them")
+    left = sorted(p.name for p in (store.root / "tmp").iterdir())
+    if left:
+        problems.append(f"tmp/ not empty after cleanup: {left[:5]}")
+    problems += attempt.verify(store)
+    return mended, problems
+
+
+def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
+                    log: Callable[[str], None] = print, verbose: bool = False,
+                    timing_runs: int = 1) -> Figures:
+    fig = Figures(op.name)
+    windows = []
+    for k in range(timing_runs):
+        first = op.attempt(-1 - k)
+        windows.append(timeline(first, probe))
+        err = first.victim.reap() if isinstance(first.victim, (CliVictim, PluginVictim)) else ""
+        if err:
+            fig.problems.append(f"undisturbed run failed: {err}")
+            return fig
+        store.cleanup()
+        op.reset(store, first)
+    begin, done, end = min(windows, key=lambda w: w[2])  # the least disturbed by other load
+    fig.window_ms = (begin * 1000, done * 1000, end * 1000)
+    for n, point in enumerate(kill_points(points, begin, done, end), 1):
+        attempt = op.attempt(n)
+        before = {r.id for r in store.layers()}
+        killed, began = strike(attempt, probe, point)
+        err = attempt.victim.reap() if isinstance(attempt.victim, (CliVictim, PluginVictim)) else ""
+        what = f"{op.name} point {n} ({point.anchor}+{point.offset * 1000:.0f} ms)"
+        if err:
+            fig.problems.append(f"{what}: failed on its own: {err}")
+        fig.kills += killed
+        mended, problems = inspect(store, before, attempt)
+        fig.problems += [f"{what}: {p}" for p in problems]
+        present = [t for t in attempt.targets if store.exists(t)]
+        if any("dropped half-made" in m or "finished removing" in m for m in mended):
+            fig.mended += 1
+        elif killed and op.name == "rm" and not present:
+            fig.completed += 1
+        elif killed and op.name != "rm" and present == attempt.targets and attempt.done(probe):
+            fig.completed += 1
+        elif killed and not began:
+            fig.before_work += 1
+        elif not killed:
+            fig.completed += 1
+        fig.in_work += killed and began
+        if op.name == "image-load":
+            assert op.ctx.image is not None
+            record = store.root / "images" / f"{op.ctx.image.image_id[7:]}.json"
+            if not record.exists() and present:
+                fig.image_layers_left += 1
+            fig.record_temps_left += len(list((store.root / "images").glob(".*.tmp")))
+        if verbose:
+            log(f"  {what}: killed={killed} began={began} present={present} mended={mended}")
+        op.reset(store, attempt)
+        if problems or err:
+            log(f"  {what}: {'; '.join(problems or [err])}")
+    return fig
+
+
+def cli_check(root: Path) -> str:
+    """``lamina check`` as a user would run it: '' if it says the store is whole."""
+    out = subprocess.run(lamina_cmd(root, "check"), env=env(), capture_output=True)
+    return "" if out.returncode == 0 else (out.stdout + out.stderr).decode(errors="replace").strip()
+
+
+def run(ops: list[str], points: int, *, files: int, file_size: int, driver: str | None,
+        log: Callable[[str], None] = print, verbose: bool = False) -> list[Figures]:
+    """Crash each of ``ops`` at ``points`` points on a fresh store; return the figures."""
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="lamina-crash-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        root = work / "store"
+        store = lamina_open(root, driver=driver)
+        try:
+            store.apply_diff("base", None, io.BytesIO(layer_tar_bytes(max(10, files // 4), file_size, seed=0)))
+            ctx = Context(root, work, store.driver.name, layer_tar_bytes(files, file_size, seed=1))
+            if "image-load" in ops:
+                per = max(1, files // 3)
+                ctx.image = make_docker_save(work / "image.tar",
+                                             [layer_tar_bytes(per, file_size, seed=10 + k) for k in range(3)],
+                                             "crash/test:latest")
+            probe = Probe(root)
+            for name in ops:
+                op = OPS[name](ctx)
+                if isinstance(op, RmOp):
+                    op.store = store
+                fig = crash_operation(op, store, probe, points, log, verbose,
+                                      timing_runs=3 if points >= 50 else 1)
+                complaint = cli_check(root)
+                if complaint:
+                    fig.problems.append(f"lamina check at the end: {complaint}")
+                log(fig.line())
+                figures.append(fig)
+            probe.close()
+        finally:
+            store.cleanup(unmount_all=True)
+            store.close()
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--points", type=int, default=200, help="kill points per operation")
-    ap.add_argument("--files", type=int, default=2000, help="files in the layer tar")
-    ap.add_argument("--driver", default=None)
-    ap.add_argument("--ops", default="apply,create-rw,rm", help="operations to crash")
+    ap.add_argument("--points", type=int, default=200, help="kill points per operation (default 200)")
+    ap.add_argument("--files", type=int, default=2000, help="files in the applied layer tar")
+    ap.add_argument("--file-size", type=int, default=512, help="bytes per file")
+    ap.add_argument("--driver", default=None, help="lamina driver (default: the store's default)")
+    ap.add_argument("--ops", default=",".join(OPERATIONS),
+                    help=f"comma-separated operations to crash (default: {','.join(OPERATIONS)})")
+    ap.add_argument("-v", "--verbose", action="store_true", help="one line per kill point")
     args = ap.parse_args(argv)
-    tally = Tally()
-    with tempfile.TemporaryDirectory(prefix="lamina-crash-", dir="/var/tmp") as tmp:
-        t = Path(tmp)
-        root = t / "store"
-        tar = t / "layer.tar"
-        make_layer_tar(tar, args.files, 512, seed=1)
-        base_args = ["--driver", args.driver] if args.driver else []
-        subprocess.run(lamina_cmd(root, *base_args, "apply", "base", str(tar)), env=env(), check=True,
-                       stdout=subprocess.DEVNULL)
-        ops = args.ops.split(",")
-        if "apply" in ops:
-            crash_operation("apply", root, args.points,
-                            lambda i: (lamina_cmd(root, "apply", f"a{i + 1}", "--parent", "base", str(tar)), f"a{i + 1}"),
-                            tally)
-        if "create-rw" in ops:
-            crash_operation("create-rw", root, args.points,
-                            lambda i: (lamina_cmd(root, "create-rw", f"c{i + 1}", "--parent", "base"), f"c{i + 1}"),
-                            tally)
-        if "rm" in ops:
-            def prep_rm(i: int) -> tuple[list[str], str]:
-                lid = f"r{i + 1}"
-                subprocess.run(lamina_cmd(root, "apply", lid, "--parent", "base", str(tar)), env=env(),
-                               check=True, stdout=subprocess.DEVNULL)
-                return lamina_cmd(root, "rm", lid), lid
-            crash_operation("rm", root, args.points, prep_rm, tally)
-    print(f"kills: {tally.kills}, finished before the kill: {tally.completed_anyway}, "
-          f"half-made layers dropped by cleanup: {tally.dropped}, problems: {len(tally.failures)}")
-    for f in tally.failures[:20]:
-        print("  " + f)
-    return 1 if tally.failures else 0
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        ap.error(f"unknown operation(s) {unknown}; choose from {', '.join(OPERATIONS)}")
+    t = time.monotonic()
+    figures = run(ops, args.points, files=args.files, file_size=args.file_size, driver=args.driver,
+                  verbose=args.verbose)
+    kills = sum(f.kills for f in figures)
+    problems = [p for f in figures for p in f.problems]
+    print(f"total: {kills} kills survived in {time.monotonic() - t:.0f} s, "
+          f"{sum(f.in_work for f in figures)} of them mid-work, "
+          f"{sum(f.mended for f in figures)} half-made or half-removed layers mended by cleanup, "
+          f"problems {len(problems)}")
+    for p in problems[:30]:
+        print("  " + p)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
