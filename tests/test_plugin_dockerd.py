@@ -180,6 +180,9 @@ def test_killing_the_plugin_during_load_leaves_no_half_layer(env: Env) -> None:
     while "ApplyDiff" not in env.plugin.log_text()[marker:] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "ApplyDiff" in env.plugin.log_text()[marker:], env.plugin.log_tail()
+    # kill it once the import has begun writing (ROOT/tmp holds work in progress)
+    while not any((env.store / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.005)
     env.plugin.kill()
 
     mended = run_cli("cleanup", root=env.store)

@@ -384,6 +384,44 @@ def test_apply_diff_needs_a_layer_made_by_create(docker: Dockerd) -> None:
     assert docker.ok("Exists", ID=ID_BASE) == {"Exists": False}
 
 
+def test_a_retried_apply_diff_is_refused(docker: Dockerd) -> None:
+    """dockerd resends the *rest* of a body after a broken connection; that rest can
+    parse as a shorter tar. A second ApplyDiff for a layer is refused, whatever it holds."""
+    docker.ok("Create", ID=ID_BASE)
+    tar = make_tar({"one": b"1" * 1000, "two": b"2" * 1000})
+    assert docker.apply_diff(ID_BASE, "", chunked(tar)).status == 200
+    tail = tar[512 * 4:]  # starts with the header of "two": a valid tar by itself
+    reply = docker.apply_diff(ID_BASE, "", chunked(tail))
+    assert reply.status == 500 and "refused" in reply.json["Err"]
+    assert b"".join(docker.diff_stream(ID_BASE)) == tar
+
+
+def test_apply_diff_after_a_plugin_restart_is_refused(tmp_path: Path, sockdir: Path) -> None:
+    """A layer created before the plugin restarted may have lost part of its diff with
+    the old process: its ApplyDiff fails cleanly, and dockerd removes the layer."""
+    state = tmp_path / "state.json"
+    plugin = DockerPlugin(driver="vfs", state_path=state)
+    srv = ThreadServer(plugin, sockdir / "r.sock").start()
+    client = Dockerd(srv.sock)
+    client.ok("Init", Home=str(tmp_path / "home"))
+    client.ok("Create", ID=ID_BASE)
+    srv.stop()
+    plugin.close()
+
+    plugin = DockerPlugin(state_path=state)
+    plugin.restore()
+    srv = ThreadServer(plugin, sockdir / "r.sock").start()
+    try:
+        client = Dockerd(srv.sock)
+        reply = client.apply_diff(ID_BASE, "", chunked(BASE_TAR))
+        assert reply.status == 500 and "refused" in reply.json["Err"]
+        client.ok("Remove", ID=ID_BASE)
+        assert client.ok("Exists", ID=ID_BASE) == {"Exists": False}
+    finally:
+        srv.stop()
+        plugin.close()
+
+
 def test_apply_diff_of_a_hostile_tar_leaves_no_layer(docker: Dockerd, tmp_path: Path) -> None:
     docker.ok("Create", ID=ID_BASE)
     reply = docker.apply_diff(ID_BASE, "", chunked(make_tar({"../escape": b"x"})))
@@ -411,6 +449,10 @@ def test_truncated_chunked_body_never_makes_a_layer(docker: Dockerd) -> None:
         if not docker.ok("Exists", ID=ID_BASE)["Exists"]:
             break
         time.sleep(0.1)
+    assert docker.ok("Exists", ID=ID_BASE) == {"Exists": False}
+    # and dockerd's retry with the rest of the body is refused
+    reply = docker.apply_diff(ID_BASE, "", chunked(data[cut:]))
+    assert reply.status == 500 and "refused" in reply.json["Err"]
     assert docker.ok("Exists", ID=ID_BASE) == {"Exists": False}
 
 

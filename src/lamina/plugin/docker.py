@@ -18,11 +18,16 @@ Decisions that follow dockerd's behaviour (``reference/graphdriver-protocol.md``
 -----------------------------------------------------------------------------------
 * Mount references are taken *persistent*: dockerd pairs Get and Put across restarts
   of this process, so a reference must not die with it.
-* ``ApplyDiff`` fills only a layer that ``Create`` made. dockerd retries a call whose
-  connection failed with the *rest* of the same body, so after a plugin crash in the
-  middle of an import the retry carries a tail of the tar; refusing a layer that does
-  not exist (the crashed attempt's half layer is never visible) turns that into a clean
-  error instead of a layer built from half a tar.
+* ``ApplyDiff`` is accepted once per layer, and only for a layer that ``Create`` made in
+  *this* process. dockerd retries a call whose connection failed with the *rest* of the
+  same body (``pkg/plugins/client.go`` reuses the half-read reader), so after a plugin
+  crash during an import the retry carries a tail of the tar, which may well parse as a
+  shorter tar, and dockerd's DiffID check cannot notice (it hashed every byte it sent,
+  across both attempts). Bytes can be lost before this process has run a line of the
+  handler, so no mark written by the first attempt closes the gap; forgetting, with the
+  process, which layers still await their diff does. The cost is a clean error when the
+  plugin restarts between dockerd's Create and ApplyDiff: the pull or load fails and
+  can be run again.
 * ``Remove`` is idempotent and authoritative, as Docker's own drivers are: a missing
   layer is fine, and mount references left by a dockerd that crashed are released first.
 * ``Cleanup`` (dockerd's shutdown) releases every mount, as overlay2 does.
@@ -68,6 +73,10 @@ class PluginNotInitialised(LaminaError):
     """A GraphDriver call came before dockerd's Init told the plugin where the store is."""
 
 
+class DiffRefused(LaminaError):
+    """An ApplyDiff this process cannot trust to carry a whole tar (see the module doc)."""
+
+
 def _reply(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.json_response(data, status=status, content_type=wire.MEDIA_TYPE)
 
@@ -87,6 +96,9 @@ class DockerPlugin:
         self._store: Store | None = None
         self._init: wire.InitRequest | None = None
         self._open_lock = threading.Lock()
+        #: read-only layers made by Create in this process whose ApplyDiff has not begun;
+        #: touched only on the event loop thread
+        self._awaiting_diff: set[str] = set()
 
     # -- the store ----------------------------------------------------------------------
 
@@ -238,6 +250,7 @@ class DockerPlugin:
         req = wire.LayerRequest.parse(body, "Create")
         await self._run(self.store.create, req.id, req.parent or None,
                         storage_opt=req.storage_opt, mount_label=req.mount_label)
+        self._awaiting_diff.add(req.id)
         return wire.ok()
 
     async def create_rw(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +261,7 @@ class DockerPlugin:
 
     async def remove(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Remove")
+        self._awaiting_diff.discard(req.id)
         await self._run(self._remove, req.id)
         return wire.ok()
 
@@ -321,8 +335,12 @@ class DockerPlugin:
         if not layer_id:
             raise wire.BadRequest("ApplyDiff: query has no id")
         store = self.store
-        if not await self._run(store.exists, layer_id):
-            raise LayerNotFound(f"layer {layer_id} not found: ApplyDiff fills a layer made by Create")
+        if layer_id not in self._awaiting_diff:
+            raise DiffRefused(
+                f"ApplyDiff {layer_id}: refused: the layer was not made by Create since this plugin "
+                "started, or already had its diff (a retry after a broken connection would carry "
+                "only the rest of the tar)")
+        self._awaiting_diff.discard(layer_id)  # before the first byte is read: one try only
         log.info("ApplyDiff %s: receiving", layer_id)
         body = BodyPipe(request.content, f"ApplyDiff {layer_id}")
         pump = asyncio.ensure_future(body.pump())
