@@ -209,6 +209,18 @@ class _Rec:
     rw: bool = False
     size: int = 0
     mount_count: int = 0
+    diff_id: str | None = None
+
+
+class _Hashing:
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        return data
 
 
 class MemoryStore:
@@ -250,16 +262,20 @@ class MemoryStore:
         if parent and parent not in self.recs:
             raise ParentNotFound(parent)
         files = {}
+        hashed = _Hashing(stream)
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            with tarfile.open(fileobj=hashed, mode="r|") as tar:  # type: ignore[call-overload]
                 for ti in tar:
                     if ti.isreg():
                         f = tar.extractfile(ti)
                         assert f is not None
                         files[ti.name] = f.read()
+            while hashed.read(1 << 16):  # like the store: the DiffID covers the padding too
+                pass
         except tarfile.TarError as e:
             raise InvalidArchive(f"bad tar: {e}") from e
-        self.recs[lid] = _Rec(lid, parent, size=sum(len(v) for v in files.values()))
+        self.recs[lid] = _Rec(lid, parent, size=sum(len(v) for v in files.values()),
+                              diff_id="sha256:" + hashed.hash.hexdigest())
         self.files[lid] = files
         self.applied.append(lid)
         return self.recs[lid].size

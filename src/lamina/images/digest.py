@@ -112,6 +112,24 @@ class HashingReader(io.RawIOBase):
         return f"{self.algorithm}:{self._hash.hexdigest()}"
 
 
+class MeteredReader(io.RawIOBase):
+    """A raw reader that tells ``on_read`` the size of each read (progress, no hashing)."""
+
+    def __init__(self, src: IO[bytes], on_read: Callable[[int], None]) -> None:
+        super().__init__()
+        self._src = src
+        self._on_read = on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._src.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self._on_read(n)
+        return n or 0
+
+
 def hash_chunks(chunks: Iterable[bytes], algorithm: str = "sha256") -> tuple[str, int]:
     """Digest and length of a stream given as chunks."""
     h = hashlib.new(algorithm)

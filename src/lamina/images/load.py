@@ -2,12 +2,12 @@
 
 The path of one layer, read once::
 
-    archive member --pread--> HashingReader (blob digest) --> sniff --> decompress
-        --> HashingReader (DiffID) --> store.apply_diff(chain ID, parent chain ID)
+    archive member --pread--> HashingReader (blob digest, if compressed) --> decompress
+        --> store.apply_diff(chain ID, parent chain ID), which hashes the tar (DiffID)
 
-After ``apply_diff`` returns, whatever the tar reader left unread (the end-of-archive
-padding) is read through the same hashes, and the digests are compared with what the
-manifest and the config promise. A mismatch removes every layer this load made for the
+The store reads the tar to its very end (padding included) and records its sha256; we
+read whatever follows a compressed stream through the blob hash, then compare both
+digests with what the manifest and the config promise. A mismatch removes every layer this load made for the
 image (never one that was there before), so a failed load leaves the store as it was.
 
 Layers are named by chain ID, so a layer already in the store (shared with an image
@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 from lamina.errors import ImageError, LaminaError, LayerNotFound
 from lamina.images import compress, dockersave, oci
-from lamina.images.digest import HashingReader, layer_id, split_digest
+from lamina.images.digest import HashingReader, MeteredReader, layer_id, split_digest
 from lamina.images.records import ImageRecord, ImageRecords
 from lamina.images.source import Source, open_source
 from lamina.images.spec import ImageSpec, LayerBlob
@@ -154,56 +154,72 @@ def _check_existing(store: Store, lid: str, parent: str | None, what: str) -> No
 
 def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: str | None,
                  what: str, progress: ProgressSink | None, made: list[str]) -> int:
-    """Stream one blob into layer ``lid``, verifying both digests; return its size."""
+    """Stream one blob into layer ``lid``, verifying both digests; return its size.
+
+    The store hashes the uncompressed stream it applies (to the end, padding included)
+    and records that DiffID; this reader hashes only what the store cannot see, the
+    compressed blob. An uncompressed sha256 blob is hashed once, by the store.
+    """
     size = src.size(blob.path)
     if blob.size is not None and blob.size != size:
         raise ImageError(f"{what}: blob is {size} bytes, the manifest says {blob.size}")
+    with src.open(blob.path) as probe:
+        kind = compress.sniff(probe.read(compress.SNIFF_BYTES))
     algorithm = split_digest(blob.digest)[0] if blob.digest else "sha256"
     on_read: Callable[[int], None] | None = progress.update if progress is not None else None
     with src.open(blob.path) as raw:
-        outer = HashingReader(raw, algorithm, on_read)
-        buffered = io.BufferedReader(outer, _BUFFER)
-        kind = compress.sniff(buffered.peek(compress.SNIFF_BYTES)[: compress.SNIFF_BYTES])
-        inner: HashingReader | None = None
+        outer: HashingReader | None = None
         if kind == compress.NONE and algorithm == "sha256":
-            stream: IO[bytes] = buffered  # one hash serves as blob digest and DiffID
+            head: IO[bytes] = MeteredReader(raw, on_read) if on_read else raw  # type: ignore[assignment]
         else:
-            inner = HashingReader(compress.decompressed(buffered, kind, what))
-            stream = io.BufferedReader(inner, _BUFFER)
+            outer = HashingReader(raw, algorithm, on_read)
+            head = outer  # type: ignore[assignment]
+        buffered = io.BufferedReader(head, _BUFFER)  # type: ignore[arg-type]
+        stream: IO[bytes] = buffered
+        if kind != compress.NONE:
+            stream = io.BufferedReader(compress.decompressed(buffered, kind, what), _BUFFER)  # type: ignore[arg-type]
+        made.append(lid)
         try:
-            made.append(lid)
             store.apply_diff(lid, parent, stream)
         except LaminaError as e:
             # a damaged blob often breaks the tar first; the digest says why, if it can
-            _finish(outer, inner, swallow=True)
-            _verify(blob, outer, inner, kind, what)
+            _explain_failure(src, blob, outer, kind, what)
             raise ImageError(f"{what}: {e}") from e
-        _finish(outer, inner)
-        _verify(blob, outer, inner, kind, what)
-    return outer.count
+        if outer is not None:
+            outer.drain()  # whatever follows the compressed stream counts for the digest
+    diff_id = store.layer(lid).diff_id
+    blob_digest = outer.digest if outer is not None else diff_id
+    _verify(blob, blob_digest, diff_id, kind, what)
+    return size
 
 
-def _finish(outer: HashingReader, inner: HashingReader | None, *, swallow: bool = False) -> None:
-    """Read what the tar reader left (padding) through the hashes."""
-    try:
-        if inner is not None:
-            inner.drain()
-        outer.drain()
-    except LaminaError:
-        if not swallow:
-            raise
+def _explain_failure(src: Source, blob: LayerBlob, outer: HashingReader | None, kind: str,
+                     what: str) -> None:
+    """After a failed apply: raise the digest mismatch that explains it, if there is one."""
+    if outer is not None:
+        try:
+            outer.drain()
+        except LaminaError:
+            return
+        if blob.digest is not None and outer.digest != blob.digest:
+            _verify(blob, outer.digest, None, kind, what)
+        return
+    # an uncompressed blob: hash it again (failure path only) to name a wrong DiffID
+    with src.open(blob.path) as raw:
+        hashed = HashingReader(raw)
+        hashed.drain()
+    _verify(blob, hashed.digest, hashed.digest, kind, what)
 
 
-def _verify(blob: LayerBlob, outer: HashingReader, inner: HashingReader | None, kind: str,
+def _verify(blob: LayerBlob, blob_digest: str | None, diff_id: str | None, kind: str,
             what: str) -> None:
-    if blob.digest is not None and outer.digest != blob.digest:
+    if blob.digest is not None and blob_digest != blob.digest:
         raise ImageError(f"{what}: blob digest mismatch: the manifest says {blob.digest}, "
-                         f"the blob is {outer.digest}")
-    diff = inner.digest if inner is not None else outer.digest
-    if diff != blob.diff_id:
+                         f"the blob is {blob_digest}")
+    if diff_id is not None and diff_id != blob.diff_id:
         extra = f" ({kind}-compressed)" if kind != compress.NONE else ""
         raise ImageError(f"{what}: DiffID mismatch: the config says {blob.diff_id}, "
-                         f"the layer{extra} is {diff}")
+                         f"the layer{extra} is {diff_id}")
 
 
 def _undo(store: Store, made: list[str]) -> None:
