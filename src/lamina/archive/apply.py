@@ -163,7 +163,8 @@ class _Applier:
         self.dirs = DirCache(self.root_fd, mode=IMPLIED_DIR_MODE, on_create=self._implied_dir)
         self.dirs.on_open = lambda names, fd: self._note_dir(fd)
         self.lower_fds: list[int] | None = None
-        self.split = TarSplitWriter(opts.tarsplit) if opts.tarsplit is not None else None
+        self.split = (TarSplitWriter(opts.tarsplit, buffered=True)
+                      if opts.tarsplit is not None else None)
         self.digest: bytes | None = None
         #: paths unpacked so far (for opaque markers in delete mode)
         self.unpacked: set[str] = set()
@@ -211,6 +212,7 @@ class _Applier:
             split.segment(reader.end_raw)
             for chunk in reader.trailing():
                 split.segment(chunk)
+            split.flush()
         else:
             for _ in reader.trailing():
                 pass
@@ -288,7 +290,9 @@ class _Applier:
         its CRC-64 when tar-split is recorded."""
         crc = Crc64() if self.split is not None else None
         write = os.write
-        for chunk in self.reader.data():
+        chunk = self.reader.buffered()
+        chunks = (chunk,) if chunk is not None else self.reader.data()
+        for chunk in chunks:
             if crc is not None:
                 crc.update(chunk)
             if fd >= 0:

@@ -31,6 +31,8 @@ import base64
 import binascii
 import json
 import posixpath
+import re
+from binascii import b2a_base64
 from collections.abc import Iterator
 from typing import IO, Protocol
 
@@ -51,6 +53,16 @@ _CHUNK = 1 << 20
 _BIT_REVERSE = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 _ONES = (1 << 64) - 1
 
+# Optional accelerator: anycrc (C, ~8 GB/s against ~200 MB/s here) computes the same
+# sum when it is installed; the pure-Python code below is the fallback and the spec.
+try:
+    import anycrc as _anycrc
+
+    _FAST = _anycrc.CRC(width=64, poly=0x1B, init=_ONES, refin=True, refout=True,
+                        xorout=_ONES)
+except Exception:  # not installed, or an incompatible version
+    _FAST = None
+
 
 def _reduce(v: int) -> int:
     """``v`` (a GF(2) polynomial as an int) modulo P."""
@@ -68,17 +80,23 @@ def _reduce(v: int) -> int:
 class Crc64:
     """Incremental CRC-64/ISO, equal to Go's ``crc64.New(crc64.MakeTable(crc64.ISO))``."""
 
-    __slots__ = ("_rem", "_length")
+    __slots__ = ("_rem", "_length", "_fast")
 
     def __init__(self) -> None:
         # The remainder of (message * x^64 + ones * x^len(message)) modulo P; the
         # ones term is the all-ones initial register. Appending B to A gives
         # rem(A) * x^len(B) + B * x^64, so updates need only the running remainder.
+        # With the accelerator, _rem is instead the finished CRC of what was seen.
         self._rem = 0
         self._length = 0
+        self._fast = _FAST
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
+            return
+        if self._fast is not None:
+            self._rem = self._fast.calc(data, self._rem if self._length else None)
+            self._length += len(data)
             return
         bits = len(data) * 8
         # Reflected CRC: each byte's low bit comes first, so reverse the bits of every
@@ -95,6 +113,8 @@ class Crc64:
         """The 8-byte big-endian sum, as Go's ``Hash64.Sum(nil)`` gives it."""
         if not self._length:
             return bytes(8)
+        if self._fast is not None:
+            return self._rem.to_bytes(8, "big")
         reflected = int.from_bytes(self._rem.to_bytes(8, "little").translate(_BIT_REVERSE),
                                    "big")
         return (reflected ^ _ONES).to_bytes(8, "big")
@@ -109,8 +129,14 @@ def crc64(data: bytes) -> bytes:
 # -- writing ---------------------------------------------------------------------------
 
 
+#: printable ASCII that JSON (Go's encoder) writes as is: not " \\ < > &
+_PLAIN = re.compile(r"[ !#-%'-;=?-\[\]-~]*")
+
+
 def _json_str(s: str) -> str:
     """A JSON string as Go's encoder writes it (UTF-8 kept, <, >, & escaped)."""
+    if _PLAIN.fullmatch(s):
+        return f'"{s}"'
     out = json.dumps(s, ensure_ascii=False)
     if "<" in out or ">" in out or "&" in out or "\u2028" in out or "\u2029" in out:
         out = (out.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -118,46 +144,79 @@ def _json_str(s: str) -> str:
     return out
 
 
-class TarSplitWriter:
-    """Writes tar-split JSON lines to a binary stream, numbering them."""
+def _clean_key(name: str) -> str:
+    """The name as Go's ``filepath.Clean`` would compare it (for duplicate checks)."""
+    if name.startswith(".") or name.endswith("/") or "//" in name or "/." in name:
+        return posixpath.normpath(name or ".")
+    return name
 
-    def __init__(self, out: IO[bytes]) -> None:
+
+class TarSplitWriter:
+    """Writes tar-split JSON lines to a binary stream, numbering them.
+
+    With ``buffered=True`` lines are collected and written in batches of about 64 KiB
+    (fewer calls into a gzip stream); then :meth:`flush` must be called at the end.
+    """
+
+    _BATCH = 64 << 10
+
+    def __init__(self, out: IO[bytes], *, buffered: bool = False) -> None:
         self._out = out
         self._position = 0
         self._seen: set[str] = set()
+        self._buffered = buffered
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    def _emit(self, line: bytes) -> None:
+        if not self._buffered:
+            self._out.write(line)
+            return
+        self._pending.append(line)
+        self._pending_size += len(line)
+        if self._pending_size >= self._BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is batched (a no-op unless ``buffered``)."""
+        if self._pending:
+            self._out.write(b"".join(self._pending))
+            self._pending.clear()
+            self._pending_size = 0
 
     def segment(self, payload: bytes) -> None:
         if not payload:
             return
-        line = (f'{{"type":2,"payload":"{base64.b64encode(payload).decode("ascii")}",'
-                f'"position":{self._position}}}\n')
-        self._out.write(line.encode("ascii"))
+        self._emit(b'{"type":2,"payload":"' + b2a_base64(payload, newline=False)
+                   + b'","position":' + str(self._position).encode() + b"}\n")
         self._position += 1
 
     def file(self, name: bytes, size: int, checksum: bytes | None) -> None:
         """Record an entry; ``checksum`` is the CRC-64 digest (None when size is 0)."""
         try:
-            text = name.decode("utf-8")
+            text: str | None = name.decode("utf-8")
+            shown = text
         except UnicodeDecodeError:
             text = None
-        key = posixpath.normpath(name.decode("utf-8", "surrogateescape") or ".")
+            shown = name.decode("utf-8", "surrogateescape")
+        key = _clean_key(shown)
         if key in self._seen:
             raise InvalidArchive("the tar holds this name twice; tar-split cannot record it",
-                                 name.decode("utf-8", "surrogateescape"))
+                                 shown)
         self._seen.add(key)
-        parts = ['{"type":1']
         if text is None:
-            parts.append(f',"name_raw":"{base64.b64encode(name).decode("ascii")}"')
+            head = b'{"type":1,"name_raw":"' + b2a_base64(name, newline=False) + b'"'
         elif text:
-            parts.append(f',"name":{_json_str(text)}')
-        if size:
-            parts.append(f',"size":{size}')
-        if checksum is None:
-            parts.append(',"payload":null')
+            head = b'{"type":1,"name":' + _json_str(text).encode("utf-8")
         else:
-            parts.append(f',"payload":"{base64.b64encode(checksum).decode("ascii")}"')
-        parts.append(f',"position":{self._position}}}\n')
-        self._out.write("".join(parts).encode("utf-8"))
+            head = b'{"type":1'
+        if size:
+            head += b',"size":' + str(size).encode()
+        if checksum is None:
+            head += b',"payload":null'
+        else:
+            head += b',"payload":"' + b2a_base64(checksum, newline=False) + b'"'
+        self._emit(head + b',"position":' + str(self._position).encode() + b"}\n")
         self._position += 1
 
 
@@ -223,7 +282,7 @@ def reassemble(tarsplit: IO[bytes], getter: ContentGetter) -> Iterator[bytes]:
             name = obj.get("name") or ""
             if not isinstance(name, str):
                 raise InvalidArchive("tar-split entry name is not text")
-        key = posixpath.normpath(name or ".")
+        key = _clean_key(name)
         if key in seen:
             raise InvalidArchive("tar-split names this entry twice", name)
         seen.add(key)

@@ -116,13 +116,20 @@ class TarEntry:
         return f"TarEntry({self.name!r}, type={chr(self.type)!r}, size={self.size})"
 
 
+_PAD = b" \0"
+
+
+def _signed_sum(block: bytes | bytearray) -> int:
+    """The header sum with bytes read as signed, as some old tars computed it."""
+    total = 256
+    for i, b in enumerate(block):
+        if not 148 <= i < 156:
+            total += b - 256 if b > 127 else b
+    return total
+
+
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
-
-
-def _cstr(field: bytes) -> bytes:
-    """A NUL-terminated header string."""
-    return field.partition(b"\0")[0]
 
 
 def _number(field: bytes, what: str, name: str) -> int:
@@ -284,6 +291,18 @@ class TarReader:
         """Data bytes of the current entry not yet read or skipped."""
         return self._remaining
 
+    def buffered(self) -> memoryview | None:
+        """All of the current entry's remaining data as one slice, if it is already in
+        the buffer (the common case for small files: no generator needed), else None.
+        The slice is valid until the next call on the reader."""
+        rem = self._remaining
+        start = self._pos
+        if rem and self._end - start >= rem:
+            self._pos = start + rem
+            self._remaining = 0
+            return self._mv[start:start + rem]
+        return None
+
     def data(self) -> Iterator[memoryview]:
         """Yield the current entry's data as slices of the internal buffer.
 
@@ -344,38 +363,44 @@ class TarReader:
                     return None
                 raise InvalidArchive("archive truncated in a header", self._after())
             pos = self._pos
-            buf = self._buf
-            if buf[pos:pos + BLOCK] == _ZERO_BLOCK:
+            block = self._buf[pos:pos + BLOCK]
+            if block == _ZERO_BLOCK:
                 self._end_of_archive(raw)
                 return None
             (name, mode, uid, gid, size, mtime, chksum, typ, link, magic, uname, gname,
-             devmajor, devminor, prefix) = _HEADER.unpack_from(buf, pos)
-            name = _cstr(name)
-            if (sum(buf[pos:pos + 148]) + sum(buf[pos + 156:pos + BLOCK]) + 256
-                    != _number(chksum, "checksum", _decode(name))):
-                signed = sum(b - 256 if b > 127 else b for b in buf[pos:pos + 148])
-                signed += sum(b - 256 if b > 127 else b for b in buf[pos + 156:pos + BLOCK])
-                if signed + 256 != _number(chksum, "checksum", _decode(name)):
-                    raise InvalidArchive("header checksum mismatch", _decode(name))
+             devmajor, devminor, prefix) = _HEADER.unpack_from(block)
+            name = name.partition(b"\0")[0]
+            try:  # the common case: plain octal text (the fallback explains errors)
+                total = int(chksum.rstrip(_PAD) or b"0", 8)
+                size = int(size.rstrip(_PAD) or b"0", 8)
+            except ValueError:
+                total = _number(chksum, "checksum", _decode(name))
+                size = _number(size, "size", _decode(name))
+            if sum(block) - sum(chksum) + 256 != total and _signed_sum(block) != total:
+                raise InvalidArchive("header checksum mismatch", _decode(name))
             if record:
-                raw.append(bytes(self._mv[pos:pos + BLOCK]))
+                raw.append(bytes(block))
             self._pos = pos + BLOCK
             tflag = typ[0]
             if magic == _USTAR:
-                if buf[pos + 508:pos + 512] == b"tar\0":  # star: shorter prefix
+                if block[508:512] == b"tar\0":  # star: a shorter prefix, then times
                     prefix = prefix[:131]
-                prefix = _cstr(prefix)
+                prefix = prefix.partition(b"\0")[0]
                 if prefix:
                     name = prefix + b"/" + name
-            dname = _decode(name)
-            self._current = dname
-            size = _number(size, "size", dname)
             if size < 0 or size > MAX_ENTRY_SIZE:
-                raise InvalidArchive(f"absurd size {size}", dname)
-
-            if tflag == _PAX or tflag == GLOBAL:
+                raise InvalidArchive(f"absurd size {size}", _decode(name))
+            if tflag == _PAX or tflag == GLOBAL or tflag == _GNU_LONGNAME or tflag == _GNU_LONGLINK:
+                dname = self._current = _decode(name)
                 if size > MAX_META_SIZE:
-                    raise InvalidArchive(f"PAX header of {size} bytes is too large", dname)
+                    raise InvalidArchive(f"meta header of {size} bytes is too large", dname)
+                if tflag == _GNU_LONGNAME or tflag == _GNU_LONGLINK:
+                    data = self._take_meta(size, raw, "a GNU long name").partition(b"\0")[0]
+                    if tflag == _GNU_LONGNAME:
+                        long_name = data
+                    else:
+                        long_link = data
+                    continue
                 data = self._take_meta(size, raw, "a PAX header")
                 try:
                     records = parse_pax(data, dname)
@@ -387,23 +412,11 @@ class TarReader:
                     return self._global_entry(dname, name, records, raw)
                 pax = records
                 continue
-            if tflag == _GNU_LONGNAME or tflag == _GNU_LONGLINK:
-                if size > MAX_META_SIZE:
-                    raise InvalidArchive(f"GNU long name of {size} bytes is too large", dname)
-                data = _cstr(self._take_meta(size, raw, "a GNU long name"))
-                if tflag == _GNU_LONGNAME:
-                    long_name = data
-                else:
-                    long_link = data
-                continue
             break
 
         if long_name is not None:
             name = long_name
-        linkname = long_link if long_link is not None else _cstr(link)
-        entry = TarEntry()
-        entry.xattrs = None
-        entry.pax = pax
+        linkname = long_link if long_link is not None else link.partition(b"\0")[0]
         if pax is not None:
             value = pax.get("path")
             if value is not None:
@@ -411,8 +424,7 @@ class TarReader:
             value = pax.get("linkpath")
             if value is not None:
                 linkname = value
-        dname = _decode(name)
-        self._current = dname
+        dname = self._current = name.decode("utf-8", "surrogateescape")
         if pax_error is not None:
             raise InvalidArchive(str(pax_error).split(": ", 1)[-1], dname)
 
@@ -424,17 +436,24 @@ class TarReader:
             raise InvalidArchive("GNU sparse files are not supported", dname)
         elif tflag not in _KNOWN:
             raise InvalidArchive(f"unsupported entry type {chr(tflag)!r}", dname)
+        entry = TarEntry()
         entry.name = dname
         entry.name_bytes = name
-        entry.linkname = _decode(linkname)
+        entry.linkname = linkname.decode("utf-8", "surrogateescape") if linkname else ""
         entry.type = tflag
-        entry.mode = _number(mode, "mode", dname) & 0o7777
-        entry.uid = _number(uid, "uid", dname)
-        entry.gid = _number(gid, "gid", dname)
-        entry.mtime_ns = _number(mtime, "mtime", dname) * 1_000_000_000
+        try:
+            entry.mode = int(mode.rstrip(_PAD) or b"0", 8) & 0o7777
+            entry.uid = int(uid.rstrip(_PAD) or b"0", 8)
+            entry.gid = int(gid.rstrip(_PAD) or b"0", 8)
+            entry.mtime_ns = int(mtime.rstrip(_PAD) or b"0", 8) * 1_000_000_000
+        except ValueError:
+            entry.mode = _number(mode, "mode", dname) & 0o7777
+            entry.uid = _number(uid, "uid", dname)
+            entry.gid = _number(gid, "gid", dname)
+            entry.mtime_ns = _number(mtime, "mtime", dname) * 1_000_000_000
         entry.atime_ns = None
-        entry.uname = _decode(_cstr(uname))
-        entry.gname = _decode(_cstr(gname))
+        entry.uname = uname.partition(b"\0")[0].decode("utf-8", "surrogateescape")
+        entry.gname = gname.partition(b"\0")[0].decode("utf-8", "surrogateescape")
         if tflag == CHR or tflag == BLK:
             entry.devmajor = _number(devmajor, "devmajor", dname)
             entry.devminor = _number(devminor, "devminor", dname)
@@ -442,6 +461,8 @@ class TarReader:
             entry.devmajor = entry.devminor = 0
         if magic == _GNU and prefix[:12].strip(b" \x00"):
             entry.atime_ns = _number(prefix[:12], "atime", dname) * 1_000_000_000
+        entry.xattrs = None
+        entry.pax = pax
         if pax is not None:
             self._apply_pax(entry, pax)
             size = entry.size if "size" in pax else size
