@@ -45,6 +45,10 @@ class LayerHasChildren(LaminaError):
     """The layer cannot be removed while other layers are built on it."""
 
 
+class ChainTooDeep(LaminaError):
+    """A layer's chain is deeper than the driver (or the kernel) can mount."""
+
+
 class InvalidArchive(LaminaError):
     """A layer tar is malformed or hostile; ``entry`` names the tar entry at fault."""
 

@@ -65,6 +65,7 @@ from lamina.archive.changes import changes_overlay, tree_size
 from lamina.archive.export import tar_tree
 from lamina.drivers.base import NOT_NATIVE, CreateOptions, Driver, DriverContext, FileGetter
 from lamina.errors import (
+    ChainTooDeep,
     DriverUnavailable,
     InvalidOption,
     LaminaError,
@@ -91,10 +92,6 @@ LINK_LEN = 26
 OPTION_HEADROOM = 384
 #: bump when Features gains a field, so old cache files are ignored
 _FEATURES_VERSION = 1
-
-
-class ChainTooDeep(LaminaError):
-    """A layer's chain has more lower directories than this kernel can mount."""
 
 
 # -- what the kernel and the backing filesystem can do ------------------------------------
