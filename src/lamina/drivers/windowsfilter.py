@@ -7,7 +7,7 @@ filter driver, ``sandbox.vhdx``) is done with Linux's own tools:
 
 =========================  ===========================================================
 ``<id>/Files/``            the layer's part of C:, each file's Windows metadata in
-                           ``trusted.lamina.win.*`` xattrs (:mod:`.windowsfilter_meta`);
+                           the ``trusted.lamina.win`` xattr (:mod:`.windowsfilter_meta`);
                            deletions are overlay whiteouts (0/0 character devices)
 ``<id>/Hives/``            the registry deltas, plain files
 ``<id>/UtilityVM/Files/``  the utility VM's files (cloned from the parent on import)
@@ -56,7 +56,7 @@ from lamina.drivers.base import CreateOptions, Driver, DriverContext, FileGetter
 from lamina.drivers.windowsfilter_meta import (
     LINKPATH,
     TAR_RECORD,
-    XATTR_PREFIX,
+    XATTR_NAME,
     linux_link_target,
     read_meta,
     windows_link_target,
@@ -578,7 +578,7 @@ def _filesystem_problem(folder: Path) -> str | None:
     try:
         probe.touch()
         try:
-            os.setxattr(probe, XATTR_PREFIX + "probe", b"1")
+            os.setxattr(probe, XATTR_NAME, b"")
         except OSError as e:
             return f"cannot hold trusted.* xattrs ({e.strerror})"
         probe.unlink()
