@@ -34,9 +34,9 @@ HIVES = "Hives"
 UTILITY_VM = "UtilityVM"
 UTILITY_VM_FILES = "UtilityVM/Files"
 WHITEOUT_PREFIX = ".wh."
-#: the AUFS opaque marker; Windows has no opaque directories (hcsshim reads it as a
-#: deletion of a file literally named ``.wh..opq``, which never exists)
-OPAQUE_MARKER = ".wh..wh..opq"
+#: what the AUFS opaque marker ``.wh..wh..opq`` deletes when read as hcsshim reads it:
+#: a file literally named ``.wh..opq``, which never exists (Windows has no opaque folders)
+OPAQUE_TARGET = ".wh..opq"
 
 #: files that importing a UVM rewrites in place, and the name of their pristine copy in
 #: the layer folder (moby/moby#26842); the getter serves the copies so the layer's tar

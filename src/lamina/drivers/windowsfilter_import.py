@@ -14,9 +14,9 @@ parents, baselayerwriter.go for base layers):
 
 * every entry lands in a staging folder inside the layer folder; only a complete
   import is renamed into place, so a failed one leaves the layer as empty as before;
-* each file keeps every ``MSWINDOWS.*`` / ``LIBARCHIVE.*`` record as an xattr, so the
-  metadata follows the file through overlayfs copy-up (see
-  :mod:`lamina.drivers.windowsfilter` for the names);
+* each file keeps every ``MSWINDOWS.*`` / ``LIBARCHIVE.*`` record in an xattr, so the
+  metadata follows the file through overlayfs copy-up
+  (:mod:`lamina.drivers.windowsfilter_meta`);
 * parents must come before children; names compare case-blind, as on NTFS;
 * ``name:stream`` entries following their file are its alternate data streams, kept as
   sibling files named the same way;
@@ -258,7 +258,7 @@ class LayerImporter:
     def _remove(self, entry: TarEntry, parts: list[str]) -> None:
         if self.base:
             raise InvalidArchive("base layer cannot have tombstones (.wh. entries)", entry.name)
-        if parts[-1] == ".wh..opq":
+        if parts[-1] == wintar.OPAQUE_TARGET:
             return  # Windows has no opaque directories: hcsshim's delete of it is a no-op
         if wintar.has_prefix(parts, wintar.UTILITY_VM_FILES):
             self._check_uvm(entry, parts)
