@@ -1,0 +1,209 @@
+"""``lamina image load`` against ``docker load`` into dockerd's overlay2, in the same run.
+
+The image (built once, cached in ``bench/out``): a Debian bookworm rootfs made by
+``debootstrap --variant=minbase`` and ``docker import``ed, plus two layers made with
+``docker run`` + ``docker commit`` -- one copying ``/usr`` (real binaries and libraries,
+thousands of files), one deleting documentation (whiteouts), editing files and adding a
+20 MB blob -- then ``docker save``d: a real archive Docker wrote, ≥ 300 MB. Where
+debootstrap cannot reach a Debian mirror, the base layer is this machine's ``/usr``
+instead, and the output says so.
+
+Each measurement starts from nothing: a fresh private dockerd (overlay2, its own
+data-root; ``tests/dockerd.py``) for ``docker load -i``, a fresh store for
+``lamina --driver D image load`` (the CLI, in its own process, like the docker CLI). The
+archive is read once beforehand so both sides start with it in the page cache; sides
+alternate, best of ``--runs``. Reported: seconds and the ratio lamina / docker
+(target ≤ 1.2). Needs root and Debian's docker.io; without them it says so and exits 0.
+
+    python bench/bench_images.py [--drivers vfs,overlay] [--runs 2] [--rebuild]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "src"))
+
+from dockerd import DockerDaemon  # noqa: E402
+
+OUT = HERE / "out"
+ROOTFS = OUT / "images-rootfs.tar"
+ROOTFS_NOTE = OUT / "images-rootfs.source"
+ARCHIVE = OUT / "images-bench.tar"
+IMAGE = "lamina-bench/debian:1"
+MIN_BYTES = 300 * 10**6
+MIRROR = os.environ.get("LAMINA_BENCH_MIRROR", "http://deb.debian.org/debian")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- the image ---------------------------------------------------------------------------
+
+
+def _debootstrap(dest: Path) -> str | None:
+    """Make a minbase bookworm rootfs tar at ``dest``; None on success, else why not."""
+    if not shutil.which("debootstrap"):
+        return "debootstrap not installed"
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        root = Path(tmp) / "rootfs"
+        res = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root), MIRROR],
+                             capture_output=True, text=True, timeout=1200)
+        if res.returncode != 0:
+            return f"debootstrap failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}"
+        subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(dest), "."],
+                       check=True)
+    return None
+
+
+def _host_usr(dest: Path) -> None:
+    """Fallback base: this machine's /usr (about 300 MB of it), as a rootfs tar."""
+    subprocess.run(["tar", "--numeric-owner", "-C", "/", "-cf", str(dest), "--exclude=usr/local",
+                    "--exclude=usr/src", "usr/bin", "usr/sbin", "usr/lib", "usr/share", "etc"],
+                   check=False)
+
+
+def build_image(rebuild: bool) -> tuple[Path, str]:
+    """The docker-save archive of the bench image, built if missing; (path, base source)."""
+    OUT.mkdir(exist_ok=True)
+    if ARCHIVE.exists() and ROOTFS_NOTE.exists() and not rebuild:
+        return ARCHIVE, ROOTFS_NOTE.read_text().strip()
+    if not ROOTFS.exists() or rebuild:
+        log(f"building the base rootfs with debootstrap from {MIRROR} ...")
+        why = _debootstrap(ROOTFS)
+        if why is None:
+            source = f"debootstrap --variant=minbase bookworm ({MIRROR})"
+        else:
+            log(f"  {why}; using this machine's /usr as the base layer instead")
+            _host_usr(ROOTFS)
+            source = f"this machine's /usr and /etc ({why})"
+        ROOTFS_NOTE.write_text(source + "\n")
+    source = ROOTFS_NOTE.read_text().strip()
+    log("building the image with dockerd (import, run + commit twice, save) ...")
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp, DockerDaemon(Path(tmp) / "build") as d:
+        d.docker("import", str(ROOTFS), "lamina-bench/base:1")
+        d.docker("run", "--name", "l2", "--network", "none", "lamina-bench/base:1", "/bin/sh", "-c",
+                 "cp -a /usr /opt/usr-copy")
+        d.docker("commit", "l2", "lamina-bench/l2:1")
+        d.docker("run", "--name", "l3", "--network", "none", "lamina-bench/l2:1", "/bin/sh", "-c",
+                 "rm -rf /usr/share/doc /usr/share/man /opt/usr-copy/share/locale"
+                 " && echo bench > /etc/motd && mkdir -p /srv"
+                 " && head -c 20000000 /dev/urandom > /srv/blob.bin")
+        d.docker("commit", "l3", IMAGE)
+        tmp_archive = ARCHIVE.with_suffix(".tmp")
+        d.docker("save", "-o", str(tmp_archive), IMAGE)
+        os.replace(tmp_archive, ARCHIVE)
+    return ARCHIVE, source
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def _warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def time_docker_load(archive: Path) -> float:
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        d = DockerDaemon(Path(tmp) / "d")
+        try:
+            d.start()
+            t0 = time.perf_counter()
+            d.docker("load", "-i", str(archive))
+            elapsed = time.perf_counter() - t0
+        finally:
+            d.close()
+            subprocess.run(["rm", "-rf", str(Path(tmp) / "d")], check=False)
+    return elapsed
+
+
+def time_lamina_load(archive: Path, driver: str) -> float:
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        root = Path(tmp) / "store"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p))
+        cmd = [sys.executable, "-m", "lamina", "--root", str(root), "--driver", driver, "image", "load",
+               str(archive)]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        elapsed = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"lamina image load failed: {res.stderr.strip()}")
+        subprocess.run([sys.executable, "-m", "lamina", "--root", str(root), "cleanup", "--unmount-all"],
+                       capture_output=True, env=env, check=False)
+    return elapsed
+
+
+def _driver_available(driver: str) -> str | None:
+    from lamina.drivers.registry import unavailable_reason
+
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        return unavailable_reason(driver, Path(tmp))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--drivers", default="vfs,overlay", help="lamina drivers to measure")
+    ap.add_argument("--runs", type=int, default=2, help="loads per side; the best counts")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the rootfs and the image")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        log("bench_images: needs root and dockerd (Debian docker.io); skipped")
+        return 0
+    archive, source = build_image(args.rebuild)
+    size = archive.stat().st_size
+    with open(archive, "rb") as f:
+        import tarfile
+
+        layers = len(json.loads(tarfile.open(fileobj=f).extractfile("manifest.json").read())[0]["Layers"])  # type: ignore[union-attr]
+    log(f"image: {archive.name}, {size / 1e6:.0f} MB, {layers} layers; base: {source}")
+    from lamina.archive import tarsplit
+
+    crc = "anycrc (C)" if getattr(tarsplit, "_FAST", None) is not None else "pure Python"
+    log(f"tar-split CRC-64: {crc}")
+    if size < MIN_BYTES:
+        log(f"  warning: the image is under {MIN_BYTES / 1e6:.0f} MB")
+    _warm(archive)
+    drivers = []
+    for drv in args.drivers.split(","):
+        why = _driver_available(drv)
+        if why:
+            log(f"lamina {drv}: unavailable here ({why}); skipped")
+        else:
+            drivers.append(drv)
+    times: dict[str, list[float]] = {"docker-overlay2": [], **{f"lamina-{d}": [] for d in drivers}}
+    for run in range(args.runs):
+        times["docker-overlay2"].append(time_docker_load(archive))
+        for drv in drivers:
+            times[f"lamina-{drv}"].append(time_lamina_load(archive, drv))
+        log(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    best = {k: min(v) for k, v in times.items()}
+    result = {"image_bytes": size, "layers": layers, "base": source, "runs": args.runs, "crc64": crc,
+              "seconds": best, "ratio": {}}
+    log(f"{'load':<22}{'best (s)':>10}{'ratio':>8}")
+    log(f"{'docker load overlay2':<22}{best['docker-overlay2']:>10.2f}{1:>8.2f}")
+    for drv in drivers:
+        ratio = best[f"lamina-{drv}"] / best["docker-overlay2"]
+        result["ratio"][drv] = round(ratio, 3)
+        verdict = "ok" if ratio <= 1.2 else "over the 1.2 target"
+        log(f"{'lamina ' + drv:<22}{best[f'lamina-{drv}']:>10.2f}{ratio:>8.2f}  {verdict}")
+    (OUT / "bench_images.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
