@@ -560,7 +560,7 @@ def test_many_layers_at_once(docker: Dockerd) -> None:
     assert results == [f"{i:02x}" for i in range(24)]
 
 
-def test_a_layer_being_applied_is_never_seen_half_made(docker: Dockerd) -> None:
+def test_requests_for_a_layer_being_applied_wait_for_it(docker: Dockerd) -> None:
     docker.ok("Create", ID=ID_BASE)
     gate = threading.Event()
     tar = make_tar({"x/one": b"1" * 300_000, "x/two": b"2" * 300_000})
@@ -570,25 +570,71 @@ def test_a_layer_being_applied_is_never_seen_half_made(docker: Dockerd) -> None:
         gate.wait(30)
         yield tar[200_000:]
 
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(4) as pool:
         applying = pool.submit(docker.apply_diff, ID_BASE, "", body())
         time.sleep(0.5)
-        # other work goes on while the import waits for its body
+        # other layers are served meanwhile; this one is not visible yet
         t0 = time.monotonic()
-        assert docker.ok("Exists", ID=ID_CHILD) == {"Exists": False}
         docker.ok("Create", ID=ID_CHILD)
-        assert time.monotonic() - t0 < 5
-        # the layer under import: not visible, not removable, not mountable, not diffable
         assert docker.ok("Exists", ID=ID_BASE) == {"Exists": False}
-        for method in ("Get", "Remove", "Changes"):
-            reply = docker.call(method, ID=ID_BASE)
-            assert reply.status == 500 and ID_BASE in reply.json["Err"], (method, reply.body)
-        reply = docker.post("/GraphDriver.Diff", json.dumps({"ID": ID_BASE}).encode())
-        assert reply.status == 500
+        assert time.monotonic() - t0 < 5
+        # requests for the layer under import wait for it, then see all of it
+        getting = pool.submit(docker.call, "Get", ID=ID_BASE)
+        diffing = pool.submit(lambda: b"".join(docker.diff_stream(ID_BASE)))
+        time.sleep(0.5)
+        assert not getting.done() and not diffing.done()
         gate.set()
-        reply = applying.result(60)
-    assert reply.status == 200, reply.body
-    assert b"".join(docker.diff_stream(ID_BASE)) == tar
+        assert applying.result(60).status == 200
+        got = getting.result(60)
+        assert got.status == 200, got.body
+        assert (Path(got.json["Dir"]) / "x" / "two").read_bytes() == b"2" * 300_000
+        assert diffing.result(60) == tar
+
+
+def test_remove_waits_for_a_diff_still_streaming(docker: Dockerd) -> None:
+    size = 8 << 20
+    docker.ok("Create", ID=ID_BASE)
+    assert docker.apply_diff(ID_BASE, "", big_tar_chunks("f", size)).status == 200
+    stream = docker.diff_stream(ID_BASE)
+    first = next(stream)
+    with ThreadPoolExecutor(1) as pool:
+        removing = pool.submit(docker.call, "Remove", ID=ID_BASE)
+        time.sleep(0.5)
+        assert not removing.done(), "Remove did not wait for the Diff being sent"
+        total = len(first) + sum(len(c) for c in stream)
+        assert removing.result(60).status == 200
+    assert total == sum(len(c) for c in big_tar_chunks("f", size))
+    assert docker.ok("Exists", ID=ID_BASE) == {"Exists": False}
+
+
+def test_layer_locks_let_a_waiting_writer_go_before_new_readers() -> None:
+    from lamina.plugin.layerlocks import LayerLocks
+
+    async def scenario() -> list[str]:
+        locks, order = LayerLocks(), []
+
+        async def reader(name: str, hold: float) -> None:
+            async with locks.using("L"):
+                order.append(f"{name}+")
+                await asyncio.sleep(hold)
+                order.append(f"{name}-")
+
+        async def writer() -> None:
+            async with locks.changing("L"):
+                order.append("w+")
+                await asyncio.sleep(0.05)
+                order.append("w-")
+
+        first = asyncio.create_task(reader("r1", 0.1))
+        await asyncio.sleep(0.01)
+        w = asyncio.create_task(writer())
+        await asyncio.sleep(0.01)
+        late = asyncio.create_task(reader("r2", 0))
+        await asyncio.gather(first, w, late)
+        assert locks.busy() == []
+        return order
+
+    assert asyncio.run(scenario()) == ["r1+", "r1-", "w+", "w-", "r2+", "r2-"]
 
 
 # -- state across restarts, Cleanup, leaked mounts ------------------------------------------

@@ -9,9 +9,9 @@ How a request is served
 aiohttp parses HTTP (chunked bodies included) on one asyncio loop; every store call runs
 in a thread pool, because the store is blocking (SQLite, file locks, mounts, tar
 unpacking) and safe to share between threads. Requests are therefore served
-concurrently; two requests that change the same layer are kept apart by the store's
-per-layer locks, so the second fails at once with a clear ``LayerBusy``, and a request
-for a layer still being made finds no layer (``LayerNotFound``) — never a half one.
+concurrently. A request for a layer that another request is making, filling or
+removing waits for it (:mod:`lamina.plugin.layerlocks`); underneath, the store's own
+locks keep other processes out, and a layer still being made is never visible.
 Diff and ApplyDiff stream through :mod:`lamina.plugin.bridge` in bounded memory.
 
 Decisions that follow dockerd's behaviour (``reference/graphdriver-protocol.md`` §1)
@@ -59,6 +59,7 @@ from lamina.errors import LaminaError, LayerBusy, LayerNotFound
 from lamina.fs.durable import atomic_write
 from lamina.plugin import wire
 from lamina.plugin.bridge import BodyPipe, send_stream
+from lamina.plugin.layerlocks import LayerLocks
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -99,6 +100,8 @@ class DockerPlugin:
         #: read-only layers made by Create in this process whose ApplyDiff has not begun;
         #: touched only on the event loop thread
         self._awaiting_diff: set[str] = set()
+        #: requests on one layer wait for the one changing it (see layerlocks)
+        self._locks = LayerLocks()
 
     # -- the store ----------------------------------------------------------------------
 
@@ -248,21 +251,24 @@ class DockerPlugin:
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Create")
-        await self._run(self.store.create, req.id, req.parent or None,
-                        storage_opt=req.storage_opt, mount_label=req.mount_label)
+        async with self._locks.changing(req.id):
+            await self._run(self.store.create, req.id, req.parent or None,
+                            storage_opt=req.storage_opt, mount_label=req.mount_label)
         self._awaiting_diff.add(req.id)
         return wire.ok()
 
     async def create_rw(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "CreateReadWrite")
-        await self._run(self.store.create_rw, req.id, req.parent or None,
-                        storage_opt=req.storage_opt, mount_label=req.mount_label)
+        async with self._locks.changing(req.id):
+            await self._run(self.store.create_rw, req.id, req.parent or None,
+                            storage_opt=req.storage_opt, mount_label=req.mount_label)
         return wire.ok()
 
     async def remove(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Remove")
         self._awaiting_diff.discard(req.id)
-        await self._run(self._remove, req.id)
+        async with self._locks.changing(req.id):
+            await self._run(self._remove, req.id)
         return wire.ok()
 
     def _remove(self, layer_id: str) -> None:
@@ -283,13 +289,15 @@ class DockerPlugin:
 
     async def get(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Get")
-        path = await self._run(self.store.get, req.id, req.mount_label, persistent=True)
+        async with self._locks.using(req.id):
+            path = await self._run(self.store.get, req.id, req.mount_label, persistent=True)
         return wire.directory(str(path))
 
     async def put(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Put")
-        if not await self._run(self.store.put, req.id, persistent=True):
-            log.debug("Put %s: no reference was held", req.id)
+        async with self._locks.using(req.id):
+            if not await self._run(self.store.put, req.id, persistent=True):
+                log.debug("Put %s: no reference was held", req.id)
         return wire.ok()
 
     async def exists(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +313,8 @@ class DockerPlugin:
 
     async def get_metadata(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "GetMetadata")
-        return wire.metadata(await self._run(self.store.metadata, req.id))
+        async with self._locks.using(req.id):
+            return wire.metadata(await self._run(self.store.metadata, req.id))
 
     async def cleanup(self, body: dict[str, Any]) -> dict[str, Any]:
         store = self._store
@@ -317,16 +326,19 @@ class DockerPlugin:
     async def changes(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Changes")
         # an absent Parent is "" in dockerd's Go: compare against nothing
-        return wire.changes(await self._run(self.store.changes, req.id, req.parent))
+        async with self._locks.using(req.id):
+            return wire.changes(await self._run(self.store.changes, req.id, req.parent))
 
     async def diff_size(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "DiffSize")
-        return wire.size(await self._run(self.store.diff_size, req.id, req.parent))
+        async with self._locks.using(req.id):
+            return wire.size(await self._run(self.store.diff_size, req.id, req.parent))
 
     async def diff(self, request: web.Request) -> web.StreamResponse:
         req = wire.LayerRequest.parse(wire.parse_body(await request.read()), "Diff")
-        stream = await self._run(self.store.diff, req.id, req.parent)
-        return await send_stream(request, stream, self._pool)
+        async with self._locks.using(req.id):  # until the whole tar is sent
+            stream = await self._run(self.store.diff, req.id, req.parent)
+            return await send_stream(request, stream, self._pool)
 
     async def apply_diff(self, request: web.Request) -> web.StreamResponse:
         # dockerd builds this query with Sprintf and no escaping; IDs are plain hex
@@ -341,7 +353,14 @@ class DockerPlugin:
                 "started, or already had its diff (a retry after a broken connection would carry "
                 "only the rest of the tar)")
         self._awaiting_diff.discard(layer_id)  # before the first byte is read: one try only
-        log.info("ApplyDiff %s: receiving", layer_id)
+        async with self._locks.changing(layer_id):
+            log.info("ApplyDiff %s: receiving", layer_id)
+            size = await self._apply(store, layer_id, parent, request)
+        log.info("ApplyDiff %s: applied %d bytes", layer_id, size)
+        return _reply(wire.size(size))
+
+    async def _apply(self, store: Store, layer_id: str, parent: str, request: web.Request) -> int:
+        """Unpack the request body into the layer in a worker while the loop feeds it."""
         body = BodyPipe(request.content, f"ApplyDiff {layer_id}")
         pump = asyncio.ensure_future(body.pump())
 
@@ -350,14 +369,12 @@ class DockerPlugin:
                 return store.apply_diff(layer_id, parent or None, stream)
 
         try:
-            size = await self._run(apply)
+            return await self._run(apply)
         finally:
             if not pump.done():  # the store stopped reading: stop feeding it
                 pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
-        log.info("ApplyDiff %s: applied %d bytes", layer_id, size)
-        return _reply(wire.size(size))
 
 
 # -- serving on a unix socket -------------------------------------------------------------
