@@ -241,6 +241,15 @@ def test_read_oci_layout(tmp_path: Path, names_as: str) -> None:
     assert all(b.digest and b.path == f"blobs/sha256/{b.digest.split(':')[1]}" for b in by_id[one.id].layers)
 
 
+def test_oci_bare_tag_ref_name_gives_no_name(tmp_path: Path) -> None:
+    one, _ = _two_images()
+    layout = oci_layout(tmp_path / "oci", [one], "gzip")
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (layout / "index.json").write_text(json.dumps(index))
+    assert oci.read_images(DirSource(layout))[0].names == []
+
+
 def test_oci_manifest_digest_is_checked(tmp_path: Path) -> None:
     one, _ = _two_images()
     layout = oci_layout(tmp_path / "oci", [one], "gzip")

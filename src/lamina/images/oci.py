@@ -86,15 +86,22 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
 
 
 def _names(annotations: Any) -> list[str]:
-    """Names from a descriptor's annotations: containerd's full name, else ref.name."""
+    """Names from a descriptor's annotations: containerd's full name, else ref.name.
+
+    A ref.name that is a bare tag ("latest", as skopeo and Docker write it beside the
+    full name) names no repository, so alone it gives no name; ``load --tag`` can.
+    """
     if not isinstance(annotations, dict):
         return []
     for key in (ANN_IMAGE_NAME, ANN_REF_NAME):
         value = annotations.get(key)
-        if isinstance(value, str) and value:
-            name = try_normalize(value)
-            if name:
-                return [name]
+        if not isinstance(value, str) or not value:
+            continue
+        if key == ANN_REF_NAME and ":" not in value and "/" not in value:
+            continue
+        name = try_normalize(value)
+        if name:
+            return [name]
     return []
 
 
