@@ -106,3 +106,28 @@ def test_store_sandbox_diff_is_a_windows_diff_layer(store: lamina.store.Store) -
     with store.diff("ctr") as f:
         names = [m.name for m in hcs_check(f.read())]
     assert names == ["Files", "Hives", "Files/Windows", "Files/Windows/new.txt"]
+
+
+def test_cli_win_inspect(tmp_path: Path) -> None:
+    """``lamina win inspect`` through the real command, text and --json."""
+    import json
+
+    from conftest import run_cli
+
+    require_overlay()
+    require_loop()
+    root = tmp_path / "store"
+    tar_path = tmp_path / "base.tar"
+    tar_path.write_bytes(base_tar())
+    try:
+        r = run_cli("--driver", "windowsfilter", "apply", "base", str(tar_path), root=root)
+        assert r.returncode == 0, r.stderr
+        r = run_cli("win", "inspect", "base", "C:\\Windows\\notepad.exe", root=root)
+        assert r.returncode == 0, r.stderr
+        assert "READONLY" in r.stdout.decode() and "ARCHIVE" in r.stdout.decode()
+        r = run_cli("--json", "win", "inspect", "base", "/Windows/notepad.exe", root=root)
+        assert json.loads(r.stdout)["attributes"]["value"] == 0x21
+        r = run_cli("win", "inspect", "base", "C:\\nothing\\here", root=root)
+        assert r.returncode == 1 and len(r.stderr.decode().strip().splitlines()) == 1, r.stderr
+    finally:
+        run_cli("cleanup", root=root)
