@@ -309,8 +309,9 @@ class DockerDaemon:
                 continue
             with contextlib.suppress(OSError):
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        pids.add(int(entry))
+                    cmdline = f.read()
+                if marker + b"/" in cmdline or marker + b"\0" in cmdline:
+                    pids.add(int(entry))
         pids.discard(os.getpid())
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
