@@ -15,7 +15,7 @@ archive is read once beforehand so both sides start with it in the page cache; s
 alternate, best of ``--runs``. Reported: seconds and the ratio lamina / docker
 (target ≤ 1.2). Needs root and Debian's docker.io; without them it says so and exits 0.
 
-    python bench/bench_images.py [--drivers vfs,overlay] [--runs 2] [--rebuild]
+    python bench/bench_images.py [--drivers vfs,overlay] [--runs 2] [--docker-vfs] [--rebuild]
 """
 
 from __future__ import annotations
@@ -117,9 +117,9 @@ def _warm(path: Path) -> None:
             pass
 
 
-def time_docker_load(archive: Path) -> float:
+def time_docker_load(archive: Path, driver: str = "overlay2") -> float:
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
-        d = DockerDaemon(Path(tmp) / "d")
+        d = DockerDaemon(Path(tmp) / "d", storage_driver=driver)
         try:
             d.start()
             t0 = time.perf_counter()
@@ -159,6 +159,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--drivers", default="vfs,overlay", help="lamina drivers to measure")
     ap.add_argument("--runs", type=int, default=2, help="loads per side; the best counts")
+    ap.add_argument("--docker-vfs", action="store_true",
+                    help="also time docker load into dockerd's vfs (context for lamina's vfs)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the rootfs and the image")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("dockerd"):
@@ -186,8 +188,12 @@ def main() -> int:
         else:
             drivers.append(drv)
     times: dict[str, list[float]] = {"docker-overlay2": [], **{f"lamina-{d}": [] for d in drivers}}
+    if args.docker_vfs:
+        times["docker-vfs"] = []
     for run in range(args.runs):
         times["docker-overlay2"].append(time_docker_load(archive))
+        if args.docker_vfs:
+            times["docker-vfs"].append(time_docker_load(archive, "vfs"))
         for drv in drivers:
             times[f"lamina-{drv}"].append(time_lamina_load(archive, drv))
         log(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
@@ -196,6 +202,8 @@ def main() -> int:
               "seconds": best, "ratio": {}}
     log(f"{'load':<22}{'best (s)':>10}{'ratio':>8}")
     log(f"{'docker load overlay2':<22}{best['docker-overlay2']:>10.2f}{1:>8.2f}")
+    if "docker-vfs" in best:
+        log(f"{'docker load vfs':<22}{best['docker-vfs']:>10.2f}{best['docker-vfs'] / best['docker-overlay2']:>8.2f}")
     for drv in drivers:
         ratio = best[f"lamina-{drv}"] / best["docker-overlay2"]
         result["ratio"][drv] = round(ratio, 3)
