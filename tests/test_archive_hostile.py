@@ -122,6 +122,29 @@ def test_symlink_to_a_directory_inside_the_root_is_not_followed_either(
                          tm.file("alias/f", b"x")), "alias/f", match="symlink")
 
 
+def test_overlay_refuses_a_path_through_a_symlink_in_a_lower_layer(
+        box: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> None:
+    root, _ = box
+    lower = tmp_path_factory.mktemp("lower")  # the layer below, as overlay sees it
+    (lower / "usr/lib").mkdir(parents=True)
+    (lower / "lib").symlink_to("usr/lib")
+    (lower / "etcfile").write_text("a file")
+    for name in ("lib/evil.so", "lib/deeper/evil.so", "lib/.wh.x", "etcfile/x"):
+        refused(root, tm.tar(tm.file(name, b"x")), name, match="lower layer",
+                whiteouts="overlay", lower_roots=[lower])
+    assert not (lower / "usr/lib/evil.so").exists()
+
+
+def test_overlay_path_through_a_lower_directory_is_fine(
+        box: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> None:
+    root, _ = box
+    lower = tmp_path_factory.mktemp("lower")
+    (lower / "usr/lib").mkdir(parents=True)
+    apply_tar(root, io.BytesIO(tm.tar(tm.file("usr/lib/new.so", b"x"))),
+              ApplyOptions(whiteouts="overlay", lower_roots=[lower]))
+    assert (root / "usr/lib/new.so").read_bytes() == b"x"
+
+
 def test_directory_entry_over_a_symlink_replaces_the_link(box: tuple[Path, Path]) -> None:
     root, outside = box
     (root / "d").symlink_to(outside)

@@ -106,6 +106,26 @@ def _umask() -> int:
     return old
 
 
+def test_dircache_asks_before_creating(tmp_path: Path, root_fd: int) -> None:
+    asked: list[list[str]] = []
+
+    def check(parts: list[str]) -> None:
+        asked.append(parts)
+        if parts[-1] == "forbidden":
+            raise UnsafePath("/".join(parts), "refused by the caller")
+
+    (tmp_path / "root/exists").mkdir()
+    cache = DirCache(root_fd, before_create=check)
+    try:
+        cache.get(["exists", "new"])
+        assert asked == [["exists", "new"]]
+        with pytest.raises(UnsafePath, match="refused"):
+            cache.get(["exists", "forbidden", "x"])
+        assert not (tmp_path / "root/exists/forbidden").exists()
+    finally:
+        cache.close()
+
+
 def test_open_beneath_opens_a_file(tmp_path: Path, root_fd: int) -> None:
     (tmp_path / "root/d").mkdir()
     (tmp_path / "root/d/f").write_text("content")

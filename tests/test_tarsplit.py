@@ -236,10 +236,26 @@ def test_changed_size_is_caught_naming_the_file(tmp_path: Path, content: bytes, 
     assert err.value.entry == "f"
 
 
-def test_duplicate_names_cannot_be_recorded(tmp_path: Path) -> None:
+def test_repeated_name_shadowing_content_cannot_be_recorded(tmp_path: Path) -> None:
     with pytest.raises(InvalidArchive, match="twice") as err:
-        apply_recording(tmp_path / "r", tm.tar(tm.file("a", b"1"), tm.file("./a", b"2")))
+        apply_recording(tmp_path / "r", tm.tar(tm.file("a", b"1"), tm.file("./a", b"2"),
+                                               tm.file("later", b"x")))
     assert err.value.entry == "./a"
+
+
+def test_hostile_entry_is_named_before_a_repeated_name(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArchive, match="symlink") as err:
+        apply_recording(tmp_path / "r", tm.tar(tm.file("f", b"1"), tm.symlink("f", "/"),
+                                               tm.file("f/etc", b"x")))
+    assert err.value.entry == "f/etc"
+
+
+def test_repeated_names_without_lost_content_round_trip(tmp_path: Path) -> None:
+    data = tm.tar(tm.directory("d"), tm.directory("d/"), tm.file("e", b""), tm.file("e", b""),
+                  tm.file("e", b"last one has content"), tm.symlink("s", "x"),
+                  tm.symlink("./s", "y"))
+    split = apply_recording(tmp_path / "r", data)
+    assert rebuild(split, tmp_path / "r") == data
 
 
 def test_garbage_record_is_refused(tmp_path: Path) -> None:

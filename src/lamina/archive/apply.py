@@ -160,7 +160,9 @@ class _Applier:
         #: for each open directory fd: its gid if it is setgid (new entries inherit it)
         self.setgid: dict[int, int] = {}
         self._note_dir(self.root_fd)
-        self.dirs = DirCache(self.root_fd, mode=IMPLIED_DIR_MODE, on_create=self._implied_dir)
+        check = self._check_lowers if self.overlay and opts.lower_roots else None
+        self.dirs = DirCache(self.root_fd, mode=IMPLIED_DIR_MODE, on_create=self._implied_dir,
+                             before_create=check)
         self.dirs.on_open = lambda names, fd: self._note_dir(fd)
         self.lower_fds: list[int] | None = None
         self.split = (TarSplitWriter(opts.tarsplit, buffered=True)
@@ -212,7 +214,7 @@ class _Applier:
             split.segment(reader.end_raw)
             for chunk in reader.trailing():
                 split.segment(chunk)
-            split.flush()
+            split.finish()
         else:
             for _ in reader.trailing():
                 pass
@@ -319,6 +321,10 @@ class _Applier:
                 elif exc.errno == errno.EOPNOTSUPP:
                     raise UnsupportedFilesystem(
                         f"{e.name}: the filesystem does not support xattr {name}") from None
+                elif exc.errno in (errno.ENOSPC, errno.E2BIG, errno.ERANGE):
+                    # more or larger xattrs than an inode can hold: the tar's doing
+                    raise InvalidArchive(f"xattr {name} does not fit: {exc.strerror}",
+                                         e.name) from None
                 else:
                     raise
 
@@ -536,10 +542,7 @@ class _Applier:
         missing = InvalidArchive(f"hardlink target {e.linkname!r} does not exist", e.name)
         if self._hidden_in(self.root_fd, target):
             raise missing
-        if self.lower_fds is None:
-            self.lower_fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                              for p in self.opts.lower_roots]
-        for lower_fd in self.lower_fds:
+        for lower_fd in self._lowers():
             try:
                 ldir = self._open_or_none(lower_fd, target[:-1])
             except UnsafePath:
@@ -559,6 +562,38 @@ class _Applier:
             if self._hidden_in(lower_fd, target):
                 break
         raise missing
+
+    def _lowers(self) -> list[int]:
+        if self.lower_fds is None:
+            self.lower_fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                              for p in self.opts.lower_roots]
+        return self.lower_fds
+
+    def _check_lowers(self, parts: list[str]) -> None:
+        """Before a parent directory is made in an overlay upper: refuse if the layers
+        below show a symlink or a file there, as a vfs root (which holds the whole
+        chain) would. The new directory would otherwise hide it in the merged view,
+        and the tar would have written "through" it in effect."""
+        if self._hidden_in(self.root_fd, parts):
+            return
+        shown = "/".join(parts)
+        for lower_fd in self._lowers():
+            try:
+                ldir = self._open_or_none(lower_fd, parts[:-1])
+            except UnsafePath:
+                return  # a parent is no directory down there: all below is hidden
+            st = self._stat_or_none(ldir, parts[-1])
+            if ldir >= 0:
+                os.close(ldir)
+            if st is not None:
+                if stat.S_ISDIR(st.st_mode) or _is_whiteout(st):
+                    return
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafePath(shown, "is a symlink in a lower layer; paths are "
+                                     "never followed through symlinks")
+                raise UnsafePath(shown, "is not a directory in a lower layer")
+            if self._hidden_in(lower_fd, parts):
+                return
 
     def _hidden_in(self, layer_fd: int, target: list[str]) -> bool:
         """Whether a layer hides the lower layers' ``target``: a whiteout or a

@@ -19,8 +19,10 @@ sha256 (the image's DiffID). We write the same format Docker writes
   1 MiB. A tar ending without end blocks simply has no such segment.
 - the checksum is CRC-64 with the ISO polynomial as Go's ``hash/crc64`` computes it
   (reflected, initial and final value all ones), stored big-endian in 8 bytes.
-- two entries whose cleaned names are equal are refused (tar-split cannot tell their
-  contents apart on reassembly), as the Go packer refuses them.
+- names that repeat: the Go packer refuses every repeated name. We accept a repeat
+  unless it shadows an earlier entry that had content (that content is gone from the
+  layer, so the tar could never be rebuilt); :meth:`TarSplitWriter.finish` reports
+  that case, at the end, so a hostile entry later in the tar is named first.
 
 The file is written uncompressed here; the store gzips it.
 """
@@ -163,7 +165,9 @@ class TarSplitWriter:
     def __init__(self, out: IO[bytes], *, buffered: bool = False) -> None:
         self._out = out
         self._position = 0
-        self._seen: set[str] = set()
+        #: cleaned names of entries that had content, and the first name to repeat one
+        self._with_content: set[str] = set()
+        self._shadowed: str | None = None
         self._buffered = buffered
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -184,6 +188,14 @@ class TarSplitWriter:
             self._pending.clear()
             self._pending_size = 0
 
+    def finish(self) -> None:
+        """Flush, and refuse the tar if a repeated name shadowed earlier content."""
+        self.flush()
+        if self._shadowed is not None:
+            raise InvalidArchive(
+                "the tar holds this name twice and the first one's content is lost: "
+                "tar-split could never rebuild the tar", self._shadowed)
+
     def segment(self, payload: bytes) -> None:
         if not payload:
             return
@@ -200,10 +212,10 @@ class TarSplitWriter:
             text = None
             shown = name.decode("utf-8", "surrogateescape")
         key = _clean_key(shown)
-        if key in self._seen:
-            raise InvalidArchive("the tar holds this name twice; tar-split cannot record it",
-                                 shown)
-        self._seen.add(key)
+        if key in self._with_content and self._shadowed is None:
+            self._shadowed = shown
+        if size:
+            self._with_content.add(key)
         if text is None:
             head = b'{"type":1,"name_raw":"' + b2a_base64(name, newline=False) + b'"'
         elif text:
@@ -266,7 +278,6 @@ def reassemble(tarsplit: IO[bytes], getter: ContentGetter) -> Iterator[bytes]:
     recorded size and CRC-64; a mismatch raises :class:`InvalidArchive` naming the file
     (after its bytes were yielded, as in Docker: the stream cannot be un-sent).
     """
-    seen: set[str] = set()
     for obj in _entries(tarsplit):
         kind = obj.get("type")
         if kind == SEGMENT:
@@ -282,10 +293,6 @@ def reassemble(tarsplit: IO[bytes], getter: ContentGetter) -> Iterator[bytes]:
             name = obj.get("name") or ""
             if not isinstance(name, str):
                 raise InvalidArchive("tar-split entry name is not text")
-        key = _clean_key(name)
-        if key in seen:
-            raise InvalidArchive("tar-split names this entry twice", name)
-        seen.add(key)
         size = obj.get("size") or 0
         if not isinstance(size, int) or size < 0:
             raise InvalidArchive(f"tar-split size {size!r} is not a size", name)

@@ -15,6 +15,7 @@ their own typed error (``InvalidArchive`` for a tar entry, for instance).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -73,13 +74,15 @@ def _refusal(dir_fd: int, part: str, shown: str) -> UnsafePath:
 
 def open_child_dir(dir_fd: int, part: str, shown: str, *, create: bool = False,
                    mode: int = 0o755,
-                   on_create: Callable[[int], None] | None = None) -> int:
+                   on_create: Callable[[int], None] | None = None,
+                   before_create: Callable[[], None] | None = None) -> int:
     """Open directory ``part`` inside ``dir_fd`` without following a symlink.
 
-    With ``create``, a missing directory is made with ``mode`` (umask applies) and
-    ``on_create(fd)`` is called with its new fd (to set its owner, say). ``shown`` names
-    the path in errors. Raises :class:`UnsafePath` for a symlink or a non-directory,
-    ``FileNotFoundError`` when missing and not ``create``.
+    With ``create``, a missing directory is made with ``mode`` (umask applies):
+    ``before_create()`` is called first (it may raise to refuse), ``on_create(fd)``
+    after, with the new fd (to set its owner, say). ``shown`` names the path in errors.
+    Raises :class:`UnsafePath` for a symlink or a non-directory, ``FileNotFoundError``
+    when missing and not ``create``.
     """
     try:
         return os.open(part, DIR_FLAGS, dir_fd=dir_fd)
@@ -90,6 +93,8 @@ def open_child_dir(dir_fd: int, part: str, shown: str, *, create: bool = False,
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise _refusal(dir_fd, part, shown) from None
         raise
+    if before_create is not None:
+        before_create()
     try:
         os.mkdir(part, mode, dir_fd=dir_fd)
         made = True
@@ -180,10 +185,13 @@ class DirCache:
     MAX_OPEN = 64
 
     def __init__(self, root_fd: int, *, mode: int = 0o755,
-                 on_create: Callable[[int], None] | None = None) -> None:
+                 on_create: Callable[[int], None] | None = None,
+                 before_create: Callable[[list[str]], None] | None = None) -> None:
         self.root_fd = root_fd
         self._mode = mode
         self._on_create = on_create
+        #: called with a missing directory's path before it is made; may raise
+        self._before_create = before_create
         self._names: list[str] = []
         self._fds: list[int] = []  # _fds[i] is the fd of _names[:i+1]; -1 when closed
         self._open = 0
@@ -207,10 +215,13 @@ class DirCache:
             return self._fd_at(common)
         self._truncate(common)
         fd = self._fd_at(common)
+        check = self._before_create
         for i in range(common, len(parts)):
             part = parts[i]
+            before = None if check is None else functools.partial(check, list(parts[:i + 1]))
             nfd = open_child_dir(fd, part, "/".join(parts[:i + 1]), create=create,
-                                 mode=self._mode, on_create=self._on_create)
+                                 mode=self._mode, on_create=self._on_create,
+                                 before_create=before)
             names.append(part)
             self._fds.append(nfd)
             self._open += 1
