@@ -77,11 +77,16 @@ def _which(name: str) -> str:
     return path
 
 
-def _entry(kind: str, mode: int, uid: int, gid: int, data: str = "") -> tuple[str, int, int, int, str]:
-    return (kind, stat.S_IMODE(mode), uid, gid, data)
+Entry = tuple[str, int, int, int, str, int]
 
 
-def _export_tree(path: Path) -> dict[str, tuple[str, int, int, int, str]]:
+def _entry(kind: str, mode: int, uid: int, gid: int, data: str = "", mtime: float = 0) -> Entry:
+    """What must match: kind, permission bits, owner, content or link target, and the
+    mtime of files and links (directories' mtimes change as their children are made)."""
+    return (kind, stat.S_IMODE(mode), uid, gid, data, int(mtime) if kind in ("file", "symlink") else 0)
+
+
+def _export_tree(path: Path) -> dict[str, Entry]:
     out = {}
     with tarfile.open(path) as tar:
         contents: dict[str, str] = {}
@@ -91,12 +96,12 @@ def _export_tree(path: Path) -> dict[str, tuple[str, int, int, int, str]]:
                 f = tar.extractfile(m)
                 assert f is not None
                 contents[name] = hashlib.sha256(f.read()).hexdigest()
-                out[name] = _entry("file", m.mode, m.uid, m.gid, contents[name])
+                out[name] = _entry("file", m.mode, m.uid, m.gid, contents[name], m.mtime)
             elif m.islnk():
                 target = "/" + m.linkname.strip("/")
-                out[name] = _entry("file", m.mode, m.uid, m.gid, contents[target])
+                out[name] = _entry("file", m.mode, m.uid, m.gid, contents[target], out[target][5])
             elif m.issym():
-                out[name] = _entry("symlink", 0o777, m.uid, m.gid, m.linkname)
+                out[name] = _entry("symlink", 0o777, m.uid, m.gid, m.linkname, m.mtime)
             elif m.isdir():
                 out[name] = _entry("dir", m.mode, m.uid, m.gid)
             else:
@@ -104,7 +109,7 @@ def _export_tree(path: Path) -> dict[str, tuple[str, int, int, int, str]]:
     return {k: v for k, v in out.items() if k not in INIT_LAYER and k != "/"}
 
 
-def _mounted_tree(root: Path) -> dict[str, tuple[str, int, int, int, str]]:
+def _mounted_tree(root: Path) -> dict[str, Entry]:
     out = {}
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
@@ -112,9 +117,10 @@ def _mounted_tree(root: Path) -> dict[str, tuple[str, int, int, int, str]]:
             rel = "/" + str(p.relative_to(root))
             st = p.lstat()
             if stat.S_ISREG(st.st_mode):
-                out[rel] = _entry("file", st.st_mode, st.st_uid, st.st_gid, hashlib.sha256(p.read_bytes()).hexdigest())
+                out[rel] = _entry("file", st.st_mode, st.st_uid, st.st_gid,
+                                  hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime)
             elif stat.S_ISLNK(st.st_mode):
-                out[rel] = _entry("symlink", 0o777, st.st_uid, st.st_gid, os.readlink(p))
+                out[rel] = _entry("symlink", 0o777, st.st_uid, st.st_gid, os.readlink(p), st.st_mtime)
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = _entry("dir", st.st_mode, st.st_uid, st.st_gid)
             else:
