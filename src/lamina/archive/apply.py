@@ -30,7 +30,25 @@ reached from the root fd one ``openat(O_NOFOLLOW)`` at a time (``lamina.fs.safep
 so a symlink in a parent position -- planted earlier in this tar or already in the
 root -- is never followed; every later call is an ``*at`` call on the parent fd with
 no-follow. Hardlink targets are resolved the same way. Symlink targets are stored as
-text and never followed. A refusal is :class:`InvalidArchive` naming the entry.
+text and never followed. In overlay mode a parent directory that the upper lacks is
+checked against the lower roots first, so a path through a lower layer's symlink is
+refused just as vfs (whose root holds the whole chain) refuses it. A refusal is
+:class:`InvalidArchive` naming the entry.
+
+Where we differ from Docker, on purpose:
+
+- absolute names (``/etc/x``) are refused; Docker strips the ``/``. A layer tar never
+  needs them, and refusing is what the hostile-tar tests ask.
+- a path through a symlink is refused; Docker (in its chroot) follows a symlink that
+  stays inside the root. Well-formed layers never write through a symlink.
+- a name that repeats is accepted (later wins); Docker, recording tar-split, refuses
+  any repeat. With tar-split we refuse only a repeat that loses an earlier entry's
+  content (see :mod:`lamina.archive.tarsplit`).
+- AUFS hardlink farms (``.wh..wh.plnk``) are skipped, so a hardlink into one is
+  refused as a missing target; Docker extracts them to a temporary directory.
+- GNU sparse files are refused (see :mod:`lamina.archive.tarstream`).
+- in overlay mode, ``trusted.overlay.*``/``user.overlay.*`` xattrs from the tar are
+  not set: they would steer the overlay mount (redirects, opaque flags, origins).
 """
 
 from __future__ import annotations
