@@ -263,3 +263,55 @@ def test_garbage_record_is_refused(tmp_path: Path) -> None:
         rebuild(b'{"type":2,"payload":\n', tmp_path)
     with pytest.raises(InvalidArchive, match="base64"):
         rebuild(b'{"type":2,"payload":"***","position":0}\n', tmp_path)
+
+
+_names = st.text(alphabet="abcxyz-_.ü", min_size=1, max_size=12).filter(
+    lambda n: n not in (".", "..") and not n.startswith(".wh."))
+
+
+@st.composite
+def random_tars(draw: st.DrawFn) -> bytes:
+    """A tar of a random small tree, written by Python's tarfile in a random format."""
+    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+    buf = io.BytesIO()
+    files: list[str] = []
+    used: set[str] = set()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for d in draw(st.lists(_names, max_size=3, unique=True)):
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o755
+            tf.addfile(ti)
+            used.add(d)
+        dirs = sorted(used)
+        for name, content, kind in draw(st.lists(
+                st.tuples(_names, st.binary(max_size=1500),
+                          st.sampled_from(["file", "file", "symlink", "hardlink"])),
+                max_size=8)):
+            path = f"{draw(st.sampled_from(dirs))}/{name}" if dirs and draw(st.booleans()) else name
+            if path in used:
+                continue
+            used.add(path)
+            ti = tarfile.TarInfo(path)
+            ti.mtime = draw(st.integers(min_value=0, max_value=2**33))
+            if kind == "symlink":
+                ti.type, ti.linkname = tarfile.SYMTYPE, name
+                tf.addfile(ti)
+            elif kind == "hardlink" and files:
+                ti.type, ti.linkname = tarfile.LNKTYPE, draw(st.sampled_from(files))
+                tf.addfile(ti)
+            else:
+                ti.size = len(content)
+                tf.addfile(ti, io.BytesIO(content))
+                files.append(path)
+    return buf.getvalue()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=random_tars())
+def test_any_tarfile_archive_round_trips(tmp_path_factory: pytest.TempPathFactory,
+                                         data: bytes) -> None:
+    root = tmp_path_factory.mktemp("rt")
+    split = apply_recording(root, data)
+    assert rebuild(split, root) == data
