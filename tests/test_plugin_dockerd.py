@@ -93,6 +93,11 @@ def test_run_diff_commit_and_run_the_commit(env: Env) -> None:
     env.docker("run", "--name", "changer", "--network", "none", IMAGE, "sh", "-c", WRITE_CHANGE_DELETE)
     diff = set(env.docker("diff", "changer").stdout.splitlines())
     assert diff == {"A /new.txt", "A /d", "A /d/f", "C /etc", "C /etc/passwd", "D /etc/group"}
+    # DiffSize (docker ps -s) and GetMetadata (docker inspect) reach the plugin too
+    size = env.docker("ps", "-a", "-s", "--filter", "name=changer", "--format", "{{.Size}}").stdout
+    assert size.strip() and not size.startswith("0B"), size
+    graph = json.loads(env.docker("inspect", "--format", "{{json .GraphDriver}}", "changer").stdout)
+    assert graph["Name"] == env.plugin.name and isinstance(graph["Data"], dict)
     env.docker("commit", "changer", COMMITTED)
     out = env.docker("run", "--rm", "--network", "none", COMMITTED, "sh", "-c",
                      "cat /new.txt; tail -1 /etc/passwd; test -e /etc/group || echo gone; cat /d/f").stdout
