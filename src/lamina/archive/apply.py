@@ -317,9 +317,8 @@ class _Applier:
                 crc.update(chunk)
             if fd >= 0:
                 n = write(fd, chunk)
-                while n < len(chunk):
-                    chunk = chunk[n:]
-                    n = write(fd, chunk)
+                if n < len(chunk):
+                    _write_all(fd, chunk[n:])
         if crc is not None:
             self.digest = crc.digest()
 
@@ -355,7 +354,7 @@ class _Applier:
     # -- entry kinds --------------------------------------------------------------
 
     def _regular(self, e: TarEntry, parts: list[str]) -> None:
-        pfd = self._parent(parts)
+        pfd = self.root_fd if len(parts) == 1 else self.dirs.get(parts[:-1])
         name = parts[-1]
         mode = e.mode
         try:
@@ -365,7 +364,13 @@ class _Applier:
             fd = os.open(name, _FILE_FLAGS, mode, dir_fd=pfd)
         try:
             if e.size:
-                self._copy_data(fd)
+                chunk = None if self.split is not None else self.reader.buffered()
+                if chunk is not None:  # the common small file: one write, no generator
+                    n = os.write(fd, chunk)
+                    if n < len(chunk):
+                        _write_all(fd, chunk[n:])
+                else:
+                    self._copy_data(fd)
             if self.privileged:
                 uid, gid = self._owner(e)
                 if self._needs_chown(pfd, uid, gid):
@@ -374,7 +379,9 @@ class _Applier:
                 self._xattrs(e, fd)
             if mode & self.umask or mode & 0o6000:  # setuid: the kernel may drop it
                 os.fchmod(fd, mode)
-            os.utime(fd, ns=_times(e))
+            m = e.mtime_ns
+            a = e.atime_ns
+            os.utime(fd, ns=(m if a is None or a < m else a, m))
         finally:
             os.close(fd)
 
@@ -765,6 +772,12 @@ class _Applier:
             except (FileNotFoundError, UnsafePath):
                 continue
             os.fchmod(fd, mode)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
