@@ -13,7 +13,8 @@ data-root; ``tests/dockerd.py``) for ``docker load -i``, a fresh store for
 ``lamina --driver D image load`` (the CLI, in its own process, like the docker CLI). The
 archive is read once beforehand so both sides start with it in the page cache; sides
 alternate, best of ``--runs``. Reported: seconds and the ratio lamina / docker
-(target ≤ 1.2). Needs root and Debian's docker.io; without them it says so and exits 0.
+(target ≤ 1.2 for load); ``docker save`` against ``lamina image save`` of the loaded image
+is timed too, for information. Needs root and Debian's docker.io; without them it says so and exits 0.
 
     python bench/bench_images.py [--drivers vfs,overlay] [--runs 2] [--docker-vfs] [--rebuild]
 """
@@ -117,35 +118,43 @@ def _warm(path: Path) -> None:
             pass
 
 
-def time_docker_load(archive: Path, driver: str = "overlay2") -> float:
+def time_docker(archive: Path, driver: str = "overlay2") -> tuple[float, float]:
+    """Seconds for ``docker load -i`` into a fresh dockerd, then for ``docker save -o``."""
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         d = DockerDaemon(Path(tmp) / "d", storage_driver=driver)
         try:
             d.start()
             t0 = time.perf_counter()
             d.docker("load", "-i", str(archive))
-            elapsed = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            d.docker("save", "-o", str(Path(tmp) / "saved.tar"), IMAGE)
+            t2 = time.perf_counter()
         finally:
             d.close()
             subprocess.run(["rm", "-rf", str(Path(tmp) / "d")], check=False)
-    return elapsed
+    return t1 - t0, t2 - t1
 
 
-def time_lamina_load(archive: Path, driver: str) -> float:
+def time_lamina(archive: Path, driver: str) -> tuple[float, float]:
+    """Seconds for ``lamina image load`` into a fresh store, then for ``image save -o``."""
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         root = Path(tmp) / "store"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p))
-        cmd = [sys.executable, "-m", "lamina", "--root", str(root), "--driver", driver, "image", "load",
-               str(archive)]
+        base = [sys.executable, "-m", "lamina", "--root", str(root), "--driver", driver, "image"]
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        elapsed = time.perf_counter() - t0
+        res = subprocess.run([*base, "load", str(archive)], capture_output=True, text=True, env=env)
+        t1 = time.perf_counter()
         if res.returncode != 0:
             raise RuntimeError(f"lamina image load failed: {res.stderr.strip()}")
+        res = subprocess.run([*base, "save", "-o", str(Path(tmp) / "saved.tar"), IMAGE],
+                             capture_output=True, text=True, env=env)
+        t2 = time.perf_counter()
+        if res.returncode != 0:
+            raise RuntimeError(f"lamina image save failed: {res.stderr.strip()}")
         subprocess.run([sys.executable, "-m", "lamina", "--root", str(root), "cleanup", "--unmount-all"],
                        capture_output=True, env=env, check=False)
-    return elapsed
+    return t1 - t0, t2 - t1
 
 
 def _driver_available(driver: str) -> str | None:
@@ -187,28 +196,32 @@ def main() -> int:
             log(f"lamina {drv}: unavailable here ({why}); skipped")
         else:
             drivers.append(drv)
-    times: dict[str, list[float]] = {"docker-overlay2": [], **{f"lamina-{d}": [] for d in drivers}}
-    if args.docker_vfs:
-        times["docker-vfs"] = []
+    sides = ["docker-overlay2", *(["docker-vfs"] if args.docker_vfs else []), *(f"lamina-{d}" for d in drivers)]
+    loads: dict[str, list[float]] = {k: [] for k in sides}
+    saves: dict[str, list[float]] = {k: [] for k in sides}
     for run in range(args.runs):
-        times["docker-overlay2"].append(time_docker_load(archive))
-        if args.docker_vfs:
-            times["docker-vfs"].append(time_docker_load(archive, "vfs"))
-        for drv in drivers:
-            times[f"lamina-{drv}"].append(time_lamina_load(archive, drv))
-        log(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
-    best = {k: min(v) for k, v in times.items()}
+        for side in sides:
+            kind, drv = side.split("-", 1)
+            ld, sv = time_docker(archive, drv) if kind == "docker" else time_lamina(archive, drv)
+            loads[side].append(ld)
+            saves[side].append(sv)
+        log(f"run {run + 1}: " + ", ".join(f"{k} load {loads[k][-1]:.2f}s save {saves[k][-1]:.2f}s"
+                                           for k in sides))
+    best = {k: min(v) for k, v in loads.items()}
+    best_save = {k: min(v) for k, v in saves.items()}
+    ref, ref_save = best["docker-overlay2"], best_save["docker-overlay2"]
     result = {"image_bytes": size, "layers": layers, "base": source, "runs": args.runs, "crc64": crc,
-              "seconds": best, "ratio": {}}
-    log(f"{'load':<22}{'best (s)':>10}{'ratio':>8}")
-    log(f"{'docker load overlay2':<22}{best['docker-overlay2']:>10.2f}{1:>8.2f}")
-    if "docker-vfs" in best:
-        log(f"{'docker load vfs':<22}{best['docker-vfs']:>10.2f}{best['docker-vfs'] / best['docker-overlay2']:>8.2f}")
-    for drv in drivers:
-        ratio = best[f"lamina-{drv}"] / best["docker-overlay2"]
-        result["ratio"][drv] = round(ratio, 3)
-        verdict = "ok" if ratio <= 1.2 else "over the 1.2 target"
-        log(f"{'lamina ' + drv:<22}{best[f'lamina-{drv}']:>10.2f}{ratio:>8.2f}  {verdict}")
+              "load_seconds": best, "save_seconds": best_save, "ratio": {}, "save_ratio": {}}
+    log(f"{'':<22}{'load (s)':>10}{'ratio':>8}{'save (s)':>10}{'ratio':>8}")
+    for side in sides:
+        ratio, sratio = best[side] / ref, best_save[side] / ref_save
+        verdict = ""
+        if side.startswith("lamina-"):
+            result["ratio"][side[7:]] = round(ratio, 3)
+            result["save_ratio"][side[7:]] = round(sratio, 3)
+            verdict = "  ok" if ratio <= 1.2 else "  load over the 1.2 target"
+        log(f"{side.replace('-', ' '):<22}{best[side]:>10.2f}{ratio:>8.2f}{best_save[side]:>10.2f}"
+            f"{sratio:>8.2f}{verdict}")
     (OUT / "bench_images.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
