@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -171,14 +172,31 @@ def test_cli_load_ls_inspect_rm(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.decode().startswith("lamina: cannot read ")
     assert len(res.stderr.decode().splitlines()) == 1
+    res = run_cli("create-rw", "c1", "--image", "cli/app:1", "--parent", "x", root=root)
+    assert res.returncode != 0 and b"--parent or --image" in res.stderr
+    res = run_cli("create-rw", "c1", "--image", "nope:1", root=root)
+    assert res.returncode == 1 and res.stderr.decode() == "lamina: image nope:1 not found\n"
     res = run_cli("image", "rm", "cli/app:1", root=root)
     assert res.returncode == 0, res.stderr.decode()
     assert json.loads(run_cli("--json", "ls", root=root).stdout) == []
 
 
+def test_two_loads_at_once_share_the_layers(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    archive = docker_save(tmp_path / "a.tar", [Image(_layers(), ["both:1"])])
+    assert run_cli("--driver", "vfs", "ls", root=root).returncode == 0  # make the store
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    cmd = [sys.executable, "-m", "lamina", "--root", str(root), "--json", "image", "load", str(archive)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    loaded = sorted(json.loads(o[0])["layers_loaded"] for o in outs)
+    assert loaded == [0, 3]  # the images lock makes the second find the first's layers
+    assert len(json.loads(run_cli("--json", "ls", root=root).stdout)) == 3
+
+
 def test_cli_progress_on_a_terminal(tmp_path: Path) -> None:
     """With stderr a terminal, load and save draw byte and layer progress there."""
-    import os
     import pty
 
     root = tmp_path / "store"
