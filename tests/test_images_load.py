@@ -138,6 +138,26 @@ def test_loading_a_name_moves_it(store: MemoryStore, tmp_path: Path) -> None:
     assert recs == {old.id: [], new.id: ["app:1"]}
 
 
+def test_a_leftover_layer_with_the_wrong_content_is_replaced(store: MemoryStore, tmp_path: Path) -> None:
+    img = _image("app:1", layer_tar({"a": b"1"}))
+    ids = _ids(img)
+    # what a load killed between apply and verify leaves: the chain ID, other content
+    store.apply_diff(ids[0], None, io.BytesIO(layer_tar({"evil": b"x"})))
+    result = load(store, docker_save(tmp_path / "a.tar", [img]))
+    assert result.layers_loaded == 2
+    assert store.files[ids[0]] == {"etc/os": b"base\n", "bin/sh": b"#!sh\n" * 1000}
+
+
+def test_a_wrong_layer_in_use_is_an_error(store: MemoryStore, tmp_path: Path) -> None:
+    img = _image("app:1", layer_tar({"a": b"1"}))
+    ids = _ids(img)
+    store.apply_diff(ids[0], None, io.BytesIO(layer_tar({"evil": b"x"})))
+    store.create_rw("ctr", ids[0])
+    with pytest.raises(ImageError, match=f"layer 1 .*: layer {ids[0]} exists in the store with DiffID"):
+        load(store, docker_save(tmp_path / "a.tar", [img]))
+    assert set(store.recs) == {ids[0], "ctr"}
+
+
 # -- verification: a bad image leaves nothing --------------------------------------------------
 
 

@@ -123,8 +123,7 @@ def _load_image(store: Store, records: ImageRecords, src: Source, spec: ImageSpe
         for i, (blob, chain) in enumerate(zip(spec.layers, chains, strict=True), 1):
             lid = layer_id(chain)
             what = f"{src.label}: layer {i} ({blob.path})"
-            if store.exists(lid):
-                _check_existing(store, lid, parent, what)
+            if store.exists(lid) and _reusable(store, records, lid, parent, blob.diff_id, what):
                 result.layers_reused += 1
             else:
                 if progress is not None:
@@ -144,12 +143,30 @@ def _load_image(store: Store, records: ImageRecords, src: Source, spec: ImageSpe
     return rec
 
 
-def _check_existing(store: Store, lid: str, parent: str | None, what: str) -> None:
-    """A layer found by chain ID must be an image layer on the expected parent."""
+def _reusable(store: Store, records: ImageRecords, lid: str, parent: str | None, diff_id: str,
+              what: str) -> bool:
+    """Whether the layer already named ``lid`` is this image's layer and can be reused.
+
+    It must be a read-only layer on the expected parent holding the expected DiffID (the
+    store records the DiffID of every applied tar). A layer that fails the DiffID test
+    is what a load killed between applying and verifying leaves behind: if nothing uses
+    it, it is removed here (False: load it again); if something does, that is an error.
+    """
     rec = store.layer(lid)
     if rec.rw or (rec.parent or None) != parent:
         raise ImageError(f"{what}: layer {lid} exists in the store but is not this image's layer "
                          f"(parent {rec.parent or 'none'}, expected {parent or 'none'})")
+    held = getattr(rec, "diff_id", None)
+    if held is None or held == diff_id:
+        return True
+    used = store.children(lid) or any(lid in r.layer_ids for r in records.all())
+    if used:
+        raise ImageError(f"{what}: layer {lid} exists in the store with DiffID {held}, not {diff_id}, "
+                         "and is in use; remove what uses it and load again")
+    log.warning("layer %s holds DiffID %s, not %s (an interrupted load?): loading it again",
+                lid, held, diff_id)
+    store.remove(lid)
+    return False
 
 
 def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: str | None,
