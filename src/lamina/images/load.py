@@ -29,6 +29,7 @@ from lamina.errors import ImageError, LaminaError, LayerNotFound
 from lamina.images import compress, dockersave, oci
 from lamina.images.digest import HashingReader, MeteredReader, layer_id, split_digest
 from lamina.images.records import ImageRecord, ImageRecords
+from lamina.images.refs import normalize
 from lamina.images.source import Source, open_source
 from lamina.images.spec import ImageSpec, LayerBlob
 
@@ -85,8 +86,6 @@ def load(store: Store, path: str | Path | None, *, stdin: IO[bytes] | None = Non
     with open_source(path, stdin=stdin, tmpdir=store.root / "tmp", progress=spool_progress) as src:
         specs = read_archive(src)
         if tag is not None:
-            from lamina.images.refs import normalize
-
             if len(specs) != 1:
                 raise ImageError(f"{src.label}: --tag needs an archive of one image, this one has {len(specs)}")
             specs[0].names = [normalize(tag)]
