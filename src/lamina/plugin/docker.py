@@ -243,7 +243,10 @@ class DockerPlugin:
     async def init(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.InitRequest.parse(body)
         log.info("Init: home %s, options %s", req.home, req.opts or "none")
+        before = self._store
         await self._run(self.initialise, req)
+        if self._store is not before:  # another store: its layers await nothing from us
+            self._awaiting_diff.clear()
         return wire.ok()
 
     async def capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
