@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from lamina.archive.change import Change
+from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
 
 #: What a driver returns from an optional native operation it cannot do for these
 #: arguments; the store then falls back to the naive, mount-and-walk way.
@@ -88,23 +89,6 @@ class DriverContext:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
-
-
-class FileGetter(abc.ABC):
-    """Opens a layer's files by their name in the layer tar (tar-split reassembly)."""
-
-    @abc.abstractmethod
-    def get(self, name: str) -> IO[bytes]:
-        """Open the file the tar called ``name`` (no leading "/")."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook: most getters hold nothing
-        """Release whatever the getter holds (a mount, open files)."""
-
-    def __enter__(self) -> FileGetter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Driver(abc.ABC):
@@ -219,3 +203,6 @@ class Driver(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: most drivers hold nothing
         """Release process resources (open fds); the store's mounts stay."""
+
+
+__all__ = ["NOT_NATIVE", "CreateOptions", "Driver", "DriverContext", "FileGetter"]

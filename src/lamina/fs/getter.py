@@ -7,11 +7,27 @@ each component is opened with O_NOFOLLOW beneath the layer root.
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 from typing import IO
 
-from lamina.drivers.base import FileGetter
+
+class FileGetter(abc.ABC):
+    """Opens a layer's files by their name in the layer tar (tar-split reassembly)."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> IO[bytes]:
+        """Open the file the tar called ``name`` (no leading "/")."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most getters hold nothing
+        """Release whatever the getter holds (a mount, open files)."""
+
+    def __enter__(self) -> FileGetter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class DirFileGetter(FileGetter):
