@@ -74,6 +74,7 @@ def worker(root: Path, wid: int, deadline: float) -> dict[str, object]:
     rng = random.Random(wid)
     ops: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    by_op: Counter[str] = Counter()  # refusals per "op kind"
     unexpected: list[str] = []
     held: Counter[str] = Counter()  # references this worker took and has not put
     pool = [f"L{i}" for i in range(POOL)]
@@ -116,14 +117,15 @@ def worker(root: Path, wid: int, deadline: float) -> dict[str, object]:
         except LaminaError as e:
             name = type(e).__name__
             errors[name] += 1
+            by_op[f"{op} {name}"] += 1
             if name not in EXPECTED:
                 unexpected.append(f"{op} {lid}: {name}: {e}")
         except Exception as e:  # noqa: BLE001 - the harness must report anything else
             unexpected.append(f"{op} {lid}: {type(e).__name__}: {e}")
     # exit holding what is held, as a client that dies would: cleanup must release it
     store.close()  # closes handles only; references stay in the records
-    return {"ops": dict(ops), "errors": dict(errors), "unexpected": unexpected[:20],
-            "held": dict(held)}
+    return {"ops": dict(ops), "errors": dict(errors), "by_op": dict(by_op),
+            "unexpected": unexpected[:20], "held": dict(held)}
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Result:
     seconds: float
     ops: Counter[str] = field(default_factory=Counter)
     refusals: Counter[str] = field(default_factory=Counter)
+    refusals_by_op: Counter[str] = field(default_factory=Counter)
     held_at_end: int = 0
     released_by_cleanup: int = 0
     failures: list[str] = field(default_factory=list)
@@ -173,6 +176,7 @@ def run(procs: int, seconds: float, driver: str | None, *, tmpdir: str | None = 
                 r = json.loads(out.decode().strip().splitlines()[-1])
                 result.ops.update(r["ops"])
                 result.refusals.update(r["errors"])
+                result.refusals_by_op.update(r["by_op"])
                 result.failures += r["unexpected"]
                 held.update(r["held"])
             result.held_at_end = sum(held.values())
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--driver", default=None)
+    ap.add_argument("-v", "--verbose", action="store_true", help="refusals per operation")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run(args.procs, args.seconds, args.driver)
     print(result.line())
+    if args.verbose:
+        print("refusals by operation: " + ", ".join(f"{k} {v}" for k, v in result.refusals_by_op.most_common()))
     for f in result.failures[:20]:
         print("  " + f)
     return 1 if result.failures else 0
