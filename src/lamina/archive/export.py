@@ -21,7 +21,9 @@ becomes a ``.wh.NAME`` file, an opaque directory is followed by ``DIR/.wh..wh..o
 Why hand-built headers and raw ``os.read``: the cost of an export is per entry, and
 :mod:`tarfile` spends far more per entry than the system calls do (see
 :mod:`lamina.archive.tarwriter`). Memory stays bounded: small entries gather in one
-buffer flushed at about 1 MiB, big files pass through in 1 MiB reads.
+buffer flushed at about 1 MiB, big files pass through in 1 MiB reads. The buffer is a
+list of pieces joined once per flush: appending to a ``bytearray`` that is cleared after
+each flush re-grows it in small steps, copying it dozens of times per megabyte.
 """
 
 from __future__ import annotations
@@ -153,7 +155,9 @@ class _TarWriter:
         self.overlay_ns = opaque_xattr.rsplit(".", 1)[0] + "." if overlay else ""
         self.map_uid = host_to_container(uid_map, "uid")
         self.map_gid = host_to_container(gid_map, "gid")
-        self.buf = bytearray()
+        #: pending output pieces and their total size (joined and yielded at CHUNK)
+        self.parts: list[bytes] = []
+        self.pending = 0
         #: (st_dev, st_ino) -> the first name written for an inode with several links
         self.seen: dict[tuple[int, int], bytes] = {}
         self.xattrs_supported = True
@@ -167,18 +171,17 @@ class _TarWriter:
         path: open, fstat and flistxattr on the descriptor (cheaper than by path), and a
         plain ustar header. Everything else goes through :meth:`add`.
         """
-        buf = self.buf
+        parts = self.parts
         add = self.add
         map_uid, map_gid = self.map_uid, self.map_gid
         mapped = map_uid is not None or map_gid is not None
         list_fd = self._list_fd
-        fits = tw.fits_ustar
-        block = tw.ustar_block
-        regtype = tw.REGTYPE
-        pad = tw.padding
+        file_block = tw.file_block
+        pads = tw.PADDING
         os_open, fstat, os_read, os_close = os.open, os.fstat, os.read, os.close
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-        S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
+        S_ISDIR = stat.S_ISDIR
+        S_IFMT, S_IFREG = 0o170000, stat.S_IFREG
         big_file = _BIG_FILE
         stack = [(b"", iter(_entries(self.prefix)))]
         while stack:
@@ -192,17 +195,22 @@ class _TarWriter:
                         fd = os_open(path, flags)
                         st = fstat(fd)
                         if (
-                            S_ISREG(st.st_mode)
+                            st.st_mode & S_IFMT == S_IFREG
                             and st.st_nlink == 1
                             and not list_fd(fd)
                             and not (mapped and entry.name.startswith(WHITEOUT_PREFIX))
                         ):
                             size = st.st_size
-                            mtime = st.st_mtime_ns // 1_000_000_000
-                            uid = st.st_uid if map_uid is None else map_uid(st.st_uid, rel)
-                            gid = st.st_gid if map_gid is None else map_gid(st.st_gid, rel)
-                            if fits(rel, uid, gid, size, mtime):
-                                buf += block(rel, st.st_mode, uid, gid, size, mtime, regtype)
+                            hdr = file_block(
+                                rel,
+                                st.st_mode,
+                                st.st_uid if map_uid is None else map_uid(st.st_uid, rel),
+                                st.st_gid if map_gid is None else map_gid(st.st_gid, rel),
+                                size,
+                                st.st_mtime_ns // 1_000_000_000,
+                            )
+                            if hdr is not None:
+                                parts.append(hdr)
                                 if size > big_file:
                                     sfd, fd = fd, -1  # _stream closes it
                                     yield from self._stream(sfd, size, path)
@@ -211,20 +219,19 @@ class _TarWriter:
                                     data = os_read(fd, size)
                                     if len(data) < size:
                                         data = _read_rest(fd, data, size, path)
-                                    buf += data
-                                    buf += pad(size)
-                                if len(buf) >= CHUNK:
-                                    yield bytes(buf)
-                                    buf.clear()
+                                    parts.append(data)
+                                    parts.append(pads[size & 511])
+                                self.pending += 1023 + size  # near enough to decide a flush
+                                if self.pending >= CHUNK:
+                                    yield self._flush()
                                 continue
                     else:
                         st = entry.stat(follow_symlinks=False)
                     big = add(rel, path, st, fd)
                     if big is not None:
                         yield from self._stream(*big)
-                    elif len(buf) >= CHUNK:
-                        yield bytes(buf)
-                        buf.clear()
+                    elif self.pending >= CHUNK:
+                        yield self._flush()
                 except FileNotFoundError:
                     log.warning("export: %s vanished while being read; left out", os.fsdecode(path))
                     continue
@@ -240,12 +247,10 @@ class _TarWriter:
                     break
             else:
                 stack.pop()
-        buf += tw.END_OF_ARCHIVE
-        yield bytes(buf)
-        buf.clear()
+        self._put(tw.END_OF_ARCHIVE)
+        yield self._flush()
 
     def changes(self, changes: Sequence[Change]) -> Iterator[bytes]:
-        buf = self.buf
         now = int(time.time())
         for change in sorted(changes, key=lambda c: os.fsencode(c.path)):
             rel = os.fsencode(change.path).strip(b"/")
@@ -254,7 +259,7 @@ class _TarWriter:
             if change.kind == ChangeKind.DELETE:
                 head, _, base = rel.rpartition(b"/")
                 name = (head + b"/" if head else b"") + WHITEOUT_PREFIX + base
-                buf += tw.header(name, 0, 0, 0, 0, now, tw.REGTYPE)
+                self._put(tw.header(name, 0, 0, 0, 0, now, tw.REGTYPE))
             else:
                 path = self.prefix + rel
                 try:
@@ -265,12 +270,20 @@ class _TarWriter:
                 big = self.add(rel, path, st)
                 if big is not None:
                     yield from self._stream(*big)
-            if len(buf) >= CHUNK:
-                yield bytes(buf)
-                buf.clear()
-        buf += tw.END_OF_ARCHIVE
-        yield bytes(buf)
-        buf.clear()
+            if self.pending >= CHUNK:
+                yield self._flush()
+        self._put(tw.END_OF_ARCHIVE)
+        yield self._flush()
+
+    def _put(self, piece: bytes) -> None:
+        self.parts.append(piece)
+        self.pending += len(piece)
+
+    def _flush(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        self.pending = 0
+        return out
 
     # -- one entry ----------------------------------------------------------------
 
@@ -299,7 +312,7 @@ class _TarWriter:
             # overlay whiteout -> .wh.NAME; kernel-made, so its owner is left unmapped
             head, _, base = rel.rpartition(b"/")
             name = (head + b"/" if head else b"") + WHITEOUT_PREFIX + base
-            self.buf += tw.header(name, 0o600, st.st_uid, st.st_gid, 0, st.st_mtime_ns // 1_000_000_000, tw.REGTYPE)
+            self._put(tw.header(name, 0o600, st.st_uid, st.st_gid, 0, st.st_mtime_ns // 1_000_000_000, tw.REGTYPE))
             return None
 
         uid, gid = st.st_uid, st.st_gid
@@ -321,7 +334,7 @@ class _TarWriter:
                 key = (st.st_dev, st.st_ino)
                 first = self.seen.get(key)
                 if first is not None:
-                    self.buf += tw.header(name, mode, uid, gid, 0, mtime, tw.LNKTYPE, first, 0, 0, xattrs)
+                    self._put(tw.header(name, mode, uid, gid, 0, mtime, tw.LNKTYPE, first, 0, 0, xattrs))
                     return None
                 self.seen[key] = name
             if fmt == stat.S_IFREG:
@@ -332,11 +345,11 @@ class _TarWriter:
         devmajor = devminor = 0
         if fmt == stat.S_IFCHR or fmt == stat.S_IFBLK:
             devmajor, devminor = os.major(rdev), os.minor(rdev)
-        self.buf += tw.header(name, mode, uid, gid, size, mtime, flag, linkname, devmajor, devminor, xattrs)
+        self._put(tw.header(name, mode, uid, gid, size, mtime, flag, linkname, devmajor, devminor, xattrs))
 
         if opaque:
             # Docker's marker keeps the directory's permission bits and owner; mtime 0
-            self.buf += tw.header(name + OPAQUE_MARKER, mode & 0o777, uid, gid, 0, 0, tw.REGTYPE)
+            self._put(tw.header(name + OPAQUE_MARKER, mode & 0o777, uid, gid, 0, 0, tw.REGTYPE))
         if size:
             own = fd < 0
             if own:
@@ -350,19 +363,17 @@ class _TarWriter:
             finally:
                 if own:
                     os.close(fd)
-            self.buf += data
-            self.buf += tw.padding(size)
+            self._put(data)
+            self._put(tw.padding(size))
         return None
 
     def _stream(self, fd: int, size: int, path: bytes) -> Iterator[bytes]:
         """Yield the pending buffer, then a big file's data in CHUNK reads, then keep its
         padding in the buffer. A file that shrank since its lstat is padded with zeros,
         one that grew is cut, so the header stays true."""
-        buf = self.buf
         try:
-            if buf:
-                yield bytes(buf)
-                buf.clear()
+            if self.parts:
+                yield self._flush()
             left = size
             while left:
                 data = os.read(fd, CHUNK if left > CHUNK else left)
@@ -377,7 +388,7 @@ class _TarWriter:
                 yield data
         finally:
             os.close(fd)
-        buf += tw.padding(size)
+        self._put(tw.padding(size))
 
     def _list_fd(self, fd: int) -> list[str]:
         """flistxattr, or [] where the filesystem has no xattrs (remembered)."""
