@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -100,19 +101,29 @@ def tree_stats(root: Path) -> tuple[int, int, int]:
 SYNC = True
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (GNU tar), user + system."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_timed(runs: int, setup: Callable[[int], None], body: Callable[[int], None],
-              teardown: Callable[[int], None]) -> list[float]:
-    """Time ``body(i)`` for each run; setup/teardown (and a sync) are not timed."""
-    times = []
+              teardown: Callable[[int], None]) -> tuple[list[float], list[float]]:
+    """Time ``body(i)`` for each run, wall clock and CPU; setup/teardown (and a sync)
+    are not timed."""
+    wall, cpu = [], []
     for i in range(runs):
         setup(i)
         if SYNC:
             os.sync()
+        c0 = cpu_seconds()
         t0 = time.perf_counter()
         body(i)
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(cpu_seconds() - c0)
         teardown(i)
-    return times
+    return wall, cpu
 
 
 def rm(path: Path) -> None:
@@ -134,27 +145,34 @@ def copy_stream(stream, out: Path) -> None:
 
 
 class Row:
-    """One line of the report: a label and its run times."""
+    """One line of the report: a label and its run times (wall clock and CPU)."""
 
-    def __init__(self, label: str, times: list[float]) -> None:
+    def __init__(self, label: str, timed: tuple[list[float], list[float]]) -> None:
         self.label = label
-        self.times = times
+        self.times, self.cpu_times = timed
 
     @property
     def best(self) -> float:
         return min(self.times)
 
     @property
+    def best_cpu(self) -> float:
+        return min(self.cpu_times)
+
+    def cpu_ratio(self, base: Row) -> float:
+        return self.best_cpu / max(base.best_cpu, 1e-6)
+
+    @property
     def median(self) -> float:
         return statistics.median(self.times)
 
     def line(self, base: Row | None = None, target: float | None = None) -> str:
-        s = f"    {self.label:<22} {self.best:8.3f} s  [median {self.median:.3f}]"
+        s = f"    {self.label:<22} {self.best:8.3f} s  [median {self.median:.3f}, cpu {self.best_cpu:.3f}]"
         if base is not None:
             r = self.best / base.best
-            s += f"   ratio {r:.2f}x"
+            s += f"   ratio {r:.2f}x (cpu {self.cpu_ratio(base):.2f}x)"
             if target is not None:
-                s += f" (target <= {target}x: {'ok' if r <= target else 'OVER'})"
+                s += f" target <= {target}x: {'ok' if r <= target else 'OVER'}"
         return s
 
 
@@ -225,6 +243,7 @@ def bench_dataset(ds: Dataset, lam: Lamina, work: Path, runs: int) -> dict[str, 
         row = Row("store.apply_diff", run_timed(runs, lambda i: None, store_apply, drop_layer))
         print(row.line(gnu_x, TARGET))
         ratios[f"{ds.name}.apply"] = row.best / gnu_x.best
+        ratios[f"{ds.name}.apply.cpu"] = row.cpu_ratio(gnu_x)
         applied = ids[-1]
     if lam.apply_tar is not None:
         def engine_apply(i: int) -> None:
@@ -234,6 +253,7 @@ def bench_dataset(ds: Dataset, lam: Lamina, work: Path, runs: int) -> dict[str, 
         row = Row("apply_tar (engine)", run_timed(runs, fresh_dir, engine_apply, clear))
         print(row.line(gnu_x, TARGET if lam.store is None else None))
         ratios.setdefault(f"{ds.name}.apply", row.best / gnu_x.best)
+        ratios.setdefault(f"{ds.name}.apply.cpu", row.cpu_ratio(gnu_x))
 
     # diff
     print("  diff")
@@ -249,6 +269,7 @@ def bench_dataset(ds: Dataset, lam: Lamina, work: Path, runs: int) -> dict[str, 
             lambda i: None))
         print(row.line(gnu_c, TARGET))
         ratios[f"{ds.name}.diff"] = row.best / gnu_c.best
+        ratios[f"{ds.name}.diff.cpu"] = row.cpu_ratio(gnu_c)
         if out.read_bytes() != layer_tar.read_bytes():
             print("    NOTE: store.diff did not give back the applied tar byte for byte")
         rm(out)
@@ -256,6 +277,7 @@ def bench_dataset(ds: Dataset, lam: Lamina, work: Path, runs: int) -> dict[str, 
         runs, lambda i: rm(out), lambda i: write_chunks(tar_tree(tree), out), lambda i: rm(out)))
     print(row.line(gnu_c, TARGET if lam.store is None else None))
     ratios.setdefault(f"{ds.name}.diff", row.best / gnu_c.best)
+    ratios.setdefault(f"{ds.name}.diff.cpu", row.cpu_ratio(gnu_c))
     rm(tree)
     return ratios | ({"_layer": applied} if applied else {})  # type: ignore[dict-item]
 
