@@ -276,15 +276,29 @@ def _mount_overlay(target: Path, lowers: Sequence[Path], upper: Path | None, wor
     With the new mount API each lower is its own ``lowerdir+``; else one mount(2) option
     string, retried with ``short_lowers`` (paths relative to ``legacy_from``) when the
     absolute one does not fit in a page.
+
+    With ``lowerdir+`` the short names are used too, whenever given: the kernel shows
+    each lower as it was passed in ``/proc/self/mountinfo``, and 500 absolute layer paths
+    make a line past the 64 KiB that runc (and other readers) accept, which breaks every
+    container start on the host while the mount exists.
     """
-    if feats.lowerdir_plus and legacy_from is None:
+    if feats.lowerdir_plus:
+        relative = legacy_from is not None and len(short_lowers) == len(lowers)
         options: list[tuple[str, str | os.PathLike[str]]] = list(feats.options)
-        options += [("lowerdir+", p) for p in lowers]
+        options += [("lowerdir+", p) for p in (short_lowers if relative else lowers)]
         if upper is not None and work is not None:
             options += [("upperdir", upper), ("workdir", work)]
         flags = (["userxattr"] if feats.userxattr else []) + (["ro"] if readonly else [])
-        newmount.mount_fs("overlay", target, source="overlay", flags=flags, options=options,
-                          attrs=newmount.MOUNT_ATTR_RDONLY if readonly else 0)
+
+        def do_mount() -> None:
+            newmount.mount_fs("overlay", target, source="overlay", flags=flags, options=options,
+                              attrs=newmount.MOUNT_ATTR_RDONLY if readonly else 0)
+
+        if relative:
+            assert legacy_from is not None
+            _in_directory(legacy_from, do_mount)
+        else:
+            do_mount()
         return
     data = _legacy_options(feats, [str(p) for p in lowers], upper, work)
     limit = os.sysconf("SC_PAGE_SIZE") - 1
@@ -611,8 +625,7 @@ class OverlayDriver(Driver):
             _mount_overlay(
                 merged, [self._upper(p) for p in parents], upper, upper.parent / "work",
                 feats=self.features, readonly=committed,
-                legacy_from=None if self.features.lowerdir_plus else self.ctx.root,
-                short_lowers=self._lowers(layer_id),
+                legacy_from=self.ctx.root, short_lowers=self._lowers(layer_id),
             )
         except OSError as e:
             raise LaminaError(f"layer {layer_id}: overlay mount failed: {e.strerror or e}") from e
