@@ -741,7 +741,7 @@ def run(ops: list[str], points: int, *, files: int, file_size: int, driver: str 
                 if isinstance(op, RmOp):
                     op.store = store
                 fig = crash_operation(op, store, probe, points, log, verbose,
-                                      timing_runs=3 if points >= 50 else 1)
+                                      timing_runs=3 if points >= 50 else 2)
                 complaint = cli_check(root)
                 if complaint:
                     fig.problems.append(f"lamina check at the end: {complaint}")
