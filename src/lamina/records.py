@@ -102,17 +102,29 @@ class Records:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One atomic read-check-write step, serialised across threads and processes."""
+    def write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One atomic read-check-write step, serialised across threads and processes.
+
+        ``durable=False`` skips the fsync at commit (still atomic, still crash-safe for a
+        killed process). For mount references only: they belong to one boot and are reset
+        after a reboot, so surviving a power loss would buy nothing, and get/put sit on
+        every container start.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                else:
+                    self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

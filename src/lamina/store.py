@@ -328,7 +328,7 @@ class Store:
         """Take a reference; ``complete_only=False`` lets apply mount its own half-made layer."""
         pid, start = liveness.me()
         boot = liveness.boot_id()
-        with self.records.write() as db:
+        with self.records.write(durable=False) as db:
             rec = Records.get(db, layer_id)
             if rec is None or (complete_only and not rec.complete):
                 raise LayerNotFound(f"layer {layer_id} not found")
@@ -358,7 +358,7 @@ class Store:
         """
         check_id(layer_id)
         pid, start = liveness.me()
-        with self.records.write() as db:
+        with self.records.write(durable=False) as db:
             if Records.get(db, layer_id) is None:
                 raise LayerNotFound(f"layer {layer_id} not found")
             row = self._pick_ref(db, layer_id, persistent, pid, start)
