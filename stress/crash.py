@@ -636,7 +636,12 @@ def strike(attempt: Attempt, probe: Probe, point: KillPoint) -> tuple[bool, bool
 def inspect(store: Store, before: set[str], attempt: Attempt) -> tuple[list[str], list[str]]:
     """Run cleanup and check; return (what cleanup mended, problems)."""
     problems: list[str] = []
-    mended = store.cleanup()
+    try:
+        mended = store.cleanup()
+    except Exception as e:  # noqa: BLE001 - a cleanup that fails is the finding
+        problems.append(f"cleanup failed: {type(e).__name__}: {e}")
+        time.sleep(1)  # e.g. a child of the killed process still writing: let it finish
+        mended = store.cleanup()
     found, _ = check(store)
     problems += [f"check after cleanup: {p}" for p in found]
     ids = {r.id for r in store.layers()}
