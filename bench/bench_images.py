@@ -12,9 +12,11 @@ Each measurement starts from nothing: a fresh private dockerd (overlay2, its own
 data-root; ``tests/dockerd.py``) for ``docker load -i``, a fresh store for
 ``lamina --driver D image load`` (the CLI, in its own process, like the docker CLI). The
 archive is read once beforehand so both sides start with it in the page cache; sides
-alternate, best of ``--runs``. Reported: seconds and the ratio lamina / docker
-(target ≤ 1.2 for load); ``docker save`` against ``lamina image save`` of the loaded image
-is timed too, for information. Needs root and Debian's docker.io; without them it says so and exits 0.
+alternate, best of ``--runs``. Reported: wall-clock seconds and the ratio lamina /
+docker (target ≤ 1.2 for load), and CPU seconds (dockerd's and the CLI's; lamina's
+process) with their ratio, steadier than wall clock on a shared machine. ``docker
+save`` against ``lamina image save`` of the loaded image is timed too, for information.
+Needs root and Debian's docker.io; without them it says so and exits 0.
 
     python bench/bench_images.py [--drivers vfs,overlay] [--runs 2] [--docker-vfs] [--rebuild]
 """
@@ -24,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -118,43 +122,70 @@ def _warm(path: Path) -> None:
             pass
 
 
-def time_docker(archive: Path, driver: str = "overlay2") -> tuple[float, float]:
-    """Seconds for ``docker load -i`` into a fresh dockerd, then for ``docker save -o``."""
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's reaped children so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds of a live process and its reaped children (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Timing:
+    """Wall-clock and CPU seconds of one load and the save after it."""
+
+    load: float
+    load_cpu: float
+    save: float
+    save_cpu: float
+
+
+def time_docker(archive: Path, driver: str = "overlay2") -> Timing:
+    """``docker load -i`` into a fresh dockerd, then ``docker save -o``. CPU time is the
+    docker CLI's plus dockerd's own (the daemon does the work)."""
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         d = DockerDaemon(Path(tmp) / "d", storage_driver=driver)
         try:
             d.start()
-            t0 = time.perf_counter()
+            assert d.proc is not None
+            pid = d.proc.pid
+            c0, p0, t0 = _children_cpu(), _proc_cpu(pid), time.perf_counter()
             d.docker("load", "-i", str(archive))
-            t1 = time.perf_counter()
+            c1, p1, t1 = _children_cpu(), _proc_cpu(pid), time.perf_counter()
             d.docker("save", "-o", str(Path(tmp) / "saved.tar"), IMAGE)
-            t2 = time.perf_counter()
+            c2, p2, t2 = _children_cpu(), _proc_cpu(pid), time.perf_counter()
         finally:
             d.close()
             subprocess.run(["rm", "-rf", str(Path(tmp) / "d")], check=False)
-    return t1 - t0, t2 - t1
+    return Timing(t1 - t0, (c1 - c0) + (p1 - p0), t2 - t1, (c2 - c1) + (p2 - p1))
 
 
-def time_lamina(archive: Path, driver: str) -> tuple[float, float]:
-    """Seconds for ``lamina image load`` into a fresh store, then for ``image save -o``."""
+def time_lamina(archive: Path, driver: str) -> Timing:
+    """``lamina image load`` into a fresh store, then ``lamina image save -o``."""
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         root = Path(tmp) / "store"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p))
         base = [sys.executable, "-m", "lamina", "--root", str(root), "--driver", driver, "image"]
-        t0 = time.perf_counter()
+        c0, t0 = _children_cpu(), time.perf_counter()
         res = subprocess.run([*base, "load", str(archive)], capture_output=True, text=True, env=env)
-        t1 = time.perf_counter()
+        c1, t1 = _children_cpu(), time.perf_counter()
         if res.returncode != 0:
             raise RuntimeError(f"lamina image load failed: {res.stderr.strip()}")
         res = subprocess.run([*base, "save", "-o", str(Path(tmp) / "saved.tar"), IMAGE],
                              capture_output=True, text=True, env=env)
-        t2 = time.perf_counter()
+        c2, t2 = _children_cpu(), time.perf_counter()
         if res.returncode != 0:
             raise RuntimeError(f"lamina image save failed: {res.stderr.strip()}")
         subprocess.run([sys.executable, "-m", "lamina", "--root", str(root), "cleanup", "--unmount-all"],
                        capture_output=True, env=env, check=False)
-    return t1 - t0, t2 - t1
+    return Timing(t1 - t0, c1 - c0, t2 - t1, c2 - c1)
 
 
 def _driver_available(driver: str) -> str | None:
@@ -197,31 +228,32 @@ def main() -> int:
         else:
             drivers.append(drv)
     sides = ["docker-overlay2", *(["docker-vfs"] if args.docker_vfs else []), *(f"lamina-{d}" for d in drivers)]
-    loads: dict[str, list[float]] = {k: [] for k in sides}
-    saves: dict[str, list[float]] = {k: [] for k in sides}
+    runs: dict[str, list[Timing]] = {k: [] for k in sides}
     for run in range(args.runs):
         for side in sides:
             kind, drv = side.split("-", 1)
-            ld, sv = time_docker(archive, drv) if kind == "docker" else time_lamina(archive, drv)
-            loads[side].append(ld)
-            saves[side].append(sv)
-        log(f"run {run + 1}: " + ", ".join(f"{k} load {loads[k][-1]:.2f}s save {saves[k][-1]:.2f}s"
-                                           for k in sides))
-    best = {k: min(v) for k, v in loads.items()}
-    best_save = {k: min(v) for k, v in saves.items()}
-    ref, ref_save = best["docker-overlay2"], best_save["docker-overlay2"]
-    result = {"image_bytes": size, "layers": layers, "base": source, "runs": args.runs, "crc64": crc,
-              "load_seconds": best, "save_seconds": best_save, "ratio": {}, "save_ratio": {}}
-    log(f"{'':<22}{'load (s)':>10}{'ratio':>8}{'save (s)':>10}{'ratio':>8}")
+            runs[side].append(time_docker(archive, drv) if kind == "docker" else time_lamina(archive, drv))
+        log(f"run {run + 1}: " + ", ".join(
+            f"{k} load {runs[k][-1].load:.2f}s (cpu {runs[k][-1].load_cpu:.2f}) save {runs[k][-1].save:.2f}s"
+            for k in sides))
+    best = {k: Timing(*(min(getattr(t, f) for t in v) for f in ("load", "load_cpu", "save", "save_cpu")))
+            for k, v in runs.items()}
+    ref = best["docker-overlay2"]
+    result: dict[str, object] = {
+        "image_bytes": size, "layers": layers, "base": source, "runs": args.runs, "crc64": crc,
+        "best": {k: vars(v) for k, v in best.items()}, "ratio": {}, "cpu_ratio": {}, "save_ratio": {}}
+    log(f"{'best of ' + str(args.runs):<20}{'load s':>8}{'ratio':>7}{'cpu s':>8}{'ratio':>7}"
+        f"{'save s':>8}{'ratio':>7}")
     for side in sides:
-        ratio, sratio = best[side] / ref, best_save[side] / ref_save
+        t = best[side]
+        ratio, cpu_ratio, save_ratio = t.load / ref.load, t.load_cpu / ref.load_cpu, t.save / ref.save
         verdict = ""
         if side.startswith("lamina-"):
-            result["ratio"][side[7:]] = round(ratio, 3)
-            result["save_ratio"][side[7:]] = round(sratio, 3)
+            for key, value in (("ratio", ratio), ("cpu_ratio", cpu_ratio), ("save_ratio", save_ratio)):
+                result[key][side[7:]] = round(value, 3)  # type: ignore[index]
             verdict = "  ok" if ratio <= 1.2 else "  load over the 1.2 target"
-        log(f"{side.replace('-', ' '):<22}{best[side]:>10.2f}{ratio:>8.2f}{best_save[side]:>10.2f}"
-            f"{sratio:>8.2f}{verdict}")
+        log(f"{side.replace('-', ' '):<20}{t.load:>8.2f}{ratio:>7.2f}{t.load_cpu:>8.2f}{cpu_ratio:>7.2f}"
+            f"{t.save:>8.2f}{save_ratio:>7.2f}{verdict}")
     (OUT / "bench_images.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
