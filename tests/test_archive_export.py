@@ -366,6 +366,22 @@ def test_tar_changes_is_not_recursive_and_skips_vanished(tmp_path: Path) -> None
     assert _gnu_list(data) == ["dir/"]
 
 
+def test_tar_changes_never_reads_through_a_swapped_symlink(tmp_path: Path) -> None:
+    """A live container replaces a changed file's directory by a symlink to the host
+    between changes and export: the entry is left out, nothing outside is read."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write(outside / "secret", "host data")
+    write(root / "dir" / "secret", "layer data")
+    changes = [Change("/dir", M), Change("/dir/secret", A)]
+    shutil.rmtree(root / "dir")
+    os.symlink(outside, root / "dir")
+    data = as_bytes(tar_changes(root, changes))
+    assert b"host data" not in data
+    m = by_name(data)
+    assert "dir/secret" not in m
+    assert m["dir"].issym()  # the entry itself is what is there now: a symlink
+
+
 def test_tar_changes_roundtrip_with_apply(tmp_path: Path) -> None:
     """old + export(changes(new, old)) == new, through the apply engine."""
     apply_mod = pytest.importorskip("lamina.archive.apply", reason="apply engine not written yet")

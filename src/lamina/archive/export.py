@@ -40,6 +40,7 @@ from typing import Literal
 from lamina.archive import tarwriter as tw
 from lamina.archive.change import Change, ChangeKind
 from lamina.errors import InvalidArchive, UnsupportedFilesystem
+from lamina.fs.safepath import UnsafePath, clean_parts, open_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ _CAP_XATTR = "security.capability"
 _VFS_CAP_REVISION_2 = 0x02
 _VFS_CAP_REVISION_3 = 0x03
 _VFS_CAP_V2_SIZE = 20
+
+#: regular files: never follow, never block (a fifo swapped in), never a tty
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _TYPEFLAG = {
     stat.S_IFREG: tw.REGTYPE,
@@ -136,7 +141,15 @@ def host_to_container(idmap: IDMap, what: str) -> Callable[[int, bytes], int] | 
 
 class _TarWriter:
     """The state of one export: the output buffer, inodes seen (for hardlinks), and the
-    options. One instance per stream."""
+    options. One instance per stream.
+
+    Entries are reached from directory descriptors, never by re-resolving a path: each
+    directory of the walk is opened with ``O_NOFOLLOW`` from its parent's descriptor,
+    and each entry is opened, stat'ed and read relative to that descriptor. A live tree
+    (a running container) that swaps a directory for a symlink mid-walk therefore
+    cannot lead the export outside the root. Xattrs of entries that cannot be opened
+    (symlinks, devices, fifos) are read through ``/proc/self/fd/<dir>/<name>``.
+    """
 
     def __init__(
         self,
@@ -146,7 +159,8 @@ class _TarWriter:
         uid_map: IDMap,
         gid_map: IDMap,
     ) -> None:
-        #: the root with one trailing "/", ready to be joined with a tar name
+        self.root = root
+        #: the root with one trailing "/", for messages
         self.prefix = root.rstrip(b"/") + b"/"
         self.overlay = overlay
         self.opaque_xattr = opaque_xattr
@@ -161,6 +175,7 @@ class _TarWriter:
         #: (st_dev, st_ino) -> the first name written for an inode with several links
         self.seen: dict[tuple[int, int], bytes] = {}
         self.xattrs_supported = True
+        self.proc_fd = os.path.isdir("/proc/self/fd")
 
     # -- walks ------------------------------------------------------------------
 
@@ -178,100 +193,125 @@ class _TarWriter:
         list_fd = self._list_fd
         file_block = tw.file_block
         pads = tw.PADDING
-        os_open, fstat, os_read, os_close = os.open, os.fstat, os.read, os.close
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        os_open, fstat, os_read, os_close, lstat = os.open, os.fstat, os.read, os.close, os.lstat
+        flags = _FILE_FLAGS
         S_ISDIR = stat.S_ISDIR
         S_IFMT, S_IFREG = 0o170000, stat.S_IFREG
         big_file = _BIG_FILE
-        stack = [(b"", iter(_entries(self.prefix)))]
-        while stack:
-            rel_prefix, entries = stack[-1]
-            for entry in entries:
-                rel = rel_prefix + entry.name
-                path = entry.path
-                fd = -1
-                try:
-                    if entry.is_file(follow_symlinks=False):
-                        fd = os_open(path, flags)
-                        st = fstat(fd)
-                        if (
-                            st.st_mode & S_IFMT == S_IFREG
-                            and st.st_nlink == 1
-                            and not list_fd(fd)
-                            and not (mapped and entry.name.startswith(WHITEOUT_PREFIX))
-                        ):
-                            size = st.st_size
-                            hdr = file_block(
-                                rel,
-                                st.st_mode,
-                                st.st_uid if map_uid is None else map_uid(st.st_uid, rel),
-                                st.st_gid if map_gid is None else map_gid(st.st_gid, rel),
-                                size,
-                                st.st_mtime_ns // 1_000_000_000,
-                            )
-                            if hdr is not None:
-                                parts.append(hdr)
-                                if size > big_file:
-                                    sfd, fd = fd, -1  # _stream closes it
-                                    yield from self._stream(sfd, size, path)
-                                    continue
-                                if size:
-                                    data = os_read(fd, size)
-                                    if len(data) < size:
-                                        data = _read_rest(fd, data, size, path)
-                                    parts.append(data)
-                                    parts.append(pads[size & 511])
-                                self.pending += 1023 + size  # near enough to decide a flush
-                                if self.pending >= CHUNK:
-                                    yield self._flush()
-                                continue
-                    else:
-                        st = entry.stat(follow_symlinks=False)
-                    big = add(rel, path, st, fd)
-                    if big is not None:
-                        yield from self._stream(*big)
-                    elif self.pending >= CHUNK:
-                        yield self._flush()
-                except FileNotFoundError:
-                    log.warning("export: %s vanished while being read; left out", os.fsdecode(path))
-                    continue
-                finally:
-                    if fd >= 0:
-                        os_close(fd)
-                if S_ISDIR(st.st_mode):
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack: list[tuple[bytes, int, Iterator[tuple[bytes, os.DirEntry[str]]]]] = []
+        try:
+            stack.append((b"", root_fd, iter(_entries(root_fd))))
+        except BaseException:
+            os_close(root_fd)
+            raise
+        try:
+            while stack:
+                rel_prefix, dfd, entries = stack[-1]
+                for name, entry in entries:
+                    rel = rel_prefix + name
+                    fd = -1
                     try:
-                        children = _entries(path + b"/")
+                        if entry.is_file(follow_symlinks=False):
+                            fd = os_open(name, flags, dir_fd=dfd)
+                            st = fstat(fd)
+                            if (
+                                st.st_mode & S_IFMT == S_IFREG
+                                and st.st_nlink == 1
+                                and not list_fd(fd)
+                                and not (mapped and name.startswith(WHITEOUT_PREFIX))
+                            ):
+                                size = st.st_size
+                                hdr = file_block(
+                                    rel,
+                                    st.st_mode,
+                                    st.st_uid if map_uid is None else map_uid(st.st_uid, rel),
+                                    st.st_gid if map_gid is None else map_gid(st.st_gid, rel),
+                                    size,
+                                    st.st_mtime_ns // 1_000_000_000,
+                                )
+                                if hdr is not None:
+                                    parts.append(hdr)
+                                    if size > big_file:
+                                        sfd, fd = fd, -1  # _stream closes it
+                                        yield from self._stream(sfd, size, rel)
+                                        continue
+                                    if size:
+                                        data = os_read(fd, size)
+                                        if len(data) < size:
+                                            data = _read_rest(fd, data, size, rel)
+                                        parts.append(data)
+                                        parts.append(pads[size & 511])
+                                    self.pending += 1023 + size  # near enough to decide a flush
+                                    if self.pending >= CHUNK:
+                                        yield self._flush()
+                                    continue
+                        elif entry.is_dir(follow_symlinks=False):
+                            try:
+                                fd = os_open(name, _DIR_FLAGS, dir_fd=dfd)
+                                st = fstat(fd)
+                            except OSError as e:
+                                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                                    raise
+                                st = lstat(name, dir_fd=dfd)  # no longer a directory
+                        else:
+                            st = lstat(name, dir_fd=dfd)
+                        big = add(rel, dfd, name, st, fd)
+                        if big is not None:
+                            yield from self._stream(*big)
+                        elif self.pending >= CHUNK:
+                            yield self._flush()
+                        if fd >= 0 and S_ISDIR(st.st_mode):
+                            children = _entries(fd)
+                            stack.append((rel + b"/", fd, iter(children)))
+                            fd = -1  # the stack owns it now
+                            break
                     except FileNotFoundError:
-                        continue
-                    stack.append((rel + b"/", iter(children)))
-                    break
-            else:
-                stack.pop()
+                        log.warning("export: %s vanished while being read; left out", self._shown(rel))
+                    finally:
+                        if fd >= 0:
+                            os_close(fd)
+                else:
+                    stack.pop()
+                    os_close(dfd)
+        finally:
+            for _, dfd, _ in stack:
+                os_close(dfd)
         self._put(tw.END_OF_ARCHIVE)
         yield self._flush()
 
     def changes(self, changes: Sequence[Change]) -> Iterator[bytes]:
         now = int(time.time())
-        for change in sorted(changes, key=lambda c: os.fsencode(c.path)):
-            rel = os.fsencode(change.path).strip(b"/")
-            if not rel:
-                continue  # the root itself is never an entry
-            if change.kind == ChangeKind.DELETE:
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        parent: tuple[bytes, int] = (b"", os.dup(root_fd))  # the last parent dir opened
+        try:
+            for change in sorted(changes, key=lambda c: os.fsencode(c.path)):
+                rel = os.fsencode(change.path).strip(b"/")
+                if not rel:
+                    continue  # the root itself is never an entry
                 head, _, base = rel.rpartition(b"/")
-                name = (head + b"/" if head else b"") + WHITEOUT_PREFIX + base
-                self._put(tw.header(name, 0, 0, 0, 0, now, tw.REGTYPE))
-            else:
-                path = self.prefix + rel
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
-                    log.warning("export: %s vanished since its change was seen; left out", change.path)
-                    continue
-                big = self.add(rel, path, st)
-                if big is not None:
-                    yield from self._stream(*big)
-            if self.pending >= CHUNK:
-                yield self._flush()
+                if change.kind == ChangeKind.DELETE:
+                    name = (head + b"/" if head else b"") + WHITEOUT_PREFIX + base
+                    self._put(tw.header(name, 0, 0, 0, 0, now, tw.REGTYPE))
+                else:
+                    try:
+                        if parent[0] != head:
+                            fd = open_dir(root_fd, clean_parts(os.fsdecode(head)))
+                            os.close(parent[1])
+                            parent = (head, fd)
+                        st = os.lstat(base, dir_fd=parent[1])
+                        big = self.add(rel, parent[1], base, st)
+                    except (FileNotFoundError, UnsafePath) as e:
+                        # a live tree changed since the changes were computed
+                        log.warning("export: %s left out: %s", change.path, e)
+                        continue
+                    if big is not None:
+                        yield from self._stream(*big)
+                if self.pending >= CHUNK:
+                    yield self._flush()
+        finally:
+            os.close(parent[1])
+            os.close(root_fd)
         self._put(tw.END_OF_ARCHIVE)
         yield self._flush()
 
@@ -285,16 +325,21 @@ class _TarWriter:
         self.pending = 0
         return out
 
+    def _shown(self, rel: bytes) -> str:
+        """An entry's full path, for messages."""
+        return os.fsdecode(self.prefix + rel)
+
     # -- one entry ----------------------------------------------------------------
 
     def add(
-        self, rel: bytes, path: bytes, st: os.stat_result, fd: int = -1
+        self, rel: bytes, dfd: int, name: bytes, st: os.stat_result, fd: int = -1
     ) -> tuple[int, int, bytes] | None:
-        """Append the entry for ``path`` (tar name ``rel``, no trailing "/") to the buffer.
+        """Append the entry ``name`` of directory ``dfd`` (tar name ``rel``, without a
+        trailing "/"; ``st`` its lstat) to the buffer.
 
-        ``fd``, if not -1, is ``path`` already open (the caller closes it). Small file
+        ``fd``, if not -1, is the entry already open (the caller closes it). Small file
         data joins the buffer too. For a big regular file only the header is appended
-        and ``(fd, size, path)`` is returned with a descriptor of its own: the caller
+        and ``(fd, size, rel)`` is returned with a descriptor of its own: the caller
         streams the data (:meth:`_stream` closes it).
         """
         mode = st.st_mode
@@ -302,64 +347,64 @@ class _TarWriter:
         flag = _TYPEFLAG.get(fmt)
         if flag is None:
             if fmt == stat.S_IFSOCK:
-                log.info("export: %s is a socket; sockets cannot go in a tar", os.fsdecode(path))
+                log.info("export: %s is a socket; sockets cannot go in a tar", self._shown(rel))
             else:
-                log.warning("export: %s has an unknown file type %o; left out", os.fsdecode(path), fmt)
+                log.warning("export: %s has an unknown file type %o; left out", self._shown(rel), fmt)
             return None
 
         rdev = st.st_rdev
         if self.overlay and fmt == stat.S_IFCHR and rdev == 0:
             # overlay whiteout -> .wh.NAME; kernel-made, so its owner is left unmapped
             head, _, base = rel.rpartition(b"/")
-            name = (head + b"/" if head else b"") + WHITEOUT_PREFIX + base
-            self._put(tw.header(name, 0o600, st.st_uid, st.st_gid, 0, st.st_mtime_ns // 1_000_000_000, tw.REGTYPE))
+            wname = (head + b"/" if head else b"") + WHITEOUT_PREFIX + base
+            self._put(tw.header(wname, 0o600, st.st_uid, st.st_gid, 0, st.st_mtime_ns // 1_000_000_000, tw.REGTYPE))
             return None
 
         uid, gid = st.st_uid, st.st_gid
-        if not rel.rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
+        if not name.startswith(WHITEOUT_PREFIX):
             if self.map_uid is not None:
                 uid = self.map_uid(uid, rel)
             if self.map_gid is not None:
                 gid = self.map_gid(gid, rel)
 
-        xattrs, opaque = self._xattrs(path, fmt)
+        xattrs, opaque = self._xattrs(fd if fd >= 0 else self._xattr_path(dfd, name, rel), fmt, rel)
         mtime = st.st_mtime_ns // 1_000_000_000
         size = 0
         linkname = b""
         if fmt == stat.S_IFDIR:
-            name = rel + b"/"
+            tname = rel + b"/"
         else:
-            name = rel
+            tname = rel
             if st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
                 first = self.seen.get(key)
                 if first is not None:
-                    self._put(tw.header(name, mode, uid, gid, 0, mtime, tw.LNKTYPE, first, 0, 0, xattrs))
+                    self._put(tw.header(tname, mode, uid, gid, 0, mtime, tw.LNKTYPE, first, 0, 0, xattrs))
                     return None
-                self.seen[key] = name
+                self.seen[key] = tname
             if fmt == stat.S_IFREG:
                 size = st.st_size
             elif fmt == stat.S_IFLNK:
-                linkname = os.readlink(path)
+                linkname = os.readlink(name, dir_fd=dfd)
 
         devmajor = devminor = 0
         if fmt == stat.S_IFCHR or fmt == stat.S_IFBLK:
             devmajor, devminor = os.major(rdev), os.minor(rdev)
-        self._put(tw.header(name, mode, uid, gid, size, mtime, flag, linkname, devmajor, devminor, xattrs))
+        self._put(tw.header(tname, mode, uid, gid, size, mtime, flag, linkname, devmajor, devminor, xattrs))
 
         if opaque:
             # Docker's marker keeps the directory's permission bits and owner; mtime 0
-            self._put(tw.header(name + OPAQUE_MARKER, mode & 0o777, uid, gid, 0, 0, tw.REGTYPE))
+            self._put(tw.header(tname + OPAQUE_MARKER, mode & 0o777, uid, gid, 0, 0, tw.REGTYPE))
         if size:
             own = fd < 0
             if own:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
             if size > _BIG_FILE:
-                return (fd if own else os.dup(fd)), size, path
+                return (fd if own else os.dup(fd)), size, rel
             try:
                 data = os.read(fd, size)
                 if len(data) < size:
-                    data = _read_rest(fd, data, size, path)
+                    data = _read_rest(fd, data, size, rel)
             finally:
                 if own:
                     os.close(fd)
@@ -367,9 +412,9 @@ class _TarWriter:
             self._put(tw.padding(size))
         return None
 
-    def _stream(self, fd: int, size: int, path: bytes) -> Iterator[bytes]:
+    def _stream(self, fd: int, size: int, rel: bytes) -> Iterator[bytes]:
         """Yield the pending buffer, then a big file's data in CHUNK reads, then keep its
-        padding in the buffer. A file that shrank since its lstat is padded with zeros,
+        padding in the buffer. A file that shrank since its stat is padded with zeros,
         one that grew is cut, so the header stays true."""
         try:
             if self.parts:
@@ -378,7 +423,7 @@ class _TarWriter:
             while left:
                 data = os.read(fd, CHUNK if left > CHUNK else left)
                 if not data:
-                    log.warning("export: %s shrank while being read; padded with zeros", os.fsdecode(path))
+                    log.warning("export: %s shrank while being read; padded with zeros", self._shown(rel))
                     while left:
                         n = CHUNK if left > CHUNK else left
                         yield bytes(n)
@@ -389,6 +434,13 @@ class _TarWriter:
         finally:
             os.close(fd)
         self._put(tw.padding(size))
+
+    def _xattr_path(self, dfd: int, name: bytes, rel: bytes) -> bytes:
+        """A path naming entry ``name`` of ``dfd`` for the l*xattr calls, which take no
+        directory descriptor: through /proc the directory stays the one we hold."""
+        if self.proc_fd:
+            return b"/proc/self/fd/%d/%s" % (dfd, name)
+        return self.prefix + rel
 
     def _list_fd(self, fd: int) -> list[str]:
         """flistxattr, or [] where the filesystem has no xattrs (remembered)."""
@@ -402,13 +454,15 @@ class _TarWriter:
             self.xattrs_supported = False
             return []
 
-    def _xattrs(self, path: bytes, fmt: int) -> tuple[list[tuple[bytes, bytes]], bool]:
-        """The exported xattrs of ``path`` as sorted ``(name, value)`` pairs, and whether
-        it is an opaque directory (overlay mode)."""
+    def _xattrs(self, target: int | bytes, fmt: int, rel: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The exported xattrs of ``target`` (an open fd, or a path not to follow) as
+        sorted ``(name, value)`` pairs, and whether it is an opaque directory (overlay
+        mode)."""
         if not self.xattrs_supported:
             return [], False
+        follow = {} if isinstance(target, int) else {"follow_symlinks": False}
         try:
-            names = os.listxattr(path, follow_symlinks=False)
+            names = os.listxattr(target, **follow)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):  # the filesystem has none
                 self.xattrs_supported = False
@@ -423,12 +477,12 @@ class _TarWriter:
         for xname in sorted(names):
             if xname.startswith(_XATTR_OVERLAY):
                 if self.overlay and xname.startswith(self.overlay_ns):
-                    opaque = opaque or self._overlay_mark(path, xname, fmt)
+                    opaque = self._overlay_mark(target, follow, xname, fmt, rel) or opaque
                 continue
             if not xname.startswith(_XATTR_EXPORTED):
                 continue
             try:
-                value = os.getxattr(path, xname, follow_symlinks=False)
+                value = os.getxattr(target, xname, **follow)
             except OSError as e:
                 if e.errno == errno.ENODATA:  # removed between list and get
                     continue
@@ -438,34 +492,37 @@ class _TarWriter:
             out.append((os.fsencode(xname), value))
         return out, opaque
 
-    def _overlay_mark(self, path: bytes, xname: str, fmt: int) -> bool:
+    def _overlay_mark(self, target: int | bytes, follow: dict[str, bool], xname: str, fmt: int,
+                      rel: bytes) -> bool:
         """Read one of overlayfs's own xattrs on an upper entry: True for the opaque mark
         on a directory. Redirects and metacopy marks mean the upper directory alone does
         not hold the layer (renamed directories, data left in a lower layer), so a
         native export would be wrong; refuse so the caller can diff the mounted views."""
         if xname == self.opaque_xattr:
-            return fmt == stat.S_IFDIR and os.getxattr(path, xname, follow_symlinks=False) == b"y"
+            return fmt == stat.S_IFDIR and os.getxattr(target, xname, **follow) == b"y"
         kind = xname[len(self.overlay_ns):]
         if kind in ("redirect", "metacopy"):
             raise UnsupportedFilesystem(
-                f"{os.fsdecode(path)}: overlay {kind} mark; the upper directory alone cannot be exported"
+                f"{self._shown(rel)}: overlay {kind} mark; the upper directory alone cannot be exported"
             )
         return False
 
 
-def _entries(path: bytes) -> list[os.DirEntry[bytes]]:
-    """A directory's entries sorted by name as bytes (Go's WalkDir order)."""
-    with os.scandir(path) as it:
-        entries = list(it)
-    entries.sort(key=_entry_name)
+def _entries(dir_fd: int) -> list[tuple[bytes, os.DirEntry[str]]]:
+    """A directory's entries with their names as bytes, sorted by those bytes (Go's
+    WalkDir order; str order differs for names that are not UTF-8)."""
+    fsencode = os.fsencode
+    with os.scandir(dir_fd) as it:
+        entries = [(fsencode(e.name), e) for e in it]
+    entries.sort(key=_first)
     return entries
 
 
-def _entry_name(entry: os.DirEntry[bytes]) -> bytes:
-    return entry.name
+def _first(pair: tuple[bytes, object]) -> bytes:
+    return pair[0]
 
 
-def _read_rest(fd: int, data: bytes, size: int, path: bytes) -> bytes:
+def _read_rest(fd: int, data: bytes, size: int, rel: bytes) -> bytes:
     """Finish a short read of ``size`` bytes; a file that shrank is padded with zeros,
     so the header written before stays true."""
     parts = [data]
@@ -473,7 +530,7 @@ def _read_rest(fd: int, data: bytes, size: int, path: bytes) -> bytes:
     while got < size:
         more = os.read(fd, size - got)
         if not more:
-            log.warning("export: %s shrank while being read; padded with zeros", os.fsdecode(path))
+            log.warning("export: %s shrank while being read; padded with zeros", os.fsdecode(rel))
             parts.append(bytes(size - got))
             break
         parts.append(more)
