@@ -206,11 +206,6 @@ def test_missing_content_is_not_repairable(store: Store) -> None:
     assert "top" in store.ok("ls"), "repair must not drop the record: the user decides"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check --repair (Store.cleanup -> _remove_orphans, store.py) deletes layers/<parent> as an "
-    "orphan when only the parent's record is lost, though the child's record names it: on "
-    "overlay that is the child's lower dir, so a complete layer is lost. Proposed: count every "
-    "recorded parent as known in _remove_orphans and in check._structure's orphan test"))
 def test_lost_parent_record_keeps_the_child_whole(store: Store) -> None:
     """The parent's record is lost but its directory is what the child is built on:
     repair must not delete it as an orphan, or the child (a complete layer) goes too."""
@@ -245,13 +240,6 @@ def test_each_problem_is_one_line_and_json_agrees(store: Store) -> None:
     assert rc == 1 and len(lines) == 1 and lines[0].startswith("problem: layer base: content"), lines
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check marks an unrecorded mount under the root 'repairable', but check --repair "
-    "(Store.cleanup + driver.cleanup) does not unmount it, and cli.cmd_check then exits 0 "
-    "because it counts every repairable problem as mended without checking again. Such a "
-    "mount is what a kill between driver.mount() and the mounts record in Store._get leaves. "
-    "Proposed: repair unmounts mounts under ROOT/layers that no record names; check(repair=True) "
-    "re-runs the checks and returns what is left, and the CLI's exit status follows that"))
 def test_leaked_mount_is_reported_and_unmounted(store: Store) -> None:
     """A mount under the root that no record knows (a crash between mount(2) and the
     record, or a hand-made one in a layer's directory) is a leak; repair unmounts it."""

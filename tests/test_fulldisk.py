@@ -37,11 +37,6 @@ def test_full_disk_leaves_no_partial_layer_and_store_usable(rounds: dict[str, fu
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason=(
-    "ENOSPC escapes the apply engine as a bare OSError (lamina/archive/apply.py: _copy_data "
-    "when blocks run out, _regular's openat when inodes do) and the CLI prints "
-    "'lamina: [Errno 28] No space left on device' without the layer; proposed: a typed "
-    "NoSpace(LaminaError, OSError) raised by Store.apply_diff naming the layer (and the entry)"))
 @pytest.mark.parametrize("name", ["blocks", "inodes"])
 def test_full_disk_error_is_one_typed_line(rounds: dict[str, fulldisk.Round], name: str) -> None:
     rnd = rounds[name]

@@ -48,6 +48,11 @@ def check(store: Store, *, repair: bool = False, content: bool = True) -> tuple[
     return problems, repairs
 
 
+def remaining(store: Store, *, content: bool = True) -> list[Problem]:
+    """What is still wrong: run after a repair, so nothing is reported mended that was not."""
+    return check(store, repair=False, content=content)[0]
+
+
 def _structure(store: Store) -> list[Problem]:
     out: list[Problem] = []
     with store.records.read() as db:
@@ -65,10 +70,14 @@ def _structure(store: Store) -> list[Problem]:
             out.append(Problem(rec.id, f"content directory {store.driver.layer_dir(rec.id)} is missing", False))
         if rec.has_tarsplit and not store._tarsplit_path(rec.id).exists():
             out.append(Problem(rec.id, "tar-split record is missing (diff will not be byte-exact)", True))
+    parents = {r.parent for r in records.values() if r.parent}
     layers_dir = store.driver.ctx.layers
     if layers_dir.is_dir():
         for entry in sorted(layers_dir.iterdir()):
-            if entry.name not in records and "~" not in entry.name and not entry.name.endswith("-removing"):
+            name = entry.name
+            if name in parents and name not in records:
+                continue  # reported above as a lost parent record; its content must stay
+            if name not in records and "~" not in name and not name.endswith("-removing"):
                 out.append(Problem(None, f"orphan directory {entry} has no record", True))
     return out
 

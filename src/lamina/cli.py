@@ -435,10 +435,12 @@ def cmd_cleanup(inv: Invocation) -> int:
 
 def cmd_check(inv: Invocation) -> int:
     """Exit 0 only if the store is whole (after repairs, with ``--repair``)."""
-    from lamina.check import check
+    from lamina.check import check, remaining
 
-    problems, repairs = check(inv.store, repair=inv.args.repair, content=not inv.args.fast)
-    left = [p for p in problems if not (inv.args.repair and p.repairable)]
+    content = not inv.args.fast
+    problems, repairs = check(inv.store, repair=inv.args.repair, content=content)
+    # after a repair, check again: only what is really gone counts as mended
+    left = remaining(inv.store, content=content) if inv.args.repair and problems else problems
     data = {
         "problems": [{"layer": p.layer, "message": p.message, "repairable": p.repairable}
                      for p in problems],

@@ -67,6 +67,20 @@ class QuotaExceeded(LaminaError, OSError):
         return str(self.strerror)
 
 
+class NoSpace(LaminaError, OSError):
+    """The store's filesystem (or a layer's size limit) ran out of blocks or inodes.
+
+    An OSError too, with the original errno (ENOSPC or EDQUOT), so code that handles
+    "disk full" generically still does.
+    """
+
+    def __init__(self, message: str, err: int = _errno.ENOSPC) -> None:
+        OSError.__init__(self, err, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class QuotaNotSupported(LaminaError):
     """The driver or backing filesystem cannot enforce a size limit."""
 

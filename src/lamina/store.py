@@ -17,6 +17,7 @@ and every operation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import logging
@@ -42,6 +43,7 @@ from lamina.errors import (
     LayerExists,
     LayerHasChildren,
     LayerNotFound,
+    NoSpace,
     ParentNotFound,
     StoreCorrupt,
 )
@@ -49,6 +51,7 @@ from lamina.fs.durable import atomic_write, syncfs
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.hashing import HashingReader
 from lamina.fs.locks import FileLock, KeyLock
+from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id, parse_size
 from lamina.records import LayerRecord, Records
 from lamina.streams import open_chunks
@@ -191,8 +194,9 @@ class Store:
             try:
                 self.driver.create(layer_id, parent or None, rw=rw, opts=opts)
                 syncfs(self.root)
-            except BaseException:
+            except BaseException as e:
                 self._abandon(layer_id)
+                _raise_no_space(layer_id, e)
                 raise
             self._commit(layer_id, size=0 if parent is None else None)
 
@@ -274,15 +278,17 @@ class Store:
                 self._begin_layer(layer_id, parent, False, CreateOptions())
                 try:
                     self.driver.create(layer_id, parent or None, rw=False, opts=CreateOptions())
-                except BaseException:
+                except BaseException as e:
                     self._abandon(layer_id)
+                    _raise_no_space(layer_id, e)
                     raise
             hashed = HashingReader(stream)
             try:
                 size = self._apply_into(layer_id, hashed)
                 hashed.drain()
-            except BaseException:
+            except BaseException as e:
                 self._abandon(layer_id)
+                _raise_no_space(layer_id, e)
                 raise
             self._commit(layer_id, size=size, tarsplit=True, diff_id=hashed.digest())
             return size
@@ -501,6 +507,7 @@ class Store:
                     self.driver.unmount(layer_id)
                     db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
                     done.append(f"unmounted layer {layer_id}")
+            done += self._unmount_leaked(db)
             pending = db.execute("SELECT id, state FROM layers WHERE state != 'ready'").fetchall()
         for layer_id, state in pending:
             lock = self._lock(layer_id)
@@ -521,10 +528,26 @@ class Store:
         done += self.driver.cleanup(known)
         return done
 
+    def _unmount_leaked(self, db: Any) -> list[str]:
+        """Unmount views no record names: a process killed between the kernel mount and
+        the commit of its record leaves one (inside the same write transaction as the
+        caller, so no mount in progress is mistaken for a leak)."""
+        recorded = {os.path.realpath(p) for (p,) in db.execute("SELECT path FROM mounts")}
+        recorded |= {os.path.realpath(p) for p in self.driver.own_mounts()}
+        done = []
+        for point in mounts_under(self.driver.ctx.layers):
+            if point not in recorded:
+                umount(point)
+                done.append(f"unmounted leaked mount {point}")
+        return done
+
     def _remove_orphans(self) -> list[str]:
         done = []
         with self.records.read() as db:
-            known = {r.id for r in Records.all(db)}
+            records = Records.all(db)
+        # a parent named by a record is never an orphan, even if its own record is lost:
+        # its content is part of the child's chain
+        known = {r.id for r in records} | {r.parent for r in records if r.parent}
         for entry in sorted((self.root / "tmp").iterdir()):
             owner = entry.name.split("~", 1)[0]
             lock = self._lock(owner)
@@ -712,6 +735,14 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise_no_space(layer_id: str, exc: BaseException) -> None:
+    """Turn running out of space into one typed line naming the layer (the half-made layer
+    is already gone when this is called)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        detail = exc.strerror if isinstance(exc, NoSpace) else os.strerror(exc.errno).lower()
+        raise NoSpace(f"layer {layer_id}: {detail}; the layer was not kept", exc.errno) from None
 
 
 class _ClosingGetter(FileGetter):

@@ -64,7 +64,7 @@ from typing import IO, Literal
 
 from lamina.archive.tarsplit import Crc64, TarSplitWriter
 from lamina.archive.tarstream import BLK, CHR, DIR, FIFO, GLOBAL, LNK, REG, SYM, TarEntry, TarReader
-from lamina.errors import InvalidArchive, UnsupportedFilesystem
+from lamina.errors import InvalidArchive, NoSpace, UnsupportedFilesystem
 from lamina.fs.safepath import (
     DIR_FLAGS,
     DirCache,
@@ -219,6 +219,9 @@ class _Applier:
             except OSError as exc:
                 if exc.errno in _NAME_ERRNOS:
                     raise InvalidArchive(os.strerror(exc.errno), e.name) from None
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"{os.strerror(exc.errno).lower()} while writing tar entry "
+                                  f"{e.name!r}", exc.errno) from None
                 exc.add_note(f"while applying tar entry {e.name!r}")
                 raise
             if e.type == REG:

@@ -43,60 +43,83 @@ _Raw = tuple[bytes, int]
 def changes_dirs(new: Path, old: Path | None) -> list[Change]:
     """Docker's ``ChangesDirs(new, old)``; ``old=None`` compares against an empty tree
     (every entry of ``new`` is an Add)."""
-    new_b = os.fsencode(new)
-    new_st = os.lstat(new_b)
     out: list[_Raw] = []
-    if old is None:
-        _add_subtree(new_b, b"", out)
-        return _sorted(out)
-    old_b = os.fsencode(old)
-    old_st = os.lstat(old_b)
-    # Stack of directory pairs to compare, and of markers that close a directory once
-    # everything beneath it has been compared (for the "changed inside" Modify).
-    stack: list[tuple] = [("dir", b"", new_b, old_b, new_st.st_dev == old_st.st_dev, True)]
-    while stack:
-        frame = stack.pop()
-        if frame[0] == "close":
-            _, rel, start, reported = frame
-            if not reported and len(out) > start:
-                out.append((rel, _MODIFY))
-            continue
-        _, rel, new_dir, old_dir, same_dev, reported = frame
-        stack.append(("close", rel, len(out), reported))
-        old_entries = _scan(old_dir)
-        for name, ne in _scan(new_dir).items():
-            path = rel + b"/" + name
-            oe = old_entries.pop(name, None)
-            if oe is None:
-                out.append((path, _ADD))
-                if ne.is_dir(follow_symlinks=False):
-                    _add_subtree(ne.path, path, out)
+    walk = _Walk()
+    try:
+        new_fd = walk.open_root(new)
+        if old is None:
+            _add_subtree(walk, new_fd, b"", out)
+            return _sorted(out)
+        old_fd = walk.open_root(old)
+        same_dev = os.fstat(new_fd).st_dev == os.fstat(old_fd).st_dev
+        # Frames: ("open", rel, new parent fd, old parent fd, name, same_dev, reported)
+        # is a directory pair still to open; ("close", rel, start, reported, fds...)
+        # closes one once everything beneath it is compared, and adds the "changed
+        # inside" Modify. Parents stay open until their close frame: at most two
+        # descriptors per level are open.
+        stack: list[tuple] = []
+        frame: tuple | None = ("root", b"", new_fd, old_fd, same_dev, True)
+        while frame is not None or stack:
+            if frame is None:
+                frame = stack.pop()
+            if frame[0] == "close":
+                _, rel, start, reported, *fds = frame
+                walk.close(*fds)
+                if not reported and len(out) > start:
+                    out.append((rel, _MODIFY))
+                frame = None
                 continue
-            if same_dev and ne.inode() == oe.inode():
-                continue  # the very same file in both trees: nothing beneath can differ
-            try:
-                nst = ne.stat(follow_symlinks=False)
-            except FileNotFoundError:  # gone since the scan (live tree)
-                out.append((path, _DELETE))
-                continue
-            try:
-                ost = oe.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                out.append((path, _ADD))
+            if frame[0] == "open":
+                _, rel, new_parent, old_parent, name, same_dev, reported = frame
+                new_dir = walk.open_child(new_parent, name)
+                old_dir = walk.open_child(old_parent, name)
+                if new_dir < 0 or old_dir < 0:  # changed since it was seen (live tree)
+                    walk.close(new_dir, old_dir)
+                    frame = None
+                    continue
+            else:
+                _, rel, new_dir, old_dir, same_dev, reported = frame
+            frame = None
+            stack.append(("close", rel, len(out), reported, new_dir, old_dir))
+            old_entries = _scan(old_dir)
+            for bname, ne in _scan(new_dir).items():
+                path = rel + b"/" + bname
+                oe = old_entries.pop(bname, None)
+                if oe is None:
+                    out.append((path, _ADD))
+                    if ne.is_dir(follow_symlinks=False):
+                        _add_child_subtree(walk, new_dir, ne.name, path, out)
+                    continue
+                if same_dev and ne.inode() == oe.inode():
+                    continue  # the very same file in both trees: nothing beneath can differ
+                try:
+                    nst = os.lstat(ne.name, dir_fd=new_dir)
+                except FileNotFoundError:  # gone since the scan (live tree)
+                    out.append((path, _DELETE))
+                    continue
+                try:
+                    ost = os.lstat(oe.name, dir_fd=old_dir)
+                except FileNotFoundError:
+                    out.append((path, _ADD))
+                    if stat.S_ISDIR(nst.st_mode):
+                        _add_child_subtree(walk, new_dir, ne.name, path, out)
+                    continue
+                changed = stat_different(ost, nst) or (
+                    walk.capability(old_dir, oe.name) != walk.capability(new_dir, ne.name)
+                )
+                if changed:
+                    out.append((path, _MODIFY))
                 if stat.S_ISDIR(nst.st_mode):
-                    _add_subtree(ne.path, path, out)
-                continue
-            changed = stat_different(ost, nst) or _capability(oe.path) != _capability(ne.path)
-            if changed:
-                out.append((path, _MODIFY))
-            if stat.S_ISDIR(nst.st_mode):
-                if stat.S_ISDIR(ost.st_mode):
-                    stack.append(("dir", path, ne.path, oe.path, nst.st_dev == ost.st_dev, changed))
-                else:  # a directory where a file was: all it holds is new
-                    _add_subtree(ne.path, path, out)
-        for name in old_entries:
-            out.append((rel + b"/" + name, _DELETE))
-    return _sorted(out)
+                    if stat.S_ISDIR(ost.st_mode):
+                        stack.append(("open", path, new_dir, old_dir, ne.name,
+                                      nst.st_dev == ost.st_dev, changed))
+                    else:  # a directory where a file was: all it holds is new
+                        _add_child_subtree(walk, new_dir, ne.name, path, out)
+            for bname in old_entries:
+                out.append((rel + b"/" + bname, _DELETE))
+        return _sorted(out)
+    finally:
+        walk.close_all()
 
 
 def stat_different(old: os.stat_result, new: os.stat_result) -> bool:
@@ -141,61 +164,82 @@ def changes_overlay(
     names visible below it and absent from the upper one are Deletes, and the same holds
     for every directory beneath it. Lower layers are read as overlayfs reads them:
     whiteouts and opaque directories there hide what lies deeper still.
+
+    The upper directory (live while a container runs) is walked by directory
+    descriptors; the lower ones are read-only layers, looked up by path one verified
+    directory at a time.
     """
-    upper_b = os.fsencode(upper)
     lower_roots = [os.fsencode(p) for p in lowers]
-    opaque_name = opaque_xattr
     out: list[_Raw] = []
-    # frame: ("dir", rel, upper dir, lower dirs (nearest first) or None, full, reported)
-    # full = the upper directory hides every lower one (it or an ancestor is opaque):
-    # names visible below but missing above are Deletes.
-    stack: list[tuple] = [("dir", b"", upper_b, lower_roots, False, True)]
-    while stack:
-        frame = stack.pop()
-        if frame[0] == "close":
-            _, rel, start, reported = frame
-            if not reported and len(out) > start:
-                out.append((rel, _MODIFY))
-            continue
-        _, rel, upper_dir, lower_dirs, full, reported = frame
-        stack.append(("close", rel, len(out), reported))
-        seen: set[bytes] = set()
-        for name, ue in _scan(upper_dir).items():
-            path = rel + b"/" + name
-            seen.add(name)
-            try:
-                ust = ue.stat(follow_symlinks=False)
-            except FileNotFoundError:
+    walk = _Walk()
+    try:
+        root_fd = walk.open_root(upper)
+        # Frames: ("open", rel, parent fd, name, lower dirs, full, reported) is an upper
+        # directory still to open; ("close", rel, start, reported, fd) closes one.
+        # full = the upper directory hides every lower one (it or an ancestor is
+        # opaque): names visible below but missing above are Deletes.
+        stack: list[tuple] = []
+        frame: tuple | None = ("root", b"", root_fd, lower_roots, False, True)
+        while frame is not None or stack:
+            if frame is None:
+                frame = stack.pop()
+            if frame[0] == "close":
+                _, rel, start, reported, fd = frame
+                walk.close(fd)
+                if not reported and len(out) > start:
+                    out.append((rel, _MODIFY))
+                frame = None
                 continue
-            lower_st, lower_path, child_lowers = _lookup(lower_dirs, name, opaque_name)
-            if _is_whiteout(ust):
-                if lower_st is not None and not full:
-                    out.append((path, _DELETE))
-                # under an opaque directory the name is reported (or not) with the lower
-                # listing below, as for any name the upper directory lacks
-                seen.discard(name)
-                continue
-            if lower_st is None:
-                out.append((path, _ADD))
+            if frame[0] == "open":
+                _, rel, parent, name, lower_dirs, full, reported = frame
+                dir_fd = walk.open_child(parent, name)
+                if dir_fd < 0:
+                    frame = None
+                    continue
+            else:
+                _, rel, dir_fd, lower_dirs, full, reported = frame
+            frame = None
+            stack.append(("close", rel, len(out), reported, dir_fd))
+            seen: set[bytes] = set()
+            for bname, ue in _scan(dir_fd).items():
+                path = rel + b"/" + bname
+                try:
+                    ust = os.lstat(ue.name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue
+                lower_st, lower_path, child_lowers = _lookup(lower_dirs, bname, opaque_xattr)
+                if _is_whiteout(ust):
+                    # under an opaque directory the name is reported (or not) with the
+                    # lower listing below, as for any name the upper directory lacks
+                    if lower_st is not None and not full:
+                        out.append((path, _DELETE))
+                    continue
+                seen.add(bname)
+                if lower_st is None:
+                    out.append((path, _ADD))
+                    if stat.S_ISDIR(ust.st_mode):
+                        _add_child_subtree(walk, dir_fd, ue.name, path, out, skip_whiteouts=True)
+                    continue
+                changed = stat_different(lower_st, ust) or (
+                    _capability(lower_path) != walk.capability(dir_fd, ue.name)
+                )
+                if changed:
+                    out.append((path, _MODIFY))
                 if stat.S_ISDIR(ust.st_mode):
-                    _add_subtree(ue.path, path, out, skip_whiteouts=True)
-                continue
-            changed = stat_different(lower_st, ust) or _capability(lower_path) != _capability(ue.path)
-            if changed:
-                out.append((path, _MODIFY))
-            if stat.S_ISDIR(ust.st_mode):
-                if not stat.S_ISDIR(lower_st.st_mode):  # a directory where a file was
-                    _add_subtree(ue.path, path, out, skip_whiteouts=True)
-                    continue
-                child_full = full or _is_opaque(ue.path, opaque_name)
-                stack.append(("dir", path, ue.path, child_lowers, child_full, changed))
-        if full:
-            for name in _lower_names(lower_dirs):
-                if name in seen:
-                    continue
-                if _lookup(lower_dirs, name, opaque_name)[0] is not None:
-                    out.append((rel + b"/" + name, _DELETE))
-    return _sorted(out)
+                    if not stat.S_ISDIR(lower_st.st_mode):  # a directory where a file was
+                        _add_child_subtree(walk, dir_fd, ue.name, path, out, skip_whiteouts=True)
+                        continue
+                    child_full = full or walk.is_opaque(dir_fd, ue.name, opaque_xattr)
+                    stack.append(("open", path, dir_fd, ue.name, child_lowers, child_full, changed))
+            if full:
+                for bname in _lower_names(lower_dirs):
+                    if bname in seen:
+                        continue
+                    if _lookup(lower_dirs, bname, opaque_xattr)[0] is not None:
+                        out.append((rel + b"/" + bname, _DELETE))
+        return _sorted(out)
+    finally:
+        walk.close_all()
 
 
 def _lookup(
@@ -289,21 +333,21 @@ def tree_size(root: Path) -> int:
     with a size above 0, each inode counted once."""
     total = 0
     seen: set[tuple[int, int]] = set()
-    dirs = [os.fsencode(root)]
-    while dirs:
-        try:
-            it = os.scandir(dirs.pop())
-        except FileNotFoundError:
-            continue  # vanished while walking
-        with it:
-            for entry in it:
+    walk = _Walk()
+    try:
+        fds = [walk.open_root(root)]
+        while fds:
+            dir_fd = fds.pop()
+            for entry in _scan(dir_fd).values():
                 if entry.is_dir(follow_symlinks=False):
-                    dirs.append(entry.path)
+                    child = walk.open_child(dir_fd, entry.name)
+                    if child >= 0:
+                        fds.append(child)
                     continue
                 try:
-                    st = entry.stat(follow_symlinks=False)
+                    st = os.lstat(entry.name, dir_fd=dir_fd)
                 except FileNotFoundError:
-                    continue
+                    continue  # vanished while walking
                 if st.st_size <= 0:
                     continue
                 key = (st.st_dev, st.st_ino)
@@ -311,39 +355,112 @@ def tree_size(root: Path) -> int:
                     continue
                 seen.add(key)
                 total += st.st_size
-    return total
+            walk.close(dir_fd)
+        return total
+    finally:
+        walk.close_all()
 
 
 # -- helpers ------------------------------------------------------------------------
 
 
-def _scan(path: bytes) -> dict[bytes, os.DirEntry[bytes]]:
-    """A directory's entries by name; an empty dict if it vanished."""
-    try:
-        with os.scandir(path) as it:
-            return {e.name: e for e in it}
-    except FileNotFoundError:
-        return {}
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
-def _add_subtree(abs_dir: bytes, rel: bytes, out: list[_Raw], *, skip_whiteouts: bool = False) -> None:
-    """Report everything beneath ``abs_dir`` as an Add. In an overlay upper directory
-    (``skip_whiteouts``) whiteouts stand for nothing and are left out."""
-    stack = [(abs_dir, rel)]
+class _Walk:
+    """The directory descriptors of one walk, so every one is closed however the walk
+    ends.
+
+    Walking by descriptors (each directory opened with ``O_NOFOLLOW`` from its parent's)
+    keeps a live tree that swaps a directory for a symlink from leading the walk
+    outside the root; a directory that changed that way is treated as gone.
+    """
+
+    def __init__(self) -> None:
+        self.open_fds: set[int] = set()
+
+    def open_root(self, path: Path) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.open_fds.add(fd)
+        return fd
+
+    def open_child(self, dir_fd: int, name: str) -> int:
+        """Open subdirectory ``name`` of ``dir_fd``, or -1 if it is no longer one."""
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                return -1
+            raise
+        self.open_fds.add(fd)
+        return fd
+
+    def close(self, *fds: int) -> None:
+        for fd in fds:
+            if fd in self.open_fds:
+                self.open_fds.discard(fd)
+                os.close(fd)
+
+    def close_all(self) -> None:
+        self.close(*list(self.open_fds))
+
+    @staticmethod
+    def capability(dir_fd: int, name: str) -> bytes:
+        """The ``security.capability`` xattr of entry ``name`` of ``dir_fd``, or b""."""
+        return _capability(_at(dir_fd, name))
+
+    @staticmethod
+    def is_opaque(dir_fd: int, name: str, opaque_xattr: str) -> bool:
+        return _is_opaque(_at(dir_fd, name), opaque_xattr)
+
+
+def _at(dir_fd: int, name: str) -> bytes:
+    """A path to entry ``name`` of ``dir_fd`` for the l*xattr calls, which take no
+    directory descriptor: through /proc the directory is the one held open."""
+    if _PROC_FD:
+        return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
+    return os.fsencode(os.readlink(f"/proc/self/fd/{dir_fd}") if False else name)  # pragma: no cover
+
+
+def _scan(dir_fd: int) -> dict[bytes, os.DirEntry[str]]:
+    """A directory's entries by name (as bytes)."""
+    fsencode = os.fsencode
+    with os.scandir(dir_fd) as it:
+        return {fsencode(e.name): e for e in it}
+
+
+def _add_child_subtree(walk: _Walk, dir_fd: int, name: str, rel: bytes, out: list[_Raw], *,
+                       skip_whiteouts: bool = False) -> None:
+    """Report everything beneath subdirectory ``name`` of ``dir_fd`` as an Add."""
+    child = walk.open_child(dir_fd, name)
+    if child >= 0:
+        _add_subtree(walk, child, rel, out, skip_whiteouts=skip_whiteouts)
+
+
+def _add_subtree(walk: _Walk, dir_fd: int, rel: bytes, out: list[_Raw], *,
+                 skip_whiteouts: bool = False) -> None:
+    """Report everything beneath directory ``dir_fd`` (closed when done) as an Add. In
+    an overlay upper directory (``skip_whiteouts``) whiteouts stand for nothing and are
+    left out."""
+    stack: list[tuple[int, bytes]] = [(dir_fd, rel)]
     while stack:
-        d, r = stack.pop()
-        for name, e in _scan(d).items():
-            if skip_whiteouts and not (e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
-                                       or e.is_symlink()):
+        fd, r = stack.pop()
+        for bname, e in _scan(fd).items():
+            is_dir = e.is_dir(follow_symlinks=False)
+            if skip_whiteouts and not (is_dir or e.is_file(follow_symlinks=False) or e.is_symlink()):
                 try:
-                    if _is_whiteout(e.stat(follow_symlinks=False)):
+                    if _is_whiteout(os.lstat(e.name, dir_fd=fd)):
                         continue
                 except FileNotFoundError:
                     continue
-            path = r + b"/" + name
+            path = r + b"/" + bname
             out.append((path, _ADD))
-            if e.is_dir(follow_symlinks=False):
-                stack.append((e.path, path))
+            if is_dir:
+                child = walk.open_child(fd, e.name)
+                if child >= 0:
+                    stack.append((child, path))
+        walk.close(fd)
 
 
 def _capability(path: bytes) -> bytes:

@@ -441,6 +441,10 @@ class OverlayDriver(Driver):
     def _work(self, layer_id: str) -> Path:
         return self._upper(layer_id).parent / "work"
 
+    def own_mounts(self) -> set[str]:
+        """The sized images under read-write layers with a size limit stay mounted."""
+        return {str(img.parent / "sized") for img in self.ctx.layers.glob("*/size.img")}
+
     def _ensure_image(self, d: Path) -> None:
         sized = d / "sized"
         try:

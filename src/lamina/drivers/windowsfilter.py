@@ -307,6 +307,10 @@ class WindowsFilterDriver(Driver):
 
     # -- mount / unmount ----------------------------------------------------------------------
 
+    def own_mounts(self) -> set[str]:
+        """A sandbox's image is mounted under its folder while its view is mounted."""
+        return {str(img.parent / SANDBOX_MOUNT) for img in self.ctx.layers.glob(f"*/{SANDBOX_IMAGE}")}
+
     def mount(self, layer_id: str, chain: Sequence[str], *, rw: bool, mount_label: str = "") -> Path:
         """Overlayfs over the chain's ``Files/`` (``layerchain.json`` is the chain, as in
         the seed; the store's ``chain`` may hold ``-init`` layers that have no files)."""
