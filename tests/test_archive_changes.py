@@ -427,3 +427,48 @@ def test_changes_overlay_matches_a_real_overlay_mount(tmp_path: Path) -> None:
             umount(merged, lazy=False)
     finally:
         umount(parent, lazy=False)
+
+
+def test_changes_without_proc_fd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where /proc is missing, xattrs are read through opened files and directories."""
+    require_root()
+    import lamina.archive.changes as changes_mod
+
+    monkeypatch.setattr(changes_mod, "_PROC_FD", False)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    base_tree(old)
+    copy_tree(old, new)
+    os.setxattr(new / "a" / "g", "security.capability", bytes([0, 0, 0, 2]) + bytes(16))
+    assert changes_dirs(new, old) == ch((M, "/a"), (M, "/a/g"))
+    up, lowers = overlay_scenario(tmp_path / "ovl")
+    merged, parent = tmp_path / "merged", tmp_path / "parent"
+    materialize([up, *lowers], merged)
+    materialize(lowers, parent)
+    assert changes_overlay(up, lowers, opaque_xattr=OPAQUE) == changes_dirs(merged, parent)
+
+
+def test_a_directory_swapped_for_a_symlink_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live container replaces a directory by a symlink to the host after the walk
+    saw it as a directory: the walk must not list what the symlink points at."""
+    import lamina.archive.changes as changes_mod
+
+    old, new, host = tmp_path / "old", tmp_path / "new", tmp_path / "host"
+    write(old / "d" / "f", "f")
+    write(new / "d" / "f", "f")
+    write(host / "host-secret", "s")
+    real_dir_stat = (old / "d").lstat()
+    shutil.rmtree(new / "d")
+    os.symlink(host, new / "d")
+    real_lstat = os.lstat
+
+    def lstat_before_the_swap(path, *, dir_fd=None):  # type: ignore[no-untyped-def]
+        if path == "d" and dir_fd is not None:
+            return real_dir_stat  # what the walk saw a moment before the swap
+        return real_lstat(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(changes_mod.os, "lstat", lstat_before_the_swap)
+    got = changes_dirs(new, old)
+    assert not any("host-secret" in c.path for c in got)

@@ -292,9 +292,10 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _is_opaque(path: bytes, opaque_xattr: str) -> bool:
+def _is_opaque(target: bytes | int, opaque_xattr: str) -> bool:
+    follow = {} if isinstance(target, int) else {"follow_symlinks": False}
     try:
-        return os.getxattr(path, opaque_xattr, follow_symlinks=False) == b"y"
+        return os.getxattr(target, opaque_xattr, **follow) == b"y"
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOENT):
             return False
@@ -408,19 +409,45 @@ class _Walk:
     @staticmethod
     def capability(dir_fd: int, name: str) -> bytes:
         """The ``security.capability`` xattr of entry ``name`` of ``dir_fd``, or b""."""
-        return _capability(_at(dir_fd, name))
+        if _PROC_FD:
+            return _capability(_at(dir_fd, name))
+        fd = _open_plain(dir_fd, name)
+        if fd < 0:
+            return b""
+        try:
+            return _capability(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def is_opaque(dir_fd: int, name: str, opaque_xattr: str) -> bool:
-        return _is_opaque(_at(dir_fd, name), opaque_xattr)
+        if _PROC_FD:
+            return _is_opaque(_at(dir_fd, name), opaque_xattr)
+        fd = _open_plain(dir_fd, name)
+        if fd < 0:
+            return False
+        try:
+            return _is_opaque(fd, opaque_xattr)
+        finally:
+            os.close(fd)
 
 
 def _at(dir_fd: int, name: str) -> bytes:
     """A path to entry ``name`` of ``dir_fd`` for the l*xattr calls, which take no
     directory descriptor: through /proc the directory is the one held open."""
-    if _PROC_FD:
-        return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
-    return os.fsencode(os.readlink(f"/proc/self/fd/{dir_fd}") if False else name)  # pragma: no cover
+    return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
+
+
+def _open_plain(dir_fd: int, name: str) -> int:
+    """Without /proc: open a regular file or directory to read its xattrs by fd, or -1
+    for anything else (opening a device or fifo could have effects)."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return -1
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return -1
 
 
 def _scan(dir_fd: int) -> dict[bytes, os.DirEntry[str]]:
@@ -463,12 +490,14 @@ def _add_subtree(walk: _Walk, dir_fd: int, rel: bytes, out: list[_Raw], *,
         walk.close(fd)
 
 
-def _capability(path: bytes) -> bytes:
-    """The ``security.capability`` xattr, or b"" (listing first: a miss raises no error)."""
+def _capability(target: bytes | int) -> bytes:
+    """The ``security.capability`` xattr of a path (not followed) or an open fd, or b""
+    (listing first: a miss raises no error)."""
+    follow = {} if isinstance(target, int) else {"follow_symlinks": False}
     try:
-        if _CAP not in os.listxattr(path, follow_symlinks=False):
+        if _CAP not in os.listxattr(target, **follow):
             return b""
-        return os.getxattr(path, _CAP, follow_symlinks=False)
+        return os.getxattr(target, _CAP, **follow)
     except OSError:
         return b""  # no xattr support, or vanished: Docker ignores the error too
 
