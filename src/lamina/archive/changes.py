@@ -44,6 +44,8 @@ def changes_dirs(new: Path, old: Path | None) -> list[Change]:
     """Docker's ``ChangesDirs(new, old)``; ``old=None`` compares against an empty tree
     (every entry of ``new`` is an Add)."""
     out: list[_Raw] = []
+    new_b = os.fsencode(new).rstrip(b"/")
+    old_b = os.fsencode(old).rstrip(b"/") if old is not None else b""
     walk = _Walk()
     try:
         new_fd = walk.open_root(new)
@@ -105,7 +107,7 @@ def changes_dirs(new: Path, old: Path | None) -> list[Change]:
                         _add_child_subtree(walk, new_dir, ne.name, path, out)
                     continue
                 changed = stat_different(ost, nst) or (
-                    walk.capability(old_dir, oe.name) != walk.capability(new_dir, ne.name)
+                    _capability(old_b + path) != _capability(new_b + path)
                 )
                 if changed:
                     out.append((path, _MODIFY))
@@ -170,6 +172,7 @@ def changes_overlay(
     directory at a time.
     """
     lower_roots = [os.fsencode(p) for p in lowers]
+    upper_b = os.fsencode(upper).rstrip(b"/")
     out: list[_Raw] = []
     walk = _Walk()
     try:
@@ -221,7 +224,7 @@ def changes_overlay(
                         _add_child_subtree(walk, dir_fd, ue.name, path, out, skip_whiteouts=True)
                     continue
                 changed = stat_different(lower_st, ust) or (
-                    _capability(lower_path) != walk.capability(dir_fd, ue.name)
+                    _capability(lower_path) != _capability(upper_b + path)
                 )
                 if changed:
                     out.append((path, _MODIFY))
@@ -375,7 +378,10 @@ class _Walk:
 
     Walking by descriptors (each directory opened with ``O_NOFOLLOW`` from its parent's)
     keeps a live tree that swaps a directory for a symlink from leading the walk
-    outside the root; a directory that changed that way is treated as gone.
+    outside the root; a directory that changed that way is treated as gone. The one
+    read by path is the ``security.capability`` xattr of an entry whose stat matched
+    (``lgetxattr`` has no directory-descriptor form, and going through /proc costs
+    three times as much): a race there can only turn one answer into a Modify.
     """
 
     def __init__(self) -> None:
@@ -405,19 +411,6 @@ class _Walk:
 
     def close_all(self) -> None:
         self.close(*list(self.open_fds))
-
-    @staticmethod
-    def capability(dir_fd: int, name: str) -> bytes:
-        """The ``security.capability`` xattr of entry ``name`` of ``dir_fd``, or b""."""
-        if _PROC_FD:
-            return _capability(_at(dir_fd, name))
-        fd = _open_plain(dir_fd, name)
-        if fd < 0:
-            return b""
-        try:
-            return _capability(fd)
-        finally:
-            os.close(fd)
 
     @staticmethod
     def is_opaque(dir_fd: int, name: str, opaque_xattr: str) -> bool:
