@@ -56,6 +56,7 @@ from lamina.store import Store  # noqa: E402
 
 OPERATIONS = ("apply", "create-rw", "rm", "image-load", "plugin-apply")
 POLL = 0.002  # seconds between looks at the records while waiting for the work to begin
+RETIME = 25  # kill points between two undisturbed runs that re-measure the window
 MTIME = 1_700_000_000
 
 
@@ -564,9 +565,26 @@ OPS: dict[str, type[Operation]] = {
 
 @dataclass(frozen=True)
 class KillPoint:
-    #: "start": seconds after the victim starts; "begun": seconds after its work is seen
-    anchor: str
-    offset: float
+    """Where in an operation to kill it, relative to its measured window."""
+
+    #: "pre" (before the work begins), "work" (while it runs) or "post" (after it is done)
+    phase: str
+    #: how far into that phase, 0..1
+    fraction: float
+
+    @property
+    def anchor(self) -> str:
+        """What the offset counts from: the victim's start, or its work being seen."""
+        return "start" if self.phase == "pre" else "begun"
+
+    def offset(self, window: tuple[float, float, float]) -> float:
+        begin, done, end = window
+        span = max(done - begin, 0.001)
+        if self.phase == "pre":
+            return begin * self.fraction
+        if self.phase == "work":
+            return span * self.fraction
+        return span + (max(end - done, 0.0) + 0.1 * end) * self.fraction
 
 
 def timeline(attempt: Attempt, probe: Probe, timeout: float = 600) -> tuple[float, float, float]:
@@ -593,21 +611,19 @@ def timeline(attempt: Attempt, probe: Probe, timeout: float = 600) -> tuple[floa
     return begin, max(done, begin), end
 
 
-def kill_points(n: int, begin: float, done: float, end: float) -> list[KillPoint]:
+def kill_points(n: int) -> list[KillPoint]:
     """A tenth before the work, most within it, a tenth after it (to a little past exit)."""
     pre = max(1, round(n * 0.1)) if n >= 3 else 0
     post = max(1, round(n * 0.1)) if n >= 3 else 0
     work = n - pre - post
-    points = [KillPoint("start", begin * (k + 0.5) / pre) for k in range(pre)]
-    span = max(done - begin, 0.001)
-    points += [KillPoint("begun", span * (k + 0.5) / work) for k in range(work)]
-    tail = max(end - done, 0.0) + 0.1 * end
-    points += [KillPoint("begun", span + tail * (k + 0.5) / post) for k in range(post)]
-    return points
+    return ([KillPoint("pre", (k + 0.5) / pre) for k in range(pre)]
+            + [KillPoint("work", (k + 0.5) / work) for k in range(work)]
+            + [KillPoint("post", (k + 0.5) / post) for k in range(post)])
 
 
-def strike(attempt: Attempt, probe: Probe, point: KillPoint) -> tuple[bool, bool]:
-    """Start the attempt and kill it at ``point``; return (killed, work had begun)."""
+def strike(attempt: Attempt, probe: Probe, point: KillPoint, offset: float) -> tuple[bool, bool]:
+    """Start the attempt and kill it ``offset`` seconds after ``point``'s anchor; return
+    (killed, work had begun)."""
     victim = attempt.victim
     t0 = time.monotonic()
     victim.start()
@@ -619,10 +635,10 @@ def strike(attempt: Attempt, probe: Probe, point: KillPoint) -> tuple[bool, bool
                 break
             time.sleep(POLL)
         t0 = time.monotonic()
-    while time.monotonic() - t0 < point.offset:
+    while time.monotonic() - t0 < offset:
         if victim.finished():
             return False, True
-        time.sleep(min(POLL, point.offset))
+        time.sleep(min(POLL, offset))
     if victim.finished():
         return False, True
     began = attempt.begun(probe)
@@ -669,24 +685,34 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
                     log: Callable[[str], None] = print, verbose: bool = False,
                     timing_runs: int = 1) -> Figures:
     fig = Figures(op.name)
-    windows = []
-    for k in range(timing_runs):
-        first = op.attempt(-1 - k)
-        windows.append(timeline(first, probe))
-        err = first.victim.reap() if isinstance(first.victim, (CliVictim, PluginVictim)) else ""
-        if err:
-            fig.problems.append(f"undisturbed run failed: {err}")
-            return fig
-        store.cleanup()
-        op.reset(store, first)
-    begin, done, end = min(windows, key=lambda w: w[2])  # the least disturbed by other load
-    fig.window_ms = (begin * 1000, done * 1000, end * 1000)
-    for n, point in enumerate(kill_points(points, begin, done, end), 1):
+
+    def measure(runs: int, tag: int) -> tuple[float, float, float] | None:
+        """The window of the fastest of ``runs`` undisturbed runs (least slowed by load)."""
+        windows = []
+        for k in range(runs):
+            first = op.attempt(tag - k)
+            windows.append(timeline(first, probe))
+            err = first.victim.reap() if isinstance(first.victim, (CliVictim, PluginVictim)) else ""
+            if err:
+                fig.problems.append(f"undisturbed run failed: {err}")
+                return None
+            store.cleanup()
+            op.reset(store, first)
+        return min(windows, key=lambda w: w[2])
+
+    window = measure(timing_runs, -1)
+    if window is None:
+        return fig
+    fig.window_ms = (window[0] * 1000, window[1] * 1000, window[2] * 1000)
+    for n, point in enumerate(kill_points(points), 1):
+        if n % RETIME == 0:  # the machine's load drifts: measure again now and then
+            window = measure(1, -1000 - n) or window
         attempt = op.attempt(n)
         before = {r.id for r in store.layers()}
-        killed, began = strike(attempt, probe, point)
+        offset = point.offset(window)
+        killed, began = strike(attempt, probe, point, offset)
         err = attempt.victim.reap() if isinstance(attempt.victim, (CliVictim, PluginVictim)) else ""
-        what = f"{op.name} point {n} ({point.anchor}+{point.offset * 1000:.0f} ms)"
+        what = f"{op.name} point {n} ({point.anchor}+{offset * 1000:.0f} ms)"
         if err:
             fig.problems.append(f"{what}: failed on its own: {err}")
         fig.kills += killed
