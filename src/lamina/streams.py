@@ -36,6 +36,27 @@ class IterStream(io.RawIOBase):
         self._buf = self._buf[n:]
         return n
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Read up to ``size`` bytes; a whole chunk that fits is returned as it is,
+        without a copy (large reads of a diff cost no more than the data itself)."""
+        if size is None or size < 0:
+            return self.readall()
+        if not self._buf:
+            try:
+                chunk = next(self._it)
+            except StopIteration:
+                return b""
+            if len(chunk) <= size:
+                return chunk
+            self._buf = memoryview(chunk)
+        n = min(size, len(self._buf))
+        out = bytes(self._buf[:n])
+        self._buf = self._buf[n:]
+        return out
+
+    def readall(self) -> bytes:
+        return b"".join(self.chunks())
+
     def chunks(self) -> Iterator[bytes]:
         """Iterate the remaining data chunk by chunk (no copying into small reads)."""
         if self._buf:
@@ -59,6 +80,10 @@ class IterStream(io.RawIOBase):
                 super().close()
 
 
-def open_chunks(chunks: Iterable[bytes], on_close: Callable[[], None] | None = None) -> io.BufferedReader:
-    """A buffered file object over ``chunks``; closing it runs ``on_close`` once."""
-    return io.BufferedReader(IterStream(chunks, on_close), buffer_size=1 << 20)
+def open_chunks(chunks: Iterable[bytes], on_close: Callable[[], None] | None = None) -> IterStream:
+    """A file object over ``chunks``; closing it runs ``on_close`` once.
+
+    Not wrapped in a BufferedReader: that would copy every chunk once more, and the
+    chunks are already large (the producers join small pieces).
+    """
+    return IterStream(chunks, on_close)
