@@ -19,24 +19,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-class FileLock:
-    """An exclusive or shared flock on one file, created if missing."""
+class _FdLock:
+    """A lock held by an open file description: closing it releases the lock, which is
+    also what the kernel does when the process dies. Subclasses say how to lock."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
+    def _lock(self, fd: int, *, shared: bool, blocking: bool) -> None:
+        raise NotImplementedError
+
     def acquire(self, *, shared: bool = False, blocking: bool = True) -> bool:
         """Take the lock; with ``blocking=False`` return False if someone holds it."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if not blocking:
-            op |= fcntl.LOCK_NB
         try:
-            fcntl.flock(fd, op)
+            self._lock(fd, shared=shared, blocking=blocking)
         except OSError as e:
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return False
             raise
         self._fd = fd
@@ -51,12 +52,20 @@ class FileLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def __enter__(self) -> FileLock:
+    def __enter__(self) -> _FdLock:
         self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class FileLock(_FdLock):
+    """An exclusive or shared flock on one file, created if missing."""
+
+    def _lock(self, fd: int, *, shared: bool, blocking: bool) -> None:
+        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        fcntl.flock(fd, op if blocking else op | fcntl.LOCK_NB)
 
 
 @contextlib.contextmanager
@@ -78,7 +87,7 @@ def _key_offset(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
 
 
-class KeyLock:
+class KeyLock(_FdLock):
     """An exclusive or shared lock on one key, as a one-byte open-file-description lock
     at the key's offset in a single shared lock file.
 
@@ -90,37 +99,11 @@ class KeyLock:
     """
 
     def __init__(self, path: Path, key: str) -> None:
-        self.path = path
+        super().__init__(path)
         self.key = key
         self._offset = _key_offset(key)
-        self._fd: int | None = None
 
-    def acquire(self, *, shared: bool = False, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _lock(self, fd: int, *, shared: bool, blocking: bool) -> None:
         kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
         cmd = fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK
-        try:
-            fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, self._offset, 1, 0))
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the description drops its OFD locks
-            self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def __enter__(self) -> KeyLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, self._offset, 1, 0))
