@@ -184,7 +184,7 @@ class Figures:
     in_work: int = 0
     #: the operation was already complete when the kill came (or the victim had exited)
     completed: int = 0
-    #: cleanup dropped a half-made layer (or finished an interrupted removal)
+    #: cleanup dropped a half-made layer, finished an interrupted removal or unmounted a leak
     mended: int = 0
     #: killed before it touched the store: nothing to mend
     before_work: int = 0
@@ -203,7 +203,7 @@ class Figures:
                      f", record temp files left {self.record_temps_left}")
         return (f"{self.op}: kills {self.kills} (work began at {begin:.0f} ms, done at {done:.0f} ms,"
                 f" exit at {end:.0f} ms), killed mid-work {self.in_work}, half-made/half-removed"
-                f" mended by cleanup {self.mended}, completed before the kill {self.completed},"
+                f" layers or leaked mounts mended by cleanup {self.mended}, completed before the kill {self.completed},"
                 f" killed before any work {self.before_work}{extra}, problems {len(self.problems)}")
 
 
@@ -533,7 +533,7 @@ class MountOp(Operation):
             store.close()
         merged = root / "layers" / self.layer / "merged"
 
-        def begun(p: Probe) -> bool:
+        def begun(p: Probe) -> bool:  # the kernel mount: its record comes after it
             return os.path.ismount(merged) or p.refs(self.layer) > 0
 
         return Attempt(CliVictim(lamina_cmd(root, "mount", self.layer)), [], begun=begun,
@@ -719,7 +719,8 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
         mended, problems = inspect(store, before, attempt)
         fig.problems += [f"{what}: {p}" for p in problems]
         present = [t for t in attempt.targets if store.exists(t)]
-        if any("dropped half-made" in m or "finished removing" in m for m in mended):
+        if any(m.startswith(("dropped half-made", "finished removing", "unmounted leaked"))
+               for m in mended):
             fig.mended += 1
         elif killed and op.name == "rm" and not present:
             fig.completed += 1
@@ -817,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p for f in figures for p in f.problems]
     print(f"total: {kills} kills survived in {time.monotonic() - t:.0f} s, "
           f"{sum(f.in_work for f in figures)} of them mid-work, "
-          f"{sum(f.mended for f in figures)} half-made or half-removed layers mended by cleanup, "
+          f"{sum(f.mended for f in figures)} half-made/half-removed layers or leaked mounts mended by cleanup, "
           f"problems {len(problems)}")
     for p in problems[:30]:
         print("  " + p)
