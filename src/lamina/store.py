@@ -286,11 +286,13 @@ class Store:
             try:
                 size = self._apply_into(layer_id, hashed)
                 hashed.drain()
+                diff_id = hashed.digest()
             except BaseException as e:
+                hashed.close()
                 self._abandon(layer_id)
                 _raise_no_space(layer_id, e)
                 raise
-            self._commit(layer_id, size=size, tarsplit=True, diff_id=hashed.digest())
+            self._commit(layer_id, size=size, tarsplit=True, diff_id=diff_id)
             return size
 
     def _apply_into(self, layer_id: str, stream: HashingReader) -> int:
