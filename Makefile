@@ -6,7 +6,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 RUFF       := $(VENV)/bin/ruff
-LINT_PATHS ?= src tests bench scripts
+LINT_PATHS ?= src tests bench scripts stress fuzz
 PYTEST_ARGS ?=
 DEMO_ARGS  ?=
 

@@ -237,10 +237,27 @@ def test_changed_size_is_caught_naming_the_file(tmp_path: Path, content: bytes, 
 
 
 def test_repeated_name_shadowing_content_cannot_be_recorded(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArchive, match="twice") as err:
+    with pytest.raises(InvalidArchive, match="replaces or whites out content") as err:
         apply_recording(tmp_path / "r", tm.tar(tm.file("a", b"1"), tm.file("./a", b"2"),
                                                tm.file("later", b"x")))
     assert err.value.entry == "./a"
+
+
+@pytest.mark.parametrize("whiteout", ["d/.wh.f", "./d/.wh.f", ".wh.d"])
+def test_whiteout_of_content_added_earlier_cannot_be_recorded(tmp_path: Path, whiteout: str) -> None:
+    """Docker would apply it, but no tar-split could give the tar back: its content is gone."""
+    with pytest.raises(InvalidArchive, match="whites out content added earlier") as err:
+        apply_recording(tmp_path / "r", tm.tar(tm.directory("d"), tm.file("d/f", b"gone"),
+                                               tm.file(whiteout, b""), tm.file("later", b"x")))
+    assert err.value.entry == whiteout
+
+
+def test_whiteouts_before_new_content_round_trip(tmp_path: Path) -> None:
+    """A layer that deletes a lower file and adds one of the same name is ordinary."""
+    data = tm.tar(tm.file(".wh.f", b""), tm.file("f", b"new"), tm.directory("d"),
+                  tm.file("d/.wh..wh..opq", b""), tm.file("d/g", b"g"), tm.file("d/.wh.other", b""))
+    split = apply_recording(tmp_path / "r", data)
+    assert rebuild(split, tmp_path / "r") == data
 
 
 def test_hostile_entry_is_named_before_a_repeated_name(tmp_path: Path) -> None:

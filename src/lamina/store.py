@@ -522,6 +522,11 @@ class Store:
                 else:
                     self._finish_remove(layer_id)
                     done.append(f"finished removing layer {layer_id}")
+            except OSError as e:
+                # e.g. a child process of the dead maker still writing into it: what is
+                # left is an orphan that the next cleanup removes; the rest goes on now
+                done.append(f"could not yet remove all of layer {layer_id} ({e.strerror or e}); "
+                            "run cleanup again")
             finally:
                 lock.release()
         done += self._remove_orphans()

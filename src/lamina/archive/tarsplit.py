@@ -166,6 +166,8 @@ class TarSplitWriter:
         self._position = 0
         #: cleaned names of entries that had content, and the first name to repeat one
         self._with_content: set[str] = set()
+        #: every directory above such an entry (a whiteout of one loses that content)
+        self._content_dirs: set[str] = set()
         self._shadowed: str | None = None
         self._buffered = buffered
         self._pending: list[bytes] = []
@@ -192,7 +194,7 @@ class TarSplitWriter:
         self.flush()
         if self._shadowed is not None:
             raise InvalidArchive(
-                "the tar holds this name twice and the first one's content is lost: "
+                "this entry replaces or whites out content added earlier in the same tar: "
                 "tar-split could never rebuild the tar", self._shadowed)
 
     def segment(self, payload: bytes) -> None:
@@ -215,6 +217,16 @@ class TarSplitWriter:
             self._shadowed = shown
         if size:
             self._with_content.add(key)
+            parent = posixpath.dirname(key)
+            while parent and parent not in self._content_dirs:  # amortised: siblings stop at once
+                self._content_dirs.add(parent)
+                parent = posixpath.dirname(parent)
+        elif self._shadowed is None:
+            base = posixpath.basename(key)
+            if base.startswith(".wh.") and base != ".wh..wh..opq":
+                gone = posixpath.join(posixpath.dirname(key), base[4:])
+                if gone in self._with_content or gone in self._content_dirs:
+                    self._shadowed = shown
         if text is None:
             head = b'{"type":1,"name_raw":"' + b2a_base64(name, newline=False) + b'"'
         elif text:
