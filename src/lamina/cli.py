@@ -428,7 +428,10 @@ def cmd_metadata(inv: Invocation) -> int:
 
 
 def cmd_cleanup(inv: Invocation) -> int:
+    from lamina.images import recover as recover_images
+
     mended = inv.store.cleanup(unmount_all=inv.args.unmount_all)
+    mended += recover_images(inv.store)  # layers of killed image loads (no image owns them)
     inv.emit({"mended": mended}, mended)
     return 0
 

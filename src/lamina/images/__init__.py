@@ -9,7 +9,8 @@ The modules, one idea each: :mod:`digest` (chain IDs, hashing readers), :mod:`co
 (sniffing and decompressing layers), :mod:`source` (files of an archive, tar or
 directory), :mod:`dockersave` and :mod:`oci` (the two formats, read and written),
 :mod:`spec` (what a reader hands the loader), :mod:`load`, :mod:`save`, :mod:`remove`,
-:mod:`records`, :mod:`refs` (names), :mod:`tarwriter`, and :mod:`cli` (the verbs).
+:mod:`records`, :mod:`refs` (names), :mod:`tarwriter`, :mod:`journal` (what a running
+load has made) and :mod:`recover` (undoing killed loads), and :mod:`cli` (the verbs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.images.digest import chain_ids
 from lamina.images.load import LoadResult, load
 from lamina.images.records import ImageNotFound, ImageRecord, ImageRecords
+from lamina.images.recover import recover
 from lamina.images.remove import ImageInUse, RemoveResult, remove_images
 from lamina.images.save import SaveResult, save
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ImageInUse", "ImageNotFound", "ImageRecord", "LoadResult", "RemoveResult", "SaveResult",
-    "chain_ids", "images", "inspect", "load", "remove_images", "resolve_image",
+    "chain_ids", "images", "inspect", "load", "recover", "remove_images", "resolve_image",
     "resolve_image_top", "save",
 ]
 

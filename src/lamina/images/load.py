@@ -14,6 +14,11 @@ Layers are named by chain ID, so a layer already in the store (shared with an im
 loaded before, or the same image loaded again) is not read at all: a second load of an
 image costs a few JSON reads. Loads and removals hold the images lock, so one load
 cannot remove or reuse a layer another is still making.
+
+A load killed outright cannot roll back: before making each layer it names it in a
+journal (:mod:`lamina.images.journal`), deleted once the image records are written, and
+every load first undoes the journals of dead loads (:mod:`lamina.images.recover`), as
+``lamina cleanup`` does. So a killed load leaves no layer that no image owns.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from typing import IO, TYPE_CHECKING, Protocol
 from lamina.errors import ImageError, LaminaError, LayerNotFound
 from lamina.images import compress, dockersave, oci
 from lamina.images.digest import HashingReader, MeteredReader, layer_id, split_digest
+from lamina.images.journal import LoadJournal
 from lamina.images.records import ImageRecord, ImageRecords
+from lamina.images.recover import recover_locked
 from lamina.images.refs import normalize
 from lamina.images.source import Source, open_source
 from lamina.images.spec import ImageSpec, LayerBlob
@@ -62,6 +69,8 @@ class LoadResult:
     layers_reused: int = 0
     #: bytes of layer blobs read from the archive
     bytes_read: int = 0
+    #: what undoing earlier loads that were killed did first (one line each)
+    recovered: list[str] = field(default_factory=list)
 
 
 def read_archive(src: Source) -> list[ImageSpec]:
@@ -91,14 +100,34 @@ def load(store: Store, path: str | Path | None, *, stdin: IO[bytes] | None = Non
             specs[0].names = [normalize(tag)]
         result = LoadResult()
         with records.lock():
+            result.recovered = recover_locked(store, records)
+            for line in result.recovered:
+                log.warning("%s", line)
             if progress is not None:
                 progress.done = 0  # the spooling (if any) counted other bytes
                 progress.total = _bytes_to_read(store, src, specs) or None
-            for n, spec in enumerate(specs, 1):
-                rec = _load_image(store, records, src, spec, progress, result,
-                                  f"image {n}/{len(specs)}" if len(specs) > 1 else "")
-                result.images.append(rec)
+            journal = LoadJournal(records.dir)
+            try:
+                for n, spec in enumerate(specs, 1):
+                    rec = _load_image(store, records, src, spec, progress, result, journal,
+                                      f"image {n}/{len(specs)}" if len(specs) > 1 else "")
+                    result.images.append(rec)
+            except BaseException:
+                # the failed image was rolled back; if a layer of it could not be removed,
+                # the journal stays and recovery removes it once this process is gone
+                if not _unowned(store, records, journal.layers):
+                    journal.discard()
+                raise
+            journal.discard()
     return result
+
+
+def _unowned(store: Store, records: ImageRecords, layers: list[str]) -> list[str]:
+    """The layers of ``layers`` still in the store that no image record names."""
+    if not layers:
+        return []
+    owned = {lid for rec in records.all() for lid in rec.layer_ids}
+    return [lid for lid in layers if lid not in owned and store.exists(lid)]
 
 
 def _bytes_to_read(store: Store, src: Source, specs: list[ImageSpec]) -> int:
@@ -114,7 +143,8 @@ def _bytes_to_read(store: Store, src: Source, specs: list[ImageSpec]) -> int:
 
 
 def _load_image(store: Store, records: ImageRecords, src: Source, spec: ImageSpec,
-                progress: ProgressSink | None, result: LoadResult, prefix: str) -> ImageRecord:
+                progress: ProgressSink | None, result: LoadResult, journal: LoadJournal,
+                prefix: str) -> ImageRecord:
     chains = spec.chain_ids
     made: list[str] = []
     try:
@@ -127,7 +157,8 @@ def _load_image(store: Store, records: ImageRecords, src: Source, spec: ImageSpe
             else:
                 if progress is not None:
                     progress.label = " ".join(x for x in (prefix, f"layer {i}/{len(chains)}") if x)
-                result.bytes_read += _apply_layer(store, src, blob, lid, parent, what, progress, made)
+                result.bytes_read += _apply_layer(store, src, blob, lid, parent, what, progress,
+                                                  made, journal)
                 result.layers_loaded += 1
             parent = lid
     except BaseException:
@@ -169,7 +200,8 @@ def _reusable(store: Store, records: ImageRecords, lid: str, parent: str | None,
 
 
 def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: str | None,
-                 what: str, progress: ProgressSink | None, made: list[str]) -> int:
+                 what: str, progress: ProgressSink | None, made: list[str],
+                 journal: LoadJournal) -> int:
     """Stream one blob into layer ``lid``, verifying both digests; return its size.
 
     The store hashes the uncompressed stream it applies (to the end, padding included)
@@ -194,6 +226,7 @@ def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: s
         stream: IO[bytes] = buffered
         if kind != compress.NONE:
             stream = io.BufferedReader(compress.decompressed(buffered, kind, what), _BUFFER)  # type: ignore[arg-type]
+        journal.add(lid)  # before the layer exists: a kill from here on leaves it journalled
         made.append(lid)
         try:
             store.apply_diff(lid, parent, stream)
