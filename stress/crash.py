@@ -18,7 +18,9 @@ asserts:
   exist or is whole (an applied layer's DiffID is the sha256 of the tar it came from);
 * no mount is leaked under the store root, and ``tmp/`` is empty;
 * every layer that was complete before the kill is still there and intact;
-* (image load) every image record is readable and names only complete layers.
+* (image load) every image record is readable and names only complete layers; after
+  ``images.recover`` (which ``lamina cleanup`` runs too) no layer of the killed load is
+  left without an image record, and no load journal is left.
 
 Full run: ``python -m stress.crash --points 200`` (``make stress``); the test suite runs
 ``--points 10`` on small inputs (tests/test_stress_short.py).
@@ -188,7 +190,8 @@ class Figures:
     mended: int = 0
     #: killed before it touched the store: nothing to mend
     before_work: int = 0
-    #: image load: complete layers of the killed load left with no image record
+    #: image load: complete layers of the killed load left with no image record after
+    #: cleanup (each one is also a problem: recovery should have dropped them)
     image_layers_left: int = 0
     #: image load: half-written image record files (hidden dotfiles) left behind
     record_temps_left: int = 0
@@ -717,9 +720,13 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
             fig.problems.append(f"{what}: failed on its own: {err}")
         fig.kills += killed
         mended, problems = inspect(store, before, attempt)
+        if op.name == "image-load":  # what `lamina cleanup` does after the store's cleanup
+            from lamina.images import recover as recover_images
+
+            mended += recover_images(store)
         fig.problems += [f"{what}: {p}" for p in problems]
         present = [t for t in attempt.targets if store.exists(t)]
-        if any(m.startswith(("dropped half-made", "finished removing", "unmounted leaked"))
+        if any(m.startswith(("dropped half-made", "finished removing", "unmounted leaked", "dropped layer"))
                for m in mended):
             fig.mended += 1
         elif killed and op.name == "rm" and not present:
@@ -736,7 +743,11 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
             record = store.root / "images" / f"{op.ctx.image.image_id[7:]}.json"
             if not record.exists() and present:
                 fig.image_layers_left += 1
+                fig.problems.append(f"{what}: layers of the image left without a record after cleanup: {present}")
             fig.record_temps_left += len(list((store.root / "images").glob(".*.tmp")))
+            journals = sorted(p.name for p in (store.root / "images").glob("*.load-*"))
+            if journals:
+                fig.problems.append(f"{what}: load journals left after cleanup: {journals}")
         if verbose:
             log(f"  {what}: killed={killed} began={began} present={present} mended={mended}")
         op.reset(store, attempt)
