@@ -56,6 +56,8 @@ stress: venv
 	  name=$$(basename "$$f" .py); [ "$$name" != __init__ ] && [ -e "$$f" ] || continue; \
 	  echo "== stress.$$name"; $(PY) -m "stress.$$name" $(STRESS_ARGS); \
 	done
+	@echo "== a million empty tar entries (bounded time and memory)"
+	LAMINA_FLOOD_ENTRIES=1000000 $(PY) -m pytest -q tests/test_hostile_corpus.py -k many_empty_entries
 	@rc=0; LAMINA_TEST_SLOW=1 $(PY) -m pytest -m slow $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make stress: no tests marked slow"; exit 0; fi; \
 	exit $$rc
