@@ -26,7 +26,9 @@ Why these choices:
   ``l/`` short names and stops at 128 lowers. The new mount API gives each
   ``lowerdir+`` its own ``fsconfig`` call (Linux 6.8+), so the kernel's own limit of 500
   lower directories applies; since the layer's own ``diff`` is always the upper, a
-  chain of 501 layers can be mounted. On older kernels the ``l/`` links keep the option
+  chain of 501 layers can be mounted. The ``l/`` names are passed there too, relative to
+  the store root: the kernel shows each lower as given in ``/proc/self/mountinfo``, and
+  runc cannot read a line past 64 KiB. On older kernels the ``l/`` links keep the option
   string short, and the limit is what fits in a page. Past either, a clear error.
 * Native diff. The upper directory *is* the layer's change set, so ``changes``/``diff``
   read it alone: their cost follows the changes, not the image. To keep the upper
