@@ -8,8 +8,9 @@ thousands of files), one deleting documentation (whiteouts), editing files and a
 debootstrap cannot reach a Debian mirror, the base layer is this machine's ``/usr``
 instead, and the output says so.
 
-Each measurement starts from nothing: a fresh private dockerd (overlay2, its own
-data-root; ``tests/dockerd.py``) for ``docker load -i``, a fresh store for
+Each measurement starts from nothing, on a freshly made ext4 filesystem of its own (a
+sparse image on a loop device, so no side inherits another's churn): a fresh private
+dockerd (overlay2, its own data-root; ``tests/dockerd.py``) for ``docker load -i``, a fresh store for
 ``lamina --driver D image load`` (the CLI, in its own process, like the docker CLI). The
 archive is read once beforehand so both sides start with it in the page cache; sides
 alternate, best of ``--runs``. Reported: wall-clock seconds and the ratio lamina /
@@ -24,6 +25,7 @@ Needs root and Debian's docker.io; without them it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +149,31 @@ class Timing:
     save_cpu: float
 
 
+@contextlib.contextmanager
+def fresh_fs() -> Iterator[Path]:
+    """A new ext4 filesystem (a sparse image on a loop device) for one measurement.
+
+    Why: on a filesystem where many files were just created and deleted, ext4's inode
+    allocator costs every later creator CPU time (seen here as five times the CPU for the
+    same load), so whichever side ran later in a round lost. Each side now starts on a
+    filesystem as new as the others'.
+    """
+    from lamina.fs.quota import create_image, unmount_image
+
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        mnt = Path(tmp) / "fs"
+        mnt.mkdir()
+        create_image(Path(tmp) / "fs.img", mnt, 6 << 30)
+        try:
+            yield mnt
+        finally:
+            unmount_image(mnt)
+
+
 def time_docker(archive: Path, driver: str = "overlay2") -> Timing:
     """``docker load -i`` into a fresh dockerd, then ``docker save -o``. CPU time is the
     docker CLI's plus dockerd's own (the daemon does the work)."""
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+    with fresh_fs() as tmp:
         d = DockerDaemon(Path(tmp) / "d", storage_driver=driver)
         try:
             d.start()
@@ -168,7 +192,7 @@ def time_docker(archive: Path, driver: str = "overlay2") -> Timing:
 
 def time_lamina(archive: Path, driver: str) -> Timing:
     """``lamina image load`` into a fresh store, then ``lamina image save -o``."""
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+    with fresh_fs() as tmp:
         root = Path(tmp) / "store"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p))
