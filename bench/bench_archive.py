@@ -29,6 +29,7 @@ says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import os
 import random
@@ -45,7 +46,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 
+import freshfs  # noqa: E402
 from lamina.archive.export import tar_tree  # noqa: E402
 
 MiB = 1 << 20
@@ -309,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 runs (a smoke run)")
     ap.add_argument("--runs", type=int, help="runs per measurement (default 5, quick 2)")
     ap.add_argument("--driver", default="vfs", help="store driver (default vfs)")
-    ap.add_argument("--dir", type=Path, help="work directory (default: a new temp dir)")
+    ap.add_argument("--dir", type=Path, help="work directory (default: a freshly made ext4 "
+                    "filesystem as root, else a new temp dir)")
     args = ap.parse_args(argv)
     if not shutil.which("tar"):
         print("bench_archive: GNU tar is not installed; nothing to compare against")
@@ -324,7 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         Dataset("big", f"{big_n} files of {big_size / MiB:g} MiB",
                 lambda root: make_big_files(root, big_n, big_size)),
     ]
-    work = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=args.dir))
+    with contextlib.ExitStack() as stack:
+        parent = args.dir
+        if parent is None and freshfs.available():
+            parent = stack.enter_context(freshfs.fresh_fs())  # see bench/freshfs.py: why
+        return _run(args, runs, datasets, parent, big_n, big_size)
+
+
+def _run(args: argparse.Namespace, runs: int, datasets: list[Dataset], parent: Path | None,
+         big_n: int, big_size: int) -> int:
+    work = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=parent))
     try:
         lam = Lamina(work, args.driver)
         where = f"{lam.driver} store" if lam.store is not None else "engine only"

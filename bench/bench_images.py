@@ -25,7 +25,6 @@ Needs root and Debian's docker.io; without them it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +40,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from dockerd import DockerDaemon  # noqa: E402
+from freshfs import fresh_fs  # noqa: E402
 
 OUT = HERE / "out"
 ROOTFS = OUT / "images-rootfs.tar"
@@ -149,31 +149,10 @@ class Timing:
     save_cpu: float
 
 
-@contextlib.contextmanager
-def fresh_fs() -> Iterator[Path]:
-    """A new ext4 filesystem (a sparse image on a loop device) for one measurement.
-
-    Why: on a filesystem where many files were just created and deleted, ext4's inode
-    allocator costs every later creator CPU time (seen here as five times the CPU for the
-    same load), so whichever side ran later in a round lost. Each side now starts on a
-    filesystem as new as the others'.
-    """
-    from lamina.fs.quota import create_image, unmount_image
-
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
-        mnt = Path(tmp) / "fs"
-        mnt.mkdir()
-        create_image(Path(tmp) / "fs.img", mnt, 6 << 30)
-        try:
-            yield mnt
-        finally:
-            unmount_image(mnt)
-
-
 def time_docker(archive: Path, driver: str = "overlay2") -> Timing:
     """``docker load -i`` into a fresh dockerd, then ``docker save -o``. CPU time is the
     docker CLI's plus dockerd's own (the daemon does the work)."""
-    with fresh_fs() as tmp:
+    with fresh_fs(OUT) as tmp:
         d = DockerDaemon(Path(tmp) / "d", storage_driver=driver)
         try:
             d.start()
@@ -192,7 +171,7 @@ def time_docker(archive: Path, driver: str = "overlay2") -> Timing:
 
 def time_lamina(archive: Path, driver: str) -> Timing:
     """``lamina image load`` into a fresh store, then ``lamina image save -o``."""
-    with fresh_fs() as tmp:
+    with fresh_fs(OUT) as tmp:
         root = Path(tmp) / "store"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p))
