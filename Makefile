@@ -9,6 +9,7 @@ RUFF       := $(VENV)/bin/ruff
 LINT_PATHS ?= src tests bench scripts stress fuzz
 PYTEST_ARGS ?=
 DEMO_ARGS  ?=
+FUZZ_SECONDS ?= 300
 
 .PHONY: help venv demo test lint bench stress clean distclean
 
@@ -56,6 +57,10 @@ stress: venv
 	  name=$$(basename "$$f" .py); [ "$$name" != __init__ ] && [ -e "$$f" ] || continue; \
 	  echo "== stress.$$name"; $(PY) -m "stress.$$name" $(STRESS_ARGS); \
 	done
+	@echo "== fuzzing the tar reader and apply path for $(FUZZ_SECONDS) s (findings in fuzz/findings/)"
+	@mkdir -p fuzz/findings && PYTHONPATH=. $(PY) -m fuzz.corpus fuzz/findings/corpus >/dev/null
+	PYTHONPATH=. $(PY) fuzz/fuzz_apply.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	  -artifact_prefix=fuzz/findings/ fuzz/findings/corpus
 	@echo "== a million empty tar entries (bounded time and memory)"
 	LAMINA_FLOOD_ENTRIES=1000000 $(PY) -m pytest -q tests/test_hostile_corpus.py -k many_empty_entries
 	@rc=0; LAMINA_TEST_SLOW=1 $(PY) -m pytest -m slow $(PYTEST_ARGS) || rc=$$?; \

@@ -121,6 +121,13 @@ def cases() -> Iterator[Case]:
     yield Case("pax-xattr-trusted-overlay",
                tar(pax(pax_record("SCHILY.xattr.trusted.overlay.opaque", "y")), entry("fake-opaque", typeflag=DIR)),
                "contained")
+    yield Case("pax-xattr-unknown-namespace",  # found by the fuzzer: was UnsupportedFilesystem
+               tar(pax(pax_record("SCHILY.xattr.t2usted.overlay.opaque", "y")), entry("nsdir", typeflag=DIR)),
+               "error", "nsdir")
+    yield Case("pax-xattr-bad-acl", tar(pax(pax_record("SCHILY.xattr.system.posix_acl_access", "garbage")),
+                                        entry("acl", b"x")), "error", "acl")
+    yield Case("pax-xattr-unknown-system", tar(pax(pax_record("SCHILY.xattr.system.lamina_nothing", "x")),
+                                               entry("sys", b"x")), "error", "sys")
     yield Case("gnu-longname-chain", tar(gnu_longname(b"a" * 300), gnu_longname(b"b" * 300),
                                          gnu_longname(b"c" * 300), entry("x", b"y")), "contained")
     yield Case("gnu-longname-huge", header("././@LongLink", b"L", size_field=b"77777777777\0") + end(), "error", "")

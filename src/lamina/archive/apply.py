@@ -87,6 +87,8 @@ IMPLIED_DIR_MODE = 0o755
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OVERLAY_PRIVATE = ("trusted.overlay.", "user.overlay.")
+#: xattr namespaces Linux has; a name outside them can only be a malformed tar
+_XATTR_NAMESPACES = ("user.", "trusted.", "security.", "system.")
 #: errors that mean the tar asked for something this root cannot hold by name
 _NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR})
 
@@ -330,6 +332,9 @@ class _Applier:
         assert e.xattrs is not None
         follow = not isinstance(target, str)
         for name, value in e.xattrs.items():
+            if not name.startswith(_XATTR_NAMESPACES):
+                # the kernel answers EOPNOTSUPP, which would blame the filesystem
+                raise InvalidArchive(f"xattr {name!r} is in no namespace Linux knows", e.name)
             if self.overlay and name.startswith(_OVERLAY_PRIVATE):
                 log.warning("%s: not setting overlayfs's own xattr %s", e.name, name)
                 continue
@@ -338,9 +343,13 @@ class _Applier:
             except OSError as exc:
                 if exc.errno == errno.EPERM:
                     log.warning("%s: xattr %s not set: %s", e.name, name, exc.strerror)
-                elif exc.errno == errno.EOPNOTSUPP:
+                elif exc.errno == errno.EOPNOTSUPP and not name.startswith("system."):
                     raise UnsupportedFilesystem(
                         f"{e.name}: the filesystem does not support xattr {name}") from None
+                elif exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    # an unknown system.* name, or a value the kernel cannot parse (ACLs,
+                    # capabilities): the tar's doing, not the filesystem's
+                    raise InvalidArchive(f"xattr {name} refused: {exc.strerror}", e.name) from None
                 elif exc.errno in (errno.ENOSPC, errno.E2BIG, errno.ERANGE):
                     # more or larger xattrs than an inode can hold: the tar's doing
                     raise InvalidArchive(f"xattr {name} does not fit: {exc.strerror}",
