@@ -47,7 +47,7 @@ from lamina.errors import (
     ParentNotFound,
     StoreCorrupt,
 )
-from lamina.fs.durable import atomic_write, syncfs
+from lamina.fs.durable import EarlyWriteback, atomic_write, syncfs
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.hashing import HashingReader
 from lamina.fs.locks import FileLock, KeyLock
@@ -303,7 +303,7 @@ class Store:
         final = self._tarsplit_path(layer_id)
         tmp = self.root / "tmp" / f"{layer_id}~tarsplit"
         try:
-            with gzip.open(tmp, "wb", compresslevel=1) as ts:
+            with gzip.open(tmp, "wb", compresslevel=1) as ts, EarlyWriteback(self.root):
                 size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
                 if size is NOT_NATIVE:
                     path = self._get(layer_id, persistent=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -52,3 +53,36 @@ def syncfs(path: Path) -> None:
             raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+class EarlyWriteback:
+    """While long work writes files, keep the disk busy flushing them in the background.
+
+    ``with EarlyWriteback(root): unpack()`` runs ``syncfs`` on a helper thread every
+    ``interval`` seconds (ctypes releases the GIL, so the unpacking goes on meanwhile);
+    the final ``syncfs`` after the work then only waits for the tail instead of the whole
+    layer. It promises nothing by itself: durability still comes from that final call.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.05) -> None:
+        self.path = path
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                syncfs(self.path)
+            except OSError:
+                return  # best effort only
+
+    def __enter__(self) -> EarlyWriteback:
+        self._thread = threading.Thread(target=self._run, name="lamina-writeback", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
