@@ -22,19 +22,18 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from procs import UnixHTTPConnection, start_logged, wait_until
 
 #: dockerd's own drivers; any other ``-s`` name is a plugin and needs --experimental
 BUILTIN_DRIVERS = frozenset({"overlay2", "vfs", "btrfs", "zfs", "devicemapper", "fuse-overlayfs", "aufs"})
@@ -140,20 +139,6 @@ def busybox_rootfs_tar(dest: Path, *, busybox: str = "/bin/busybox", extra: Mapp
     return dest
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket, for dockerd's /_ping."""
-
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
-
-
 class DockerDaemon:
     """One private dockerd; start/stop/restart it and run ``docker`` against it."""
 
@@ -227,30 +212,14 @@ class DockerDaemon:
             self.config_file.write_text("{}\n")
         env = dict(os.environ)
         env.update(self.env)
-        log = open(self.log_path, "ab")
-        log.write(f"\n==== start {time.strftime('%H:%M:%S')}: {' '.join(self.command())}\n".encode())
-        log.flush()
-        try:
-            self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DockerError(f"dockerd exited with {self.proc.returncode} at start\n{self.log_tail()}")
-            if self.ping():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise DockerError(f"dockerd did not answer within {timeout:.0f}s\n{self.log_tail()}")
+        self.proc = start_logged(self.command(), self.log_path, env, " ".join(self.command()))
+        wait_until(self.proc, self.ping, timeout=timeout, what="dockerd", log_tail=self.log_tail,
+                   give_up=self.stop, error=DockerError, poll=0.1)
 
     def ping(self) -> bool:
         """True if the daemon's API answers."""
         try:
-            conn = _UnixHTTPConnection(str(self.socket), timeout=2)
+            conn = UnixHTTPConnection(self.socket, timeout=2)
             conn.request("GET", "/_ping")
             ok = conn.getresponse().status == 200
             conn.close()

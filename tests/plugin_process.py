@@ -10,31 +10,18 @@ name and state file, which is what the restart and crash tests need.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from procs import UnixHTTPConnection, start_logged, wait_until
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = Path("/run/docker/plugins")
-
-
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("plugin.moby.localhost", timeout=5)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
 
 
 class PluginProcess:
@@ -62,25 +49,14 @@ class PluginProcess:
     def start(self, timeout: float = 30.0) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n==== start {time.strftime('%H:%M:%S')}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"plugin exited with {self.proc.returncode}\n{self.log_tail()}")
-            if self.answers():
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"plugin did not answer within {timeout:.0f}s\n{self.log_tail()}")
+        self.proc = start_logged(self.command(), self.log_path, env)
+        wait_until(self.proc, self.answers, timeout=timeout, what="plugin", log_tail=self.log_tail,
+                   give_up=self.kill)
 
     def answers(self) -> bool:
         """True if the socket answers /Plugin.Activate."""
         try:
-            conn = _Unix(str(self.socket))
+            conn = UnixHTTPConnection(self.socket, timeout=5)
             conn.request("POST", "/Plugin.Activate", body=b"")
             ok = conn.getresponse().status == 200
             conn.close()

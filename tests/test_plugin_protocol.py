@@ -35,6 +35,7 @@ from aiohttp import web
 from lamina.plugin import wire
 from lamina.plugin.bridge import send_stream
 from lamina.plugin.docker import DockerPlugin, PluginServer
+from procs import UnixHTTPConnection
 
 REPO = Path(__file__).resolve().parent.parent
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
@@ -44,18 +45,6 @@ ID_RW = "c" * 64
 
 
 # -- a client that talks like dockerd ---------------------------------------------------
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60) -> None:
-        super().__init__("plugin.moby.localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
 
 
 class Reply:
@@ -74,7 +63,7 @@ class Dockerd:
         self.sock = str(sock)
 
     def post(self, path: str, body: bytes | Iterable[bytes] | None = b"") -> Reply:
-        conn = _UnixConnection(self.sock)
+        conn = UnixHTTPConnection(self.sock)
         try:
             headers = {"Accept": ACCEPT}
             if body is not None and not isinstance(body, bytes):
@@ -103,7 +92,7 @@ class Dockerd:
         return self.post(f"/GraphDriver.ApplyDiff?id={layer_id}&parent={parent}", chunks)
 
     def diff_stream(self, layer_id: str, parent: str = "") -> Iterator[bytes]:
-        conn = _UnixConnection(self.sock)
+        conn = UnixHTTPConnection(self.sock)
         body = {"ID": layer_id, **({"Parent": parent} if parent else {})}
         conn.request("POST", "/GraphDriver.Diff", body=json.dumps(body).encode() + b"\n",
                      headers={"Accept": ACCEPT})
@@ -254,7 +243,7 @@ def test_capabilities_are_nested_not_top_level(server: tuple[Dockerd, Path, Dock
 
 def test_v12_accept_header_is_served(server: tuple[Dockerd, Path, DockerPlugin]) -> None:
     client, _, _ = server
-    conn = _UnixConnection(client.sock)
+    conn = UnixHTTPConnection(client.sock)
     conn.request("POST", "/GraphDriver.Capabilities", body=b"{}\n",
                  headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
     resp = conn.getresponse()
@@ -527,7 +516,7 @@ def test_diff_error_mid_stream_breaks_the_transfer(sockdir: Path, tmp_path: Path
     plugin = DockerPlugin(state_path=None)
     srv = ThreadServer(plugin, sockdir / "fail.sock", app=app).start()
     try:
-        conn = _UnixConnection(str(sockdir / "fail.sock"))
+        conn = UnixHTTPConnection(str(sockdir / "fail.sock"))
         conn.request("POST", "/GraphDriver.Diff", body=b"{}")
         resp = conn.getresponse()
         assert resp.status == 200
