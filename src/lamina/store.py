@@ -627,6 +627,22 @@ class Store:
             raise
         return release
 
+    def _pin_against(self, layer_id: str, parent: str | None) -> tuple[LayerRecord, str | None, Callable[[], None]]:
+        """Resolve ``parent`` (see :meth:`_resolve_parent`) and pin both layers; returns
+        the layer's record, the resolved parent and the function that unpins."""
+        rec = self._ready(layer_id)
+        against = self._resolve_parent(rec, parent)
+        return rec, against, self._pin(layer_id, against)
+
+    @contextlib.contextmanager
+    def _pinned(self, layer_id: str, parent: str | None) -> Iterator[str | None]:
+        """:meth:`_pin_against` for the length of a block; yields the resolved parent."""
+        _, against, unpin = self._pin_against(layer_id, parent)
+        try:
+            yield against
+        finally:
+            unpin()
+
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
         """The layer's changes against ``parent`` as an uncompressed tar [Diff].
 
@@ -634,9 +650,7 @@ class Store:
         unchanged layer made by :meth:`apply_diff`, the bytes are those it was made from.
         Close the stream: that releases the mounts and locks it holds.
         """
-        rec = self._ready(layer_id)
-        against = self._resolve_parent(rec, parent)
-        unpin = self._pin(layer_id, against)
+        rec, against, unpin = self._pin_against(layer_id, parent)
         try:
             chunks, release = self._diff_chunks(rec, against)
         except BaseException:
@@ -688,35 +702,29 @@ class Store:
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         """What changed in the layer against ``parent``, sorted by path [Changes]."""
-        rec = self._ready(layer_id)
-        against = self._resolve_parent(rec, parent)
-        unpin = self._pin(layer_id, against)
-        try:
-            native = self.driver.changes(layer_id, against)
-            if native is not NOT_NATIVE:
-                return sorted(native)
-            with self.mounted(layer_id) as path:
-                if against is None:
-                    return changes_dirs(path, None)
-                with self.mounted(against) as ppath:
-                    return changes_dirs(path, ppath)
-        finally:
-            unpin()
+        with self._pinned(layer_id, parent) as against:
+            return self._changes(layer_id, against)
+
+    def _changes(self, layer_id: str, against: str | None) -> list[Change]:
+        """:meth:`changes` for layers already pinned, with the parent resolved."""
+        native = self.driver.changes(layer_id, against)
+        if native is not NOT_NATIVE:
+            return sorted(native)
+        with self.mounted(layer_id) as path:
+            if against is None:
+                return changes_dirs(path, None)
+            with self.mounted(against) as ppath:
+                return changes_dirs(path, ppath)
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         """Bytes of regular-file content changed against ``parent`` [DiffSize]."""
-        rec = self._ready(layer_id)
-        against = self._resolve_parent(rec, parent)
-        unpin = self._pin(layer_id, against)
-        try:
+        with self._pinned(layer_id, parent) as against:
             native = self.driver.diff_size(layer_id, against)
             if native is not NOT_NATIVE:
                 return int(native)
-            changes = self.changes(layer_id, parent)
+            changes = self._changes(layer_id, against)
             with self.mounted(layer_id) as path:
                 return changes_size(path, [c for c in changes if c.kind != ChangeKind.DELETE])
-        finally:
-            unpin()
 
     def diff_getter(self, layer_id: str) -> FileGetter:
         """Open the layer's files by tar name [DiffGetter]; close it when done."""
