@@ -25,6 +25,16 @@ from enum import IntFlag
 from typing import IO, Protocol
 
 from lamina.archive.tarsplit import Crc64
+from lamina.archive.tarwriter import (  # noqa: F401 - BLOCK, END_OF_ARCHIVE: part of this module's names
+    BLKTYPE,
+    BLOCK,
+    CHRTYPE,
+    DIRTYPE,
+    END_OF_ARCHIVE,
+    LNKTYPE,
+    REGTYPE,
+    SYMTYPE,
+)
 from lamina.errors import InvalidArchive
 
 # -- layout -------------------------------------------------------------------------------
@@ -231,16 +241,15 @@ def encode_pax_records(records: Mapping[str, str]) -> bytes:
 
 # -- header encode -----------------------------------------------------------------------------
 
-BLOCK = 512
-END_OF_ARCHIVE = bytes(2 * BLOCK)
-TYPE_REG = b"0"
-TYPE_LINK = b"1"
-TYPE_SYMLINK = b"2"
-TYPE_DIR = b"5"
+# the tar block and type names the Windows code uses, defined once in tarwriter
+TYPE_REG = REGTYPE
+TYPE_LINK = LNKTYPE
+TYPE_SYMLINK = SYMTYPE
+TYPE_DIR = DIRTYPE
 MODE_DIR = 0o040000
 MODE_REG = 0o100000
 MODE_SYMLINK = 0o120000
-_HEADER_ONLY = (TYPE_LINK, TYPE_SYMLINK, b"3", b"4", TYPE_DIR, b"6")
+_HEADER_ONLY = (TYPE_LINK, TYPE_SYMLINK, CHRTYPE, BLKTYPE, TYPE_DIR, b"6")
 
 
 def padding(size: int) -> bytes:
