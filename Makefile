@@ -11,11 +11,11 @@ PYTEST_ARGS ?=
 DEMO_ARGS  ?=
 FUZZ_SECONDS ?= 300
 
-.PHONY: help venv demo test lint bench stress clean distclean
+.PHONY: help venv system-deps demo test lint bench stress clean distclean
 
 help:
 	@echo "make demo    install into $(VENV) and run the demo on the default driver"
-	@echo "make test    ruff, then the whole pytest suite (root for overlay/loop tests)"
+	@echo "make test    as root, installs the test tools (scripts/system-deps.sh); ruff; the whole suite"
 	@echo "make lint    ruff only"
 	@echo "make bench   every bench/bench_*.py in full"
 	@echo "make stress  every stress/ harness in full, then the slow tests (pytest -m slow)"
@@ -35,14 +35,21 @@ demo: venv
 lint: venv
 	$(RUFF) check $(LINT_PATHS)
 
+# The system packages the tests need (dockerd, containerd, mkfs.xfs, ...): installed as
+# root with apt-get, otherwise listed with the tests they cost. LAMINA_NO_SYSTEM_DEPS=1
+# skips the step. The list is scripts/system-deps.sh, the same one .ci/run uses.
+system-deps:
+	@PYTHON=$(PYTHON) bash scripts/system-deps.sh install
+
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
-test: venv
+# system-deps comes first: it may install python3-venv, which venv needs.
+test: system-deps venv
 	$(RUFF) check $(LINT_PATHS)
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
-bench: venv
+bench: system-deps venv
 	@set -e; found=0; for f in bench/bench_*.py; do \
 	  [ -e "$$f" ] || continue; found=1; \
 	  echo "== $$f"; $(PY) "$$f"; \
@@ -52,7 +59,7 @@ bench: venv
 # Long-running checks: every stress/*.py harness in full (python -m stress.NAME), then
 # the tests marked slow. Having no slow tests yet is not a failure here.
 STRESS_ARGS ?=
-stress: venv
+stress: system-deps venv
 	@set -e; for f in stress/*.py; do \
 	  name=$$(basename "$$f" .py); [ "$$name" != __init__ ] && [ -e "$$f" ] || continue; \
 	  echo "== stress.$$name"; $(PY) -m "stress.$$name" $(STRESS_ARGS); \
