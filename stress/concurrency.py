@@ -181,7 +181,7 @@ def run(procs: int, seconds: float, driver: str | None, *, tmpdir: str | None = 
                 held.update(r["held"])
             result.held_at_end = sum(held.values())
             with store.records.read() as db:
-                refs = Counter(dict(db.execute("SELECT id, COUNT(*) FROM refs GROUP BY id").fetchall()))
+                refs = Counter(r.layer for r in db.refs())
             if refs != held:
                 result.failures.append(f"mount references in the store {dict(refs)} are not what the "
                                        f"workers held {dict(held)}")
@@ -192,8 +192,8 @@ def run(procs: int, seconds: float, driver: str | None, *, tmpdir: str | None = 
             mended = store.cleanup()
             result.released_by_cleanup = sum("released a mount reference" in m for m in mended)
             with store.records.read() as db:
-                left = db.execute("SELECT COUNT(*) FROM refs").fetchone()[0]
-                mounts = db.execute("SELECT COUNT(*) FROM mounts").fetchone()[0]
+                left = len(db.refs())
+                mounts = len(db.mounts())
             if left or mounts:
                 result.failures.append(f"after cleanup: {left} reference(s), {mounts} mount record(s) left")
             problems, _ = check(store)

@@ -54,6 +54,7 @@ if str(REPO / "src") not in sys.path:
 
 from lamina import open as lamina_open  # noqa: E402
 from lamina.check import check, leaked_mounts  # noqa: E402
+from lamina.records import Records  # noqa: E402
 from lamina.store import Store  # noqa: E402
 
 OPERATIONS = ("apply", "create-rw", "rm", "image-load", "plugin-apply")
@@ -145,23 +146,25 @@ def make_docker_save(path: Path, layers: list[bytes], name: str) -> SavedImage:
 
 
 class Probe:
-    """Reads ``meta.db`` directly, so the harness sees states the API hides (creating,
+    """Reads ``meta.db`` read-only, so the harness sees states the API hides (creating,
     removing) while a victim is at work."""
 
     def __init__(self, root: Path) -> None:
-        self._db = sqlite3.connect(f"file:{root / 'meta.db'}?mode=ro", uri=True, timeout=5,
-                                   check_same_thread=False)
+        self._records = Records(root / "meta.db", readonly=True)
 
     def row(self, layer_id: str) -> tuple[str, str | None] | None:
         """(state, diff_id) of a layer's record, or None."""
         try:
-            return self._db.execute("SELECT state, diff_id FROM layers WHERE id = ?", (layer_id,)).fetchone()
+            with self._records.read() as db:
+                rec = db.layer(layer_id)
         except sqlite3.OperationalError:  # busy: a writer is checkpointing
             return ("?", None)
+        return (rec.state, rec.diff_id) if rec is not None else None
 
     def refs(self, layer_id: str) -> int:
         try:
-            return int(self._db.execute("SELECT COUNT(*) FROM refs WHERE id = ?", (layer_id,)).fetchone()[0])
+            with self._records.read() as db:
+                return db.refcount(layer_id)
         except sqlite3.OperationalError:
             return 0
 
@@ -170,7 +173,7 @@ class Probe:
         return r[0] if r else None
 
     def close(self) -> None:
-        self._db.close()
+        self._records.close()
 
 
 # -- figures ----------------------------------------------------------------------------
@@ -668,9 +671,9 @@ def inspect(store: Store, before: set[str], attempt: Attempt) -> tuple[list[str]
     if lost:
         problems.append(f"complete layers lost: {sorted(lost)}")
     with store.records.read() as db:
-        half = db.execute("SELECT id, state FROM layers WHERE state != 'ready'").fetchall()
-        refs = db.execute("SELECT COUNT(*) FROM refs WHERE persistent = 0").fetchone()[0]
-        recorded = {os.path.realpath(p) for (p,) in db.execute("SELECT path FROM mounts")}
+        half = [(r.id, r.state) for r in db.layers() if not r.complete]
+        refs = sum(not r.persistent for r in db.refs())
+        recorded = {os.path.realpath(m.path) for m in db.mounts()}
     own = {os.path.realpath(p) for p in store.driver.own_mounts()}
     leaks = [m for m in leaked_mounts(store.root) if m not in own | recorded]
     problems += [f"leaked mount {m}" for m in leaks]

@@ -205,7 +205,7 @@ def verify_after(store: object, rnd: Round, failed: str | None) -> None:
 
     assert isinstance(store, Store)
     with store.records.read() as db:
-        half = db.execute("SELECT id, state FROM layers WHERE state != 'ready'").fetchall()
+        half = [(r.id, r.state) for r in db.layers() if not r.complete]
     rnd.problems += [f"layer {lid} left {state} after the failed apply" for lid, state in half]
     if failed and store.exists(failed):
         rnd.problems.append(f"the failed layer {failed} exists")

@@ -11,18 +11,20 @@ a layer, a directory or tar-split deleted behind the store's back.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, require_overlay, run_cli
+from lamina.records import LayerState, Records, Writer
 
 MTIME = 1_700_000_000
 
@@ -62,11 +64,15 @@ class Store:
         assert r.stderr == b"", r.stderr.decode()
         return r.returncode, r.stdout.decode().splitlines()
 
-    def sql(self, statement: str, *params: object) -> None:
-        db = sqlite3.connect(self.root / "meta.db")
-        with db:
-            db.execute(statement, params)
-        db.close()
+    @contextlib.contextmanager
+    def damage(self) -> Iterator[Writer]:
+        """Change the records behind the store's back, as a crash or a hand would."""
+        records = Records(self.root / "meta.db")
+        try:
+            with records.write() as db:
+                yield db
+        finally:
+            records.close()
 
     def content_file(self, layer: str, name: str) -> Path:
         """Where the driver keeps a layer's own copy of ``name``."""
@@ -96,7 +102,8 @@ def test_whole_store_is_ok(store: Store) -> None:
 
 def test_half_made_layer_is_reported_then_dropped(store: Store) -> None:
     # an apply into `top` that died after marking it half-made (its lock is free)
-    store.sql("UPDATE layers SET state = 'creating' WHERE id = 'top'")
+    with store.damage() as db:
+        db.set_state("top", LayerState.CREATING)
     rc, lines = store.check()
     assert rc == 1
     assert lines == ["problem: layer top: half-made (an import or create was interrupted)"]
@@ -109,7 +116,8 @@ def test_half_made_layer_is_reported_then_dropped(store: Store) -> None:
 
 
 def test_interrupted_removal_is_finished(store: Store) -> None:
-    store.sql("UPDATE layers SET state = 'removing' WHERE id = 'top'")
+    with store.damage() as db:
+        db.set_state("top", LayerState.REMOVING)
     rc, lines = store.check()
     assert (rc, lines) == (1, ["problem: layer top: removal was interrupted"])
     rc, lines = store.check("--repair")
@@ -187,7 +195,8 @@ def test_tampered_content_is_reported_and_kept(store: Store, tamper: bytes, says
 
 def test_record_with_another_diff_id_is_reported(store: Store) -> None:
     wrong = "sha256:" + "0" * 64
-    store.sql("UPDATE layers SET diff_id = ? WHERE id = 'top'", wrong)
+    with store.damage() as db:
+        db.set_diff_id("top", wrong)
     rc, lines = store.check()
     assert (rc, lines) == (1, [f"problem: layer top: content does not match its DiffID {wrong} (not repairable)"])
     assert store.check("--repair")[0] == 1
@@ -209,7 +218,8 @@ def test_missing_content_is_not_repairable(store: Store) -> None:
 def test_lost_parent_record_keeps_the_child_whole(store: Store) -> None:
     """The parent's record is lost but its directory is what the child is built on:
     repair must not delete it as an orphan, or the child (a complete layer) goes too."""
-    store.sql("DELETE FROM layers WHERE id = 'base'")
+    with store.damage() as db:
+        db.delete_layer("base")
     rc, lines = store.check("--fast")
     assert rc == 1
     assert "problem: layer top: parent base has no record (not repairable)" in lines
@@ -220,7 +230,8 @@ def test_lost_parent_record_keeps_the_child_whole(store: Store) -> None:
 
 
 def test_each_problem_is_one_line_and_json_agrees(store: Store) -> None:
-    store.sql("UPDATE layers SET state = 'creating' WHERE id = 'top'")
+    with store.damage() as db:
+        db.set_state("top", LayerState.CREATING)
     (store.root / "layers" / "cafe").mkdir()
     store.content_file("base", "b.txt").write_bytes(b"changed\n")
     rc, lines = store.check()

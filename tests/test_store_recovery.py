@@ -18,6 +18,7 @@ from conftest import REPO
 from lamina.check import check
 from lamina.errors import DriverMismatch, LayerBusy, LayerNotFound
 from lamina.liveness import boot_id
+from lamina.records import LayerState
 
 
 def small_tar(n: int = 3) -> bytes:
@@ -75,10 +76,12 @@ def test_persistent_reference_survives_its_process(store) -> None:
 
 def test_references_from_an_earlier_boot_are_reset(store) -> None:
     store.apply_diff("a", None, io.BytesIO(small_tar()))
-    store.get("a", persistent=True)
-    with store.records.write() as db:
-        db.execute("UPDATE refs SET boot_id = 'an-old-boot'")
-        db.execute("UPDATE mounts SET boot_id = 'an-old-boot'")
+    path = store.get("a", persistent=True)
+    with store.records.write() as db:  # as if taken before a reboot
+        (ref,) = db.refs()
+        db.drop_ref(ref.ref)
+        db.add_ref("a", pid=ref.pid, pid_start=ref.pid_start, persistent=True, boot_id="an-old-boot")
+        db.set_mount("a", str(path), "an-old-boot")
     assert any("earlier boot" in line for line in store.cleanup())
     store.remove("a")
 
@@ -86,7 +89,7 @@ def test_references_from_an_earlier_boot_are_reset(store) -> None:
 def test_interrupted_removal_is_finished(store) -> None:
     store.apply_diff("a", None, io.BytesIO(small_tar()))
     with store.records.write() as db:
-        db.execute("UPDATE layers SET state = 'removing' WHERE id = 'a'")
+        db.set_state("a", LayerState.REMOVING)
     assert not store.exists("a")
     assert store.cleanup() == ["finished removing layer a"]
     assert not store.driver.layer_dir("a").exists()
@@ -103,7 +106,7 @@ def test_killed_apply_leaves_nothing_after_cleanup(store, tmp_path: Path) -> Non
         deadline = time.time() + 30
         while time.time() < deadline:
             with store.records.read() as db:
-                if db.execute("SELECT 1 FROM layers WHERE id = 'half'").fetchone():
+                if db.layer("half") is not None:
                     break
             time.sleep(0.05)
         child.send_signal(signal.SIGKILL)
@@ -129,8 +132,7 @@ def test_check_repairs_orphans_and_stale_refs(store) -> None:
     store.apply_diff("a", None, io.BytesIO(small_tar()))
     (store.driver.ctx.layers / "orphan").mkdir()
     with store.records.write() as db:
-        db.execute("INSERT INTO refs (id, pid, pid_start, persistent, boot_id) VALUES ('a', 999999, 'x', 0, ?)",
-                   (boot_id(),))
+        db.add_ref("a", pid=999999, pid_start="x", persistent=False, boot_id=boot_id())
     problems, repairs = check(store, repair=True)
     assert len(problems) == 2 and all(p.repairable for p in problems)
     assert check(store)[0] == []

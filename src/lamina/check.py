@@ -19,7 +19,7 @@ from lamina import liveness
 from lamina.archive.tarsplit import reassemble
 from lamina.errors import LaminaError
 from lamina.fs.mount import mounts_under
-from lamina.records import Records
+from lamina.records import LayerState
 from lamina.store import Store
 
 
@@ -56,12 +56,12 @@ def remaining(store: Store, *, content: bool = True) -> list[Problem]:
 def _structure(store: Store) -> list[Problem]:
     out: list[Problem] = []
     with store.records.read() as db:
-        records = {r.id: r for r in Records.all(db)}
+        records = {r.id: r for r in db.layers()}
     for rec in records.values():
-        if rec.state == "creating":
+        if rec.state is LayerState.CREATING:
             out.append(Problem(rec.id, "half-made (an import or create was interrupted)", True))
             continue
-        if rec.state == "removing":
+        if rec.state is LayerState.REMOVING:
             out.append(Problem(rec.id, "removal was interrupted", True))
             continue
         if rec.parent is not None and rec.parent not in records:
@@ -86,15 +86,15 @@ def _mounts(store: Store) -> list[Problem]:
     out: list[Problem] = []
     boot = liveness.boot_id()
     with store.records.read() as db:
-        refs = db.execute("SELECT id, pid, pid_start, persistent, boot_id FROM refs").fetchall()
-        mounts = dict(db.execute("SELECT id, path FROM mounts").fetchall())
-    for layer_id, pid, start, persistent, ref_boot in refs:
-        if ref_boot != boot:
-            out.append(Problem(layer_id, "mount reference from an earlier boot", True))
-        elif not persistent and not liveness.alive(pid, start):
-            out.append(Problem(layer_id, f"mount reference held by dead process {pid}", True))
+        refs = db.refs()
+        mounts = {m.layer: m.path for m in db.mounts()}
+    for ref in refs:
+        if ref.boot_id != boot:
+            out.append(Problem(ref.layer, "mount reference from an earlier boot", True))
+        elif not ref.persistent and not liveness.alive(ref.pid, ref.pid_start):
+            out.append(Problem(ref.layer, f"mount reference held by dead process {ref.pid}", True))
     for layer_id in mounts:
-        if not any(r[0] == layer_id for r in refs):
+        if not any(r.layer == layer_id for r in refs):
             out.append(Problem(layer_id, "recorded as mounted with no reference", True))
     recorded_paths = {os.path.realpath(p) for p in mounts.values()}
     recorded_paths |= {os.path.realpath(p) for p in store.driver.own_mounts()}
@@ -130,7 +130,7 @@ def _drop_lost_tarsplit(store: Store, problems: list[Problem]) -> list[str]:
     for p in problems:
         if p.layer and p.message.startswith("tar-split record is missing"):
             with store.records.write() as db:
-                db.execute("UPDATE layers SET tarsplit = 0 WHERE id = ?", (p.layer,))
+                db.forget_tarsplit(p.layer)
             done.append(f"layer {p.layer}: diff will be computed from the files (tar-split was lost)")
     return done
 

@@ -5,13 +5,26 @@ once (the CLI's ``mount`` and ``umount`` are separate processes; the plugin serv
 requests in threads), and a crash must never leave a half-written index. WAL gives
 readers that never block and one short writer at a time; ``BEGIN IMMEDIATE`` makes each
 check-then-change step atomic across processes. Long work (unpacking a tar, deleting a
-tree) never happens inside a transaction: the record says ``creating`` or ``removing``
-while it runs, and a per-layer file lock says whether its process is still alive.
+tree, a kernel mount) never happens inside a transaction: the record says ``creating``
+or ``removing`` while it runs, and a per-layer file lock says whether its process is
+still alive.
+
+Every SQL statement of lamina's layer store is in this module. Callers get a
+:class:`Reader` (inside :meth:`Records.read`) or a :class:`Writer` (inside
+:meth:`Records.write`) whose methods are the operations the store needs, named for what
+they mean; nobody else sees the connection, so the schema can change here alone.
+
+Three tables:
+
+* ``layers``: one row per layer, its parent, kind and :class:`LayerState`;
+* ``refs``: one row per mount reference (who took it, in which boot);
+* ``mounts``: where each mounted layer's view is, and in which boot it was mounted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import sqlite3
 import threading
 import time
@@ -19,37 +32,59 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from lamina.errors import StoreCorrupt
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS layers (
-    id          TEXT PRIMARY KEY,
-    parent      TEXT,
-    rw          INTEGER NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
-    created     REAL NOT NULL,
-    size        INTEGER,
-    mount_label TEXT NOT NULL DEFAULT '',
-    size_limit  INTEGER,
-    tarsplit    INTEGER NOT NULL DEFAULT 0,
-    diff_id     TEXT
-);
-CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
-CREATE TABLE IF NOT EXISTS mounts (
-    id      TEXT PRIMARY KEY,
-    path    TEXT NOT NULL,
-    boot_id TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS refs (
-    ref        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL,
-    pid        INTEGER NOT NULL,
-    pid_start  TEXT NOT NULL,
-    persistent INTEGER NOT NULL,
-    boot_id    TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS refs_id ON refs(id);
-"""
+
+class LayerState(enum.StrEnum):
+    """Where a layer is in its life; only ``READY`` layers are visible.
+
+    The values are what ``meta.db`` holds, so they never change.
+    """
+
+    #: being made, or re-filled by an apply: the maker holds the layer's lock; a record
+    #: in this state whose lock is free is what a crash left (cleanup drops it)
+    CREATING = "creating"
+    #: complete: visible to exists, ls and every operation
+    READY = "ready"
+    #: marked for removal, content possibly half deleted (cleanup finishes the job)
+    REMOVING = "removing"
+
+
+#: the schema, one list of statements per version: a database at version N gets the
+#: lists after N applied in order, so a new table is a new step, never an edit of an
+#: old one (an old store opened by a newer lamina is upgraded in place)
+_STEPS: list[list[str]] = [
+    [
+        f"""CREATE TABLE IF NOT EXISTS layers (
+            id          TEXT PRIMARY KEY,
+            parent      TEXT,
+            rw          INTEGER NOT NULL,
+            state       TEXT NOT NULL CHECK (state IN ({", ".join(repr(s.value) for s in LayerState)})),
+            created     REAL NOT NULL,
+            size        INTEGER,
+            mount_label TEXT NOT NULL DEFAULT '',
+            size_limit  INTEGER,
+            tarsplit    INTEGER NOT NULL DEFAULT 0,
+            diff_id     TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent)",
+        """CREATE TABLE IF NOT EXISTS mounts (
+            id      TEXT PRIMARY KEY,
+            path    TEXT NOT NULL,
+            boot_id TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS refs (
+            ref        INTEGER PRIMARY KEY AUTOINCREMENT,
+            id         TEXT NOT NULL,
+            pid        INTEGER NOT NULL,
+            pid_start  TEXT NOT NULL,
+            persistent INTEGER NOT NULL,
+            boot_id    TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS refs_id ON refs(id)",
+    ],
+]
+SCHEMA_VERSION = len(_STEPS)
 
 
 @dataclass(frozen=True)
@@ -59,7 +94,7 @@ class LayerRecord:
     id: str
     parent: str | None
     rw: bool
-    state: str
+    state: LayerState
     created: float
     size: int | None
     mount_label: str
@@ -70,14 +105,14 @@ class LayerRecord:
 
     @property
     def complete(self) -> bool:
-        return self.state == "ready"
+        return self.state is LayerState.READY
 
     def to_json(self) -> dict[str, object]:
         return {
             "id": self.id,
             "parent": self.parent,
             "kind": "rw" if self.rw else "ro",
-            "state": self.state,
+            "state": self.state.value,
             "created": self.created,
             "size": self.size,
             "size_limit": self.size_limit,
@@ -86,23 +121,206 @@ class LayerRecord:
         }
 
 
-class Records:
-    """Thread-safe access to ``meta.db``; every write goes through :meth:`write`."""
+@dataclass(frozen=True)
+class MountRef:
+    """One mount reference: who took it (pid and start time), and in which boot."""
 
-    def __init__(self, path: Path) -> None:
+    ref: int
+    layer: str
+    pid: int
+    pid_start: str
+    persistent: bool
+    boot_id: str
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    """Where a layer's view is mounted, and in which boot that happened."""
+
+    layer: str
+    path: str
+    boot_id: str
+
+
+_LAYER_COLUMNS = ("SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
+                  " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id) FROM layers")
+
+
+class Reader:
+    """The queries, inside one consistent snapshot (or inside a write transaction)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    # -- layers ---------------------------------------------------------------------
+
+    def layer(self, layer_id: str) -> LayerRecord | None:
+        row = self._db.execute(f"{_LAYER_COLUMNS} WHERE id = ?", (layer_id,)).fetchone()
+        return _record(row) if row else None
+
+    def layers(self) -> list[LayerRecord]:
+        """Every record, in any state, oldest first."""
+        return [_record(r) for r in self._db.execute(f"{_LAYER_COLUMNS} ORDER BY created, id")]
+
+    def children(self, layer_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT id FROM layers WHERE parent = ? ORDER BY id", (layer_id,))]
+
+    def chain(self, layer_id: str) -> list[str]:
+        """The layer and its ancestors, nearest first; StoreCorrupt on a loop or a gap."""
+        chain, seen = [], set()
+        cur: str | None = layer_id
+        while cur is not None:
+            if cur in seen:
+                raise StoreCorrupt(f"layer {layer_id}: its parents form a loop at {cur}")
+            seen.add(cur)
+            chain.append(cur)
+            row = self._db.execute("SELECT parent FROM layers WHERE id = ?", (cur,)).fetchone()
+            if row is None:
+                raise StoreCorrupt(f"layer {layer_id}: ancestor {cur} has no record")
+            cur = row[0]
+        return chain
+
+    def count(self, state: LayerState) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM layers WHERE state = ?", (state.value,)).fetchone()[0])
+
+    # -- mount references and mounts ------------------------------------------------
+
+    def refcount(self, layer_id: str) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM refs WHERE id = ?", (layer_id,)).fetchone()[0])
+
+    def refs(self) -> list[MountRef]:
+        rows = self._db.execute("SELECT ref, id, pid, pid_start, persistent, boot_id FROM refs ORDER BY ref")
+        return [MountRef(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
+
+    def mount(self, layer_id: str) -> MountRecord | None:
+        row = self._db.execute("SELECT id, path, boot_id FROM mounts WHERE id = ?", (layer_id,)).fetchone()
+        return MountRecord(*row) if row else None
+
+    def mounts(self) -> list[MountRecord]:
+        return [MountRecord(*r) for r in self._db.execute("SELECT id, path, boot_id FROM mounts ORDER BY id")]
+
+
+class Writer(Reader):
+    """The changes, inside one ``BEGIN IMMEDIATE`` transaction (see :meth:`Records.write`)."""
+
+    # -- layers ---------------------------------------------------------------------
+
+    def insert_layer(self, layer_id: str, parent: str | None, *, rw: bool, mount_label: str = "",
+                     size_limit: int | None = None) -> None:
+        """A new record, :attr:`LayerState.CREATING`."""
+        self._db.execute(
+            "INSERT INTO layers (id, parent, rw, state, created, mount_label, size_limit)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (layer_id, parent, int(rw), LayerState.CREATING.value, time.time(), mount_label, size_limit),
+        )
+
+    def set_state(self, layer_id: str, state: LayerState) -> None:
+        self._db.execute("UPDATE layers SET state = ? WHERE id = ?", (state.value, layer_id))
+
+    def mark_ready(self, layer_id: str, *, size: int | None, has_tarsplit: bool, diff_id: str | None) -> None:
+        """The last step of making a layer: what it holds, and visible from now on."""
+        self._db.execute("UPDATE layers SET state = ?, size = ?, tarsplit = ?, diff_id = ? WHERE id = ?",
+                         (LayerState.READY.value, size, int(has_tarsplit), diff_id, layer_id))
+
+    def forget_tarsplit(self, layer_id: str) -> None:
+        """The layer's tar-split is lost: its diff comes from its files from now on."""
+        self._db.execute("UPDATE layers SET tarsplit = 0 WHERE id = ?", (layer_id,))
+
+    def set_diff_id(self, layer_id: str, diff_id: str | None) -> None:
+        self._db.execute("UPDATE layers SET diff_id = ? WHERE id = ?", (diff_id, layer_id))
+
+    def delete_layer(self, layer_id: str, *, unless_ready: bool = False) -> None:
+        """Drop the record (``unless_ready``: only if it is not complete)."""
+        if unless_ready:
+            self._db.execute("DELETE FROM layers WHERE id = ? AND state != ?", (layer_id, LayerState.READY.value))
+        else:
+            self._db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+
+    # -- mount references -------------------------------------------------------------
+
+    def add_ref(self, layer_id: str, *, pid: int, pid_start: str, persistent: bool, boot_id: str) -> None:
+        self._db.execute("INSERT INTO refs (id, pid, pid_start, persistent, boot_id) VALUES (?, ?, ?, ?, ?)",
+                         (layer_id, pid, pid_start, int(persistent), boot_id))
+
+    def pick_ref(self, layer_id: str, *, persistent: bool, pid: int, pid_start: str) -> int | None:
+        """The reference a put releases: with ``persistent`` a persistent one first, else
+        this process's own first, then other non-persistent ones, oldest first."""
+        if persistent:
+            row = self._db.execute("SELECT ref FROM refs WHERE id = ? ORDER BY persistent DESC, ref LIMIT 1",
+                                   (layer_id,)).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT ref FROM refs WHERE id = ? ORDER BY"
+                " (persistent = 0 AND pid = ? AND pid_start = ?) DESC, persistent, ref LIMIT 1",
+                (layer_id, pid, pid_start)).fetchone()
+        return int(row[0]) if row else None
+
+    def drop_ref(self, ref: int) -> bool:
+        """Release one reference; False if it was already gone."""
+        return self._db.execute("DELETE FROM refs WHERE ref = ?", (ref,)).rowcount > 0
+
+    def drop_refs(self, layer_id: str) -> int:
+        return self._db.execute("DELETE FROM refs WHERE id = ?", (layer_id,)).rowcount
+
+    def drop_refs_of_other_boots(self, boot_id: str, layer_id: str | None = None) -> int:
+        """References taken before this boot (their mounts went with the reboot)."""
+        if layer_id is None:
+            return self._db.execute("DELETE FROM refs WHERE boot_id != ?", (boot_id,)).rowcount
+        return self._db.execute("DELETE FROM refs WHERE id = ? AND boot_id != ?", (layer_id, boot_id)).rowcount
+
+    # -- mounts -------------------------------------------------------------------------
+
+    def set_mount(self, layer_id: str, path: str, boot_id: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO mounts (id, path, boot_id) VALUES (?, ?, ?)",
+                         (layer_id, path, boot_id))
+
+    def drop_mount(self, layer_id: str) -> None:
+        self._db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
+
+    def drop_mounts_of_other_boots(self, boot_id: str) -> int:
+        return self._db.execute("DELETE FROM mounts WHERE boot_id != ?", (boot_id,)).rowcount
+
+
+class Records:
+    """Thread-safe access to ``meta.db``: :meth:`read` and :meth:`write` blocks.
+
+    ``readonly=True`` opens an existing database for watching only (the crash harness
+    reads states the API hides while a victim works): no schema step, no writes.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self._lock = threading.RLock()
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5,
+                                       isolation_level=None, check_same_thread=False)
+            return
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=60000")
-        with self.write() as db:
-            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                db.execute(stmt)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+                # steps are written to be no-ops where their tables exist already; a
+                # newer lamina's database (a higher version) is left as it is: its
+                # steps only ever add
+                for step in _STEPS[version:]:
+                    for statement in step:
+                        self._db.execute(statement)
+                if version < SCHEMA_VERSION:
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     @contextlib.contextmanager
-    def write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def write(self, *, durable: bool = True) -> Iterator[Writer]:
         """One atomic read-check-write step, serialised across threads and processes.
 
         ``durable=False`` skips the fsync at commit (still atomic, still crash-safe for a
@@ -116,7 +334,7 @@ class Records:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    yield self._db
+                    yield Writer(self._db)
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
@@ -127,48 +345,14 @@ class Records:
                     self._db.execute("PRAGMA synchronous=FULL")
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[Reader]:
         """A consistent snapshot for reading several rows."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                yield self._db
+                yield Reader(self._db)
             finally:
                 self._db.execute("COMMIT")
-
-    # -- queries used by the store ------------------------------------------------
-
-    @staticmethod
-    def get(db: sqlite3.Connection, layer_id: str) -> LayerRecord | None:
-        row = db.execute(
-            "SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
-            " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id)"
-            " FROM layers WHERE id = ?",
-            (layer_id,),
-        ).fetchone()
-        return _record(row) if row else None
-
-    @staticmethod
-    def all(db: sqlite3.Connection) -> list[LayerRecord]:
-        rows = db.execute(
-            "SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
-            " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id)"
-            " FROM layers ORDER BY created, id"
-        ).fetchall()
-        return [_record(r) for r in rows]
-
-    @staticmethod
-    def children(db: sqlite3.Connection, layer_id: str) -> list[str]:
-        return [r[0] for r in db.execute("SELECT id FROM layers WHERE parent = ? ORDER BY id", (layer_id,))]
-
-    @staticmethod
-    def insert(db: sqlite3.Connection, layer_id: str, parent: str | None, rw: bool,
-               mount_label: str, size_limit: int | None) -> None:
-        db.execute(
-            "INSERT INTO layers (id, parent, rw, state, created, mount_label, size_limit)"
-            " VALUES (?, ?, ?, 'creating', ?, ?, ?)",
-            (layer_id, parent, int(rw), time.time(), mount_label, size_limit),
-        )
 
     def close(self) -> None:
         with self._lock:
@@ -177,7 +361,7 @@ class Records:
 
 def _record(row: tuple) -> LayerRecord:  # type: ignore[type-arg]
     return LayerRecord(
-        id=row[0], parent=row[1], rw=bool(row[2]), state=row[3], created=row[4], size=row[5],
+        id=row[0], parent=row[1], rw=bool(row[2]), state=LayerState(row[3]), created=row[4], size=row[5],
         mount_label=row[6], size_limit=row[7], has_tarsplit=bool(row[8]), diff_id=row[9],
         mount_count=row[10],
     )

@@ -25,7 +25,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from lamina import liveness
 from lamina.archive.apply import ApplyOptions, apply_tar
@@ -53,7 +53,7 @@ from lamina.fs.hashing import HashingReader
 from lamina.fs.locks import FileLock, KeyLock
 from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id, parse_size
-from lamina.records import LayerRecord, Records
+from lamina.records import LayerRecord, LayerState, Reader, Records
 from lamina.streams import open_chunks
 
 log = logging.getLogger(__name__)
@@ -146,24 +146,10 @@ class Store:
     def _ready(self, layer_id: str) -> LayerRecord:
         check_id(layer_id)
         with self.records.read() as db:
-            rec = Records.get(db, layer_id)
+            rec = db.layer(layer_id)
         if rec is None or not rec.complete:
             raise LayerNotFound(f"layer {layer_id} not found")
         return rec
-
-    def _chain_of(self, db: Any, layer_id: str) -> list[str]:
-        chain, seen = [], set()
-        cur: str | None = layer_id
-        while cur is not None:
-            if cur in seen:
-                raise StoreCorrupt(f"layer {layer_id}: its parents form a loop at {cur}")
-            seen.add(cur)
-            chain.append(cur)
-            rec = Records.get(db, cur)
-            if rec is None:
-                raise StoreCorrupt(f"layer {layer_id}: ancestor {cur} has no record")
-            cur = rec.parent
-        return chain
 
     def _tarsplit_path(self, layer_id: str) -> Path:
         return self.root / "tarsplit" / f"{layer_id}.json.gz"
@@ -216,20 +202,21 @@ class Store:
             check_id(parent, "parent ID")
         stale = False
         with self.records.write() as db:
-            old = Records.get(db, layer_id)
+            old = db.layer(layer_id)
             if old is not None:
-                if old.state == "ready":
+                if old.state is LayerState.READY:
                     raise LayerExists(f"layer {layer_id} already exists")
-                if old.state == "removing":
+                if old.state is LayerState.REMOVING:
                     raise LayerBusy(f"layer {layer_id} is being removed")
-                stale = True  # 'creating' and we hold its lock: a crashed earlier attempt
+                stale = True  # CREATING and we hold its lock: a crashed earlier attempt
             if parent:
-                prec = Records.get(db, parent)
+                prec = db.layer(parent)
                 if prec is None or not prec.complete:
                     raise ParentNotFound(f"parent layer {parent} of {layer_id} not found")
             if stale:
-                db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
-            Records.insert(db, layer_id, parent or None, rw, opts.mount_label, opts.size)
+                db.delete_layer(layer_id)
+            db.insert_layer(layer_id, parent or None, rw=rw, mount_label=opts.mount_label,
+                            size_limit=opts.size)
         if stale:
             log.info("dropping the remains of an interrupted creation of %s", layer_id)
             self.driver.remove(layer_id)
@@ -237,8 +224,7 @@ class Store:
     def _commit(self, layer_id: str, *, size: int | None, tarsplit: bool = False,
                 diff_id: str | None = None) -> None:
         with self.records.write() as db:
-            db.execute("UPDATE layers SET state = 'ready', size = ?, tarsplit = ?, diff_id = ? WHERE id = ?",
-                       (size, int(tarsplit), diff_id, layer_id))
+            db.mark_ready(layer_id, size=size, has_tarsplit=tarsplit, diff_id=diff_id)
 
     def _abandon(self, layer_id: str) -> None:
         """Undo a failed creation: driver content, refs, tar-split, record."""
@@ -248,7 +234,7 @@ class Store:
             self._tarsplit_path(layer_id).unlink(missing_ok=True)
         finally:
             with self.records.write() as db:
-                db.execute("DELETE FROM layers WHERE id = ? AND state != 'ready'", (layer_id,))
+                db.delete_layer(layer_id, unless_ready=True)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
         """Fill layer ``layer_id`` from an uncompressed layer tar; return the bytes applied.
@@ -263,14 +249,14 @@ class Store:
             check_id(parent, "parent ID")
         with self._busy(layer_id):
             with self.records.write() as db:
-                rec = Records.get(db, layer_id)
-                if rec is not None and rec.state == "ready":
-                    if Records.children(db, layer_id):
+                rec = db.layer(layer_id)
+                if rec is not None and rec.state is LayerState.READY:
+                    if db.children(layer_id):
                         raise LayerHasChildren(f"layer {layer_id} has children; cannot apply a diff into it")
                     if rec.mount_count:
                         raise LayerBusy(f"layer {layer_id} is mounted; cannot apply a diff into it")
                     # from here on the layer is half-made until the apply finishes
-                    db.execute("UPDATE layers SET state = 'creating' WHERE id = ?", (layer_id,))
+                    db.set_state(layer_id, LayerState.CREATING)
                     existed = True
                 else:
                     existed = False
@@ -297,9 +283,9 @@ class Store:
 
     def _apply_into(self, layer_id: str, stream: HashingReader) -> int:
         with self.records.read() as db:
-            rec = Records.get(db, layer_id)
+            rec = db.layer(layer_id)
             assert rec is not None
-            chain = self._chain_of(db, layer_id)
+            chain = db.chain(layer_id)
         final = self._tarsplit_path(layer_id)
         tmp = self.root / "tmp" / f"{layer_id}~tarsplit"
         try:
@@ -337,25 +323,19 @@ class Store:
         pid, start = liveness.me()
         boot = liveness.boot_id()
         with self.records.write(durable=False) as db:
-            rec = Records.get(db, layer_id)
+            rec = db.layer(layer_id)
             if rec is None or (complete_only and not rec.complete):
                 raise LayerNotFound(f"layer {layer_id} not found")
-            db.execute("DELETE FROM refs WHERE id = ? AND boot_id != ?", (layer_id, boot))
-            row = db.execute("SELECT path, boot_id FROM mounts WHERE id = ?", (layer_id,)).fetchone()
-            if row is not None and row[1] == boot and self._refcount(db, layer_id):
-                path = Path(row[0])
+            db.drop_refs_of_other_boots(boot, layer_id)
+            row = db.mount(layer_id)
+            if row is not None and row.boot_id == boot and db.refcount(layer_id):
+                path = Path(row.path)
             else:
-                chain = self._chain_of(db, layer_id)
+                chain = db.chain(layer_id)
                 path = self.driver.mount(layer_id, chain, rw=rec.rw, mount_label=mount_label or rec.mount_label)
-                db.execute("INSERT OR REPLACE INTO mounts (id, path, boot_id) VALUES (?, ?, ?)",
-                           (layer_id, str(path), boot))
-            db.execute("INSERT INTO refs (id, pid, pid_start, persistent, boot_id) VALUES (?, ?, ?, ?, ?)",
-                       (layer_id, pid, start, int(persistent), boot))
+                db.set_mount(layer_id, str(path), boot)
+            db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
         return path
-
-    @staticmethod
-    def _refcount(db: Any, layer_id: str) -> int:
-        return int(db.execute("SELECT COUNT(*) FROM refs WHERE id = ?", (layer_id,)).fetchone()[0])
 
     def put(self, layer_id: str, *, persistent: bool = False) -> bool:
         """Release one reference [Put]; the last one unmounts. False if none was held.
@@ -367,35 +347,23 @@ class Store:
         check_id(layer_id)
         pid, start = liveness.me()
         with self.records.write(durable=False) as db:
-            if Records.get(db, layer_id) is None:
+            if db.layer(layer_id) is None:
                 raise LayerNotFound(f"layer {layer_id} not found")
-            row = self._pick_ref(db, layer_id, persistent, pid, start)
-            if row is None:
+            ref = db.pick_ref(layer_id, persistent=persistent, pid=pid, pid_start=start)
+            if ref is None:
                 return False
-            db.execute("DELETE FROM refs WHERE ref = ?", (row,))
-            if self._refcount(db, layer_id) == 0:
+            db.drop_ref(ref)
+            if db.refcount(layer_id) == 0:
                 self.driver.unmount(layer_id)
-                db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
+                db.drop_mount(layer_id)
         return True
-
-    @staticmethod
-    def _pick_ref(db: Any, layer_id: str, persistent: bool, pid: int, start: str) -> int | None:
-        if persistent:
-            sql = "SELECT ref FROM refs WHERE id = ? ORDER BY persistent DESC, ref LIMIT 1"
-            row = db.execute(sql, (layer_id,)).fetchone()
-        else:
-            sql = ("SELECT ref FROM refs WHERE id = ? ORDER BY"
-                   " (persistent = 0 AND pid = ? AND pid_start = ?) DESC, persistent, ref LIMIT 1")
-            row = db.execute(sql, (layer_id, pid, start)).fetchone()
-        return int(row[0]) if row else None
 
     def _release_all(self, layer_id: str) -> None:
         with self.records.write() as db:
-            if self._refcount(db, layer_id) or db.execute(
-                    "SELECT 1 FROM mounts WHERE id = ?", (layer_id,)).fetchone():
+            if db.refcount(layer_id) or db.mount(layer_id) is not None:
                 self.driver.unmount(layer_id)
-            db.execute("DELETE FROM refs WHERE id = ?", (layer_id,))
-            db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
+            db.drop_refs(layer_id)
+            db.drop_mount(layer_id)
 
     @contextlib.contextmanager
     def mounted(self, layer_id: str, mount_label: str = "") -> Iterator[Path]:
@@ -412,7 +380,7 @@ class Store:
         """True if a complete layer has this ID [Exists]."""
         check_id(layer_id)
         with self.records.read() as db:
-            rec = Records.get(db, layer_id)
+            rec = db.layer(layer_id)
         return rec is not None and rec.complete
 
     def layer(self, layer_id: str) -> LayerRecord:
@@ -422,23 +390,23 @@ class Store:
     def layers(self) -> list[LayerRecord]:
         """Every complete layer, oldest first."""
         with self.records.read() as db:
-            return [r for r in Records.all(db) if r.complete]
+            return [r for r in db.layers() if r.complete]
 
     def children(self, layer_id: str) -> list[str]:
         self._ready(layer_id)
         with self.records.read() as db:
-            return Records.children(db, layer_id)
+            return db.children(layer_id)
 
     def chain(self, layer_id: str) -> list[str]:
         """The layer and its ancestors, nearest first."""
         self._ready(layer_id)
         with self.records.read() as db:
-            return self._chain_of(db, layer_id)
+            return db.chain(layer_id)
 
     def status(self) -> list[tuple[str, str]]:
         """Docker's Status pairs: the driver's own, after the store's."""
         with self.records.read() as db:
-            n = db.execute("SELECT COUNT(*) FROM layers WHERE state = 'ready'").fetchone()[0]
+            n = db.count(LayerState.READY)
         return [("Driver", self.driver.name), ("Root", str(self.root)), ("Layers", str(n)),
                 *self.driver.status()]
 
@@ -459,19 +427,19 @@ class Store:
         check_id(layer_id)
         with self._busy(layer_id):
             with self.records.write() as db:
-                rec = Records.get(db, layer_id)
+                rec = db.layer(layer_id)
                 if rec is None:
                     raise LayerNotFound(f"layer {layer_id} not found")
-                kids = Records.children(db, layer_id)
+                kids = db.children(layer_id)
                 if kids:
                     more = f" and {len(kids) - 3} more" if len(kids) > 3 else ""
                     raise LayerHasChildren(
                         f"layer {layer_id} has children ({', '.join(kids[:3])}{more}); remove them first")
-                db.execute("DELETE FROM refs WHERE id = ? AND boot_id != ?", (layer_id, liveness.boot_id()))
-                count = self._refcount(db, layer_id)
+                db.drop_refs_of_other_boots(liveness.boot_id(), layer_id)
+                count = db.refcount(layer_id)
                 if count and rec.complete:
                     raise LayerBusy(f"layer {layer_id} is mounted ({count} reference{'s' * (count > 1)}); unmount it first")
-                db.execute("UPDATE layers SET state = 'removing' WHERE id = ?", (layer_id,))
+                db.set_state(layer_id, LayerState.REMOVING)
             self._finish_remove(layer_id)
 
     def _finish_remove(self, layer_id: str) -> None:
@@ -479,7 +447,7 @@ class Store:
         self.driver.remove(layer_id)
         self._tarsplit_path(layer_id).unlink(missing_ok=True)
         with self.records.write() as db:
-            db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+            db.delete_layer(layer_id)
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -494,29 +462,28 @@ class Store:
         done: list[str] = []
         boot = liveness.boot_id()
         with self.records.write() as db:
-            n = db.execute("DELETE FROM refs WHERE boot_id != ?", (boot,)).rowcount
+            n = db.drop_refs_of_other_boots(boot)
             if n:
                 done.append(f"reset {n} mount reference(s) from an earlier boot")
-            db.execute("DELETE FROM mounts WHERE boot_id != ?", (boot,))
-            refs = db.execute("SELECT ref, id, pid, pid_start, persistent FROM refs").fetchall()
-            for ref, layer_id, pid, start, persistent in refs:
-                if unmount_all or (not persistent and not liveness.alive(pid, start)):
-                    db.execute("DELETE FROM refs WHERE ref = ?", (ref,))
+            db.drop_mounts_of_other_boots(boot)
+            for ref in db.refs():
+                if unmount_all or (not ref.persistent and not liveness.alive(ref.pid, ref.pid_start)):
+                    db.drop_ref(ref.ref)
                     if not unmount_all:
-                        done.append(f"released a mount reference of layer {layer_id} held by dead process {pid}")
-            for (layer_id,) in db.execute("SELECT id FROM mounts").fetchall():
-                if not self._refcount(db, layer_id):
-                    self.driver.unmount(layer_id)
-                    db.execute("DELETE FROM mounts WHERE id = ?", (layer_id,))
-                    done.append(f"unmounted layer {layer_id}")
+                        done.append(f"released a mount reference of layer {ref.layer} held by dead process {ref.pid}")
+            for mount in db.mounts():
+                if not db.refcount(mount.layer):
+                    self.driver.unmount(mount.layer)
+                    db.drop_mount(mount.layer)
+                    done.append(f"unmounted layer {mount.layer}")
             done += self._unmount_leaked(db)
-            pending = db.execute("SELECT id, state FROM layers WHERE state != 'ready'").fetchall()
+            pending = [(r.id, r.state) for r in db.layers() if not r.complete]
         for layer_id, state in pending:
             lock = self._lock(layer_id)
             if not lock.acquire(blocking=False):
                 continue  # its process is still at work
             try:
-                if state == "creating":
+                if state is LayerState.CREATING:
                     self._abandon(layer_id)
                     done.append(f"dropped half-made layer {layer_id}")
                 else:
@@ -531,15 +498,15 @@ class Store:
                 lock.release()
         done += self._remove_orphans()
         with self.records.read() as db:
-            known = {r.id for r in Records.all(db)}
+            known = {r.id for r in db.layers()}
         done += self.driver.cleanup(known)
         return done
 
-    def _unmount_leaked(self, db: Any) -> list[str]:
+    def _unmount_leaked(self, db: Reader) -> list[str]:
         """Unmount views no record names: a process killed between the kernel mount and
         the commit of its record leaves one (inside the same write transaction as the
         caller, so no mount in progress is mistaken for a leak)."""
-        recorded = {os.path.realpath(p) for (p,) in db.execute("SELECT path FROM mounts")}
+        recorded = {os.path.realpath(m.path) for m in db.mounts()}
         recorded |= {os.path.realpath(p) for p in self.driver.own_mounts()}
         done = []
         for point in mounts_under(self.driver.ctx.layers):
@@ -551,7 +518,7 @@ class Store:
     def _remove_orphans(self) -> list[str]:
         done = []
         with self.records.read() as db:
-            records = Records.all(db)
+            records = db.layers()
         # a parent named by a record is never an orphan, even if its own record is lost:
         # its content is part of the child's chain
         known = {r.id for r in records} | {r.parent for r in records if r.parent}

@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO
 from lamina.errors import LayerBusy
 from lamina.fs.mount import is_mountpoint
-from lamina.records import Records
+from lamina.records import LayerState
 
 from . import tarbuild as tb
 
@@ -233,8 +233,8 @@ def test_cleanup_drops_a_layer_half_applied_by_a_killed_process(store, tmp_path:
         # child has read (and is unpacking) well past the first entries
         _write_all(fd, tar[: 2 * 1024 * 1024], deadline)
         with store.records.read() as db:
-            rec = Records.get(db, "half")
-        assert rec is not None and rec.state == "creating", rec
+            rec = db.layer("half")
+        assert rec is not None and rec.state is LayerState.CREATING, rec
         assert not store.exists("half")
         proc.send_signal(signal.SIGKILL)
         proc.wait(TIMEOUT)
@@ -248,7 +248,7 @@ def test_cleanup_drops_a_layer_half_applied_by_a_killed_process(store, tmp_path:
     assert any("half" in line for line in mended), mended
     assert not store.exists("half")
     with store.records.read() as db:
-        assert Records.get(db, "half") is None, "the half-made record must be gone"
+        assert db.layer("half") is None, "the half-made record must be gone"
     leftovers = [p.name for p in (store.root / "layers").iterdir() if p.name.startswith("half")]
     assert leftovers == []
     assert list((store.root / "tmp").iterdir()) == []

@@ -3,14 +3,14 @@
 The lifecycle
 -------------
 A user imports an image of two layers. The store checks the IDs, writes a record that
-says layer ``A`` is *incomplete*, and asks the driver to ``create("A", None, rw=False)``:
+says layer ``A`` is *creating*, and asks the driver to ``create("A", None, rw=False)``:
 the driver makes ``layers/A/`` in whatever shape it likes. The store then feeds the first
 layer tar to :meth:`Driver.apply_diff`; a driver that can unpack straight into its own
 layout does so and returns the size, otherwise it returns ``NotImplemented`` and the
 store mounts the layer and lets the archive engine unpack into the mounted view. Only
-when that has finished and been synced does the store mark ``A`` complete. A crash
-before then leaves an incomplete record, which :meth:`Store.cleanup` finds and removes
-with :meth:`Driver.remove`. The second layer ``B`` is made the same way with parent
+when that has finished and been synced does the store mark ``A`` *ready*. A crash
+before then leaves a *half-made* layer (a creating record whose maker is gone), which
+:meth:`Store.cleanup` finds and removes with :meth:`Driver.remove`. The second layer ``B`` is made the same way with parent
 ``A``.
 
 The user then runs a container: ``create("C", "B", rw=True, size=...)`` makes a
@@ -33,7 +33,10 @@ first. *read-only layer*: image content, made by ``create`` (+ ``apply_diff``).
 *read-write layer*: a container's changes, made by ``create_rw``; it may have a *size*
 limit. *view*: the directory ``mount`` returns. *diff*: a layer's changes as a tar.
 *record*: what the store keeps about a layer (parent, kind, state); drivers never write
-records, and the store never looks inside ``layers/<id>/``.
+records, and the store never looks inside ``layers/<id>/``. *state*
+(:class:`lamina.records.LayerState`): *creating* while a layer is made or filled,
+*ready* once complete (the only state anyone else sees), *removing* while it goes;
+*half-made*: creating, and its maker is gone.
 
 What the store guarantees a driver
 ----------------------------------

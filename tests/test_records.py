@@ -1,0 +1,111 @@
+"""The records module on its own: schema steps, states, and the reference operations the
+store's mount counting rests on."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from lamina.errors import StoreCorrupt
+from lamina.records import SCHEMA_VERSION, LayerState, Records
+
+
+@pytest.fixture
+def records(tmp_path: Path):
+    r = Records(tmp_path / "meta.db")
+    yield r
+    r.close()
+
+
+def _user_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_new_database_is_at_the_current_version(records: Records) -> None:
+    assert _user_version(records.path) == SCHEMA_VERSION
+    Records(records.path).close()  # reopening applies nothing and changes nothing
+    assert _user_version(records.path) == SCHEMA_VERSION
+
+
+def test_a_newer_database_keeps_its_version(tmp_path: Path) -> None:
+    path = tmp_path / "meta.db"
+    Records(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    Records(path).close()
+    assert _user_version(path) == SCHEMA_VERSION + 1, "an older lamina must not downgrade it"
+
+
+def test_states_round_trip_and_only_ready_is_complete(records: Records) -> None:
+    with records.write() as db:
+        db.insert_layer("a", None, rw=False)
+        assert db.layer("a").state is LayerState.CREATING and not db.layer("a").complete
+        db.mark_ready("a", size=3, has_tarsplit=True, diff_id="sha256:x")
+    with records.read() as db:
+        rec = db.layer("a")
+    assert rec.state is LayerState.READY and rec.complete and rec.has_tarsplit and rec.size == 3
+    assert rec.to_json()["state"] == "ready"
+    with records.write() as db:
+        db.delete_layer("a", unless_ready=True)
+        assert db.layer("a") is not None, "unless_ready keeps a complete layer"
+        db.set_state("a", LayerState.REMOVING)
+        assert db.count(LayerState.REMOVING) == 1 and db.count(LayerState.READY) == 0
+        db.delete_layer("a", unless_ready=True)
+        assert db.layer("a") is None
+
+
+def test_chain_reports_a_loop_and_a_gap(records: Records) -> None:
+    with records.write() as db:
+        db.insert_layer("a", "b", rw=False)
+        db.insert_layer("b", "a", rw=False)
+        db.insert_layer("c", "gone", rw=False)
+    with records.read() as db, pytest.raises(StoreCorrupt, match="loop"):
+        db.chain("a")
+    with records.read() as db, pytest.raises(StoreCorrupt, match="ancestor gone has no record"):
+        db.chain("c")
+
+
+def test_a_put_picks_its_own_reference_first(records: Records) -> None:
+    with records.write() as db:
+        db.insert_layer("a", None, rw=True)
+        db.add_ref("a", pid=1, pid_start="s1", persistent=False, boot_id="b")
+        db.add_ref("a", pid=2, pid_start="s2", persistent=True, boot_id="b")
+        db.add_ref("a", pid=3, pid_start="s3", persistent=False, boot_id="b")
+        refs = {r.pid: r.ref for r in db.refs()}
+        assert db.pick_ref("a", persistent=False, pid=3, pid_start="s3") == refs[3]
+        assert db.pick_ref("a", persistent=False, pid=9, pid_start="s9") == refs[1]
+        assert db.pick_ref("a", persistent=True, pid=9, pid_start="s9") == refs[2]
+        assert db.drop_ref(refs[2]) and not db.drop_ref(refs[2])
+        assert db.refcount("a") == 2 and db.layer("a").mount_count == 2
+
+
+def test_references_and_mounts_of_other_boots_go(records: Records) -> None:
+    with records.write() as db:
+        db.insert_layer("a", None, rw=True)
+        db.add_ref("a", pid=1, pid_start="s", persistent=True, boot_id="old")
+        db.add_ref("a", pid=1, pid_start="s", persistent=True, boot_id="now")
+        db.set_mount("a", "/x", "old")
+        assert db.drop_refs_of_other_boots("now", "a") == 1
+        assert db.drop_mounts_of_other_boots("now") == 1
+        assert db.mount("a") is None and db.refcount("a") == 1
+
+
+def test_readonly_records_see_but_cannot_change(records: Records) -> None:
+    with records.write() as db:
+        db.insert_layer("a", None, rw=False)
+    watcher = Records(records.path, readonly=True)
+    try:
+        with watcher.read() as db:
+            assert db.layer("a").state is LayerState.CREATING
+        with pytest.raises(sqlite3.OperationalError), watcher.write() as db:
+            db.set_state("a", LayerState.READY)
+    finally:
+        watcher.close()
