@@ -216,9 +216,9 @@ def main() -> int:
 
         layers = len(json.loads(tarfile.open(fileobj=f).extractfile("manifest.json").read())[0]["Layers"])  # type: ignore[union-attr]
     log(f"image: {archive.name}, {size / 1e6:.0f} MB, {layers} layers; base: {source}")
-    from lamina.archive import tarsplit
+    from lamina.archive.tar import crc64 as tarsplit_crc
 
-    crc = "anycrc (C)" if getattr(tarsplit, "_FAST", None) is not None else "pure Python"
+    crc = "anycrc (C)" if getattr(tarsplit_crc, "_FAST", None) is not None else "pure Python"
     log(f"tar-split CRC-64: {crc}")
     if size < MIN_BYTES:
         log(f"  warning: the image is under {MIN_BYTES / 1e6:.0f} MB")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 with atheris.instrument_imports():
     from lamina.archive.apply import ApplyOptions, apply_tar
-    from lamina.archive.tarstream import *  # noqa: F403 - instrument the reader too
+    from lamina.archive.tar.reader import *  # noqa: F403 - instrument the reader too
     from lamina.errors import InvalidArchive
 
 WORK = Path(tempfile.mkdtemp(prefix="lamina-fuzz-"))

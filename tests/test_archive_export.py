@@ -412,7 +412,7 @@ def test_tar_tree_roundtrip_with_apply(tmp_path: Path) -> None:
 
 
 def test_pax_record_length_counts_itself() -> None:
-    from lamina.archive.tarwriter import pax_record
+    from lamina.archive.tar.writer import pax_record
 
     for n in range(0, 1100):
         rec = pax_record(b"k", b"v" * n)
@@ -434,7 +434,7 @@ def test_pax_record_length_counts_itself() -> None:
     ],
 )
 def test_header_names_read_back(name: str) -> None:
-    from lamina.archive import tarwriter as tw
+    from lamina.archive.tar import writer as tw
 
     raw = os.fsencode(name)
     typeflag = tw.DIRTYPE if name.endswith("/") else tw.REGTYPE
@@ -448,7 +448,7 @@ def test_header_names_read_back(name: str) -> None:
 
 
 def test_header_big_numbers_go_to_pax() -> None:
-    from lamina.archive import tarwriter as tw
+    from lamina.archive.tar import writer as tw
 
     size = 0o77777777777 + 1  # 8 GiB: one more than the 12-byte field holds
     data = tw.header(b"f", 0o100644, 2**21, 2**22, size, -5, tw.REGTYPE)

@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tarmaker as tm
-from lamina.archive import tarsplit
 from lamina.archive.apply import ApplyOptions, apply_tar
-from lamina.archive.tarsplit import Crc64, crc64, reassemble
+from lamina.archive.tar import crc64 as crc64_module
+from lamina.archive.tar.crc64 import Crc64, crc64
+from lamina.archive.tar.split import reassemble
 from lamina.errors import InvalidArchive
 
 
@@ -62,8 +63,8 @@ def rebuild(split: bytes, root: Path) -> bytes:
 def crc_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a CRC test with the pure-Python code and with anycrc (when installed)."""
     if request.param == "pure":
-        monkeypatch.setattr(tarsplit, "_FAST", None)
-    elif tarsplit._FAST is None:
+        monkeypatch.setattr(crc64_module, "_FAST", None)
+    elif crc64_module._FAST is None:
         pytest.skip("anycrc is not installed: only the pure-Python CRC is in use")
     return request.param
 

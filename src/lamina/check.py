@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lamina import liveness
-from lamina.archive.tarsplit import reassemble
+from lamina.archive.tar.split import reassemble
 from lamina.errors import LaminaError
 from lamina.fs.mount import mounts_under
 from lamina.records import LayerState

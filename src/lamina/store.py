@@ -32,7 +32,7 @@ from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.changes import changes_dirs, changes_size
 from lamina.archive.export import tar_changes, tar_tree
-from lamina.archive.tarsplit import reassemble
+from lamina.archive.tar.split import reassemble
 from lamina.drivers.base import NOT_NATIVE, CreateOptions, Driver, DriverContext, FileGetter
 from lamina.drivers.registry import default_driver, driver_class
 from lamina.errors import (

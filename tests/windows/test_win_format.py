@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from wintarmaker import BA, BU, DIR_SD, KO_SD, SY, SYSTEM_FILE_SD, LayerTar, Meta, decode_sd
 
 from lamina.archive import winsd, wintar
-from lamina.archive.tarsplit import TarSplitWriter, reassemble
+from lamina.archive.tar.split import TarSplitWriter, reassemble
 from lamina.errors import InvalidArchive
 
 # -- times ----------------------------------------------------------------------------

@@ -277,7 +277,7 @@ def test_imported_layer_exports_the_same_bytes(wf: WindowsFilterDriver, tail: by
 
 
 def test_tar_split_given_to_the_store_rebuilds_the_tar(wf: WindowsFilterDriver) -> None:
-    from lamina.archive.tarsplit import reassemble
+    from lamina.archive.tar.split import reassemble
 
     data = rich_base()
     wf.create("base", None, rw=False, opts=CreateOptions())

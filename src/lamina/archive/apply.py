@@ -43,10 +43,10 @@ Where we differ from Docker, on purpose:
   stays inside the root. Well-formed layers never write through a symlink.
 - a name that repeats is accepted (later wins); Docker, recording tar-split, refuses
   any repeat. With tar-split we refuse only a repeat that loses an earlier entry's
-  content (see :mod:`lamina.archive.tarsplit`).
+  content (see :mod:`lamina.archive.tar.split`).
 - AUFS hardlink farms (``.wh..wh.plnk``) are skipped, so a hardlink into one is
   refused as a missing target; Docker extracts them to a temporary directory.
-- GNU sparse files are refused (see :mod:`lamina.archive.tarstream`).
+- GNU sparse files are refused (see :mod:`lamina.archive.tar.reader`).
 - in overlay mode, ``trusted.overlay.*``/``user.overlay.*`` xattrs from the tar are
   not set: they would steer the overlay mount (redirects, opaque flags, origins).
 """
@@ -62,8 +62,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-from lamina.archive.tarsplit import Crc64, TarSplitWriter
-from lamina.archive.tarstream import BLK, CHR, DIR, FIFO, GLOBAL, LNK, REG, SYM, TarEntry, TarReader
+from lamina.archive.tar.crc64 import Crc64
+from lamina.archive.tar.reader import (
+    BLK,
+    CHR,
+    DIR,
+    FIFO,
+    GLOBAL,
+    LNK,
+    REG,
+    SYM,
+    TarEntry,
+    TarReader,
+)
+from lamina.archive.tar.split import TarSplitWriter
 from lamina.errors import InvalidArchive, NoSpace, UnsupportedFilesystem
 from lamina.fs.safepath import (
     DIR_FLAGS,

@@ -20,7 +20,7 @@ becomes a ``.wh.NAME`` file, an opaque directory is followed by ``DIR/.wh..wh..o
 
 Why hand-built headers and raw ``os.read``: the cost of an export is per entry, and
 :mod:`tarfile` spends far more per entry than the system calls do (see
-:mod:`lamina.archive.tarwriter`). Memory stays bounded: small entries gather in one
+:mod:`lamina.archive.tar.writer`). Memory stays bounded: small entries gather in one
 buffer flushed at about 1 MiB, big files pass through in 1 MiB reads. The buffer is a
 list of pieces joined once per flush: appending to a ``bytearray`` that is cleared after
 each flush re-grows it in small steps, copying it dozens of times per megabyte.
@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-from lamina.archive import tarwriter as tw
 from lamina.archive.change import Change, ChangeKind
+from lamina.archive.tar import writer as tw
 from lamina.errors import InvalidArchive, UnsupportedFilesystem
 from lamina.fs.safepath import UnsafePath, clean_parts, open_dir
 

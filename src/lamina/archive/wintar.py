@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import IO, Protocol
 
-from lamina.archive.tarsplit import Crc64
-from lamina.archive.tarwriter import (  # noqa: F401 - BLOCK, END_OF_ARCHIVE: part of this module's names
+from lamina.archive.tar.crc64 import Crc64
+from lamina.archive.tar.writer import (  # noqa: F401 - BLOCK, END_OF_ARCHIVE: part of this module's names
     BLKTYPE,
     BLOCK,
     CHRTYPE,
@@ -241,7 +241,7 @@ def encode_pax_records(records: Mapping[str, str]) -> bytes:
 
 # -- header encode -----------------------------------------------------------------------------
 
-# the tar block and type names the Windows code uses, defined once in tarwriter
+# the tar block and type names the Windows code uses, defined once in the tar writer
 TYPE_REG = REGTYPE
 TYPE_LINK = LNKTYPE
 TYPE_SYMLINK = SYMTYPE
@@ -362,7 +362,7 @@ class TarEntry:
 
 
 class TarRecorder(Protocol):
-    """Where a reader sends what it reads (:class:`lamina.archive.tarsplit.TarSplitWriter`
+    """Where a reader sends what it reads (:class:`lamina.archive.tar.split.TarSplitWriter`
     fits): raw bytes as segments, each member as name, data size and CRC-64."""
 
     def segment(self, payload: bytes) -> None: ...

@@ -168,7 +168,7 @@ class Driver(abc.ABC):
         ``NOT_NATIVE`` to let the store mount the layer and unpack into the view.
         ``chain`` is the new layer's chain (for hardlinks into lower layers). When
         ``tarsplit`` is given, the tar's headers and padding are recorded into it
-        (:mod:`lamina.archive.tarsplit`) so that the exact tar can be rebuilt later.
+        (:mod:`lamina.archive.tar.split`) so that the exact tar can be rebuilt later.
         """
         return NOT_NATIVE
 

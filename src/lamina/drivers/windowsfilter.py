@@ -442,7 +442,7 @@ class WindowsFilterDriver(Driver):
         return _write_tar(self._layer_items(rid))
 
     def _reassemble(self, rid: str) -> Iterator[bytes]:
-        from lamina.archive.tarsplit import reassemble
+        from lamina.archive.tar.split import reassemble
 
         getter = self.diff_getter(rid)
         with gzip.open(self.dir(rid) / TAR_RECORD, "rb") as record:

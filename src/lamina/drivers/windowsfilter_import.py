@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import IO
 
 from lamina.archive import winsd, wintar
-from lamina.archive.tarsplit import TarSplitWriter
+from lamina.archive.tar.split import TarSplitWriter
 from lamina.archive.wintar import FileAttr, TarEntry, TarReader
 from lamina.drivers.windowsfilter_meta import (
     ATIME,

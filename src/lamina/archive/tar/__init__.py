@@ -1,0 +1,12 @@
+"""The one tar codec: every tar lamina reads or writes goes through this package.
+
+Formats only, no files: it knows no layer, driver or store (Windows layer records
+live beside it in :mod:`lamina.archive.wintar`, image archives in :mod:`lamina.images`).
+
+- :mod:`.reader`: a streaming reader that folds PAX and GNU meta headers into each
+  entry and can hand back the raw bytes around it (tar-split needs them);
+- :mod:`.writer`: header blocks built by hand (ustar, PAX records when needed);
+- :mod:`.split`: tar-split, Docker's record of a tar's non-content bytes, written while
+  a tar is read and replayed to rebuild the tar byte for byte;
+- :mod:`.crc64`: the CRC-64 tar-split keeps per file.
+"""
