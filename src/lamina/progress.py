@@ -144,3 +144,86 @@ def _is_tty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+class MultiProgress:
+    """Several byte counters drawn as a block of lines: one per item and a total.
+
+    For work made of parallel parts (a pull's layers): each item has a state word
+    ("waiting", "downloading", "done" ...) and a byte count; the last line sums them.
+    Like :class:`Progress` it draws only on a terminal, at most every ``interval`` s,
+    and redraws the block in place (cursor up, clear line).
+    """
+
+    interval = 0.2
+
+    def __init__(self, title: str, *, stream: TextIO | None = None, enabled: bool | None = None,
+                 width: int = 24, clock: Callable[[], float] = time.monotonic) -> None:
+        self.title = title
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = _is_tty(self.stream) if enabled is None else enabled
+        self.width = width
+        self._clock = clock
+        self._start = clock()
+        self._last = float("-inf")
+        self._lines_drawn = 0
+        self.items: dict[str, list] = {}  # key -> [label, state, done, total]
+
+    def add(self, key: str, label: str, total: int | None, state: str = "waiting") -> None:
+        self.items[key] = [label, state, 0, total]
+        self._maybe_draw(force=True)
+
+    def state(self, key: str, state: str) -> None:
+        if key in self.items:
+            self.items[key][1] = state
+            self._maybe_draw(force=True)
+
+    def update(self, key: str, n: int) -> None:
+        if key in self.items:
+            self.items[key][2] += n
+            self._maybe_draw()
+
+    def _bar(self, done: int, total: int | None) -> str:
+        if not total:
+            return human_bytes(done)
+        frac = min(done / total, 1.0)
+        filled = int(frac * self.width)
+        return f"[{'#' * filled}{'.' * (self.width - filled)}] {human_bytes(done)}/{human_bytes(total)}"
+
+    def render(self, now: float | None = None) -> list[str]:
+        now = self._clock() if now is None else now
+        elapsed = max(now - self._start, 1e-9)
+        lines = [f"{label} {state:<11} {self._bar(done, total)}"
+                 for label, state, done, total in self.items.values()]
+        done = sum(i[2] for i in self.items.values())
+        total = sum(i[3] or 0 for i in self.items.values() if i[1] != "exists")
+        lines.append(f"{self.title}: {self._bar(done, total or None)} "
+                     f"{human_bytes(done / elapsed)}/s")
+        return lines
+
+    def _maybe_draw(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = self._clock()
+        if force or now - self._last >= self.interval:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        out = "\x1b[F" * self._lines_drawn if self._lines_drawn else ""
+        lines = self.render(now)
+        out += "".join(f"\r{line}\x1b[K\n" for line in lines)
+        self.stream.write(out)
+        self.stream.flush()
+        self._lines_drawn = len(lines)
+
+    def close(self) -> None:
+        if self.enabled and self.items:
+            self._draw(self._clock())
+        self.enabled = False
+
+    def __enter__(self) -> MultiProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

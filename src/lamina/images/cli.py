@@ -1,4 +1,4 @@
-"""The ``lamina image`` verbs: load, save, ls, rm, inspect.
+"""The ``lamina image`` verbs: load, save, ls, rm, inspect (pull and push: lamina.registry.cli).
 
 Registered through :data:`lamina.cli.EXTENSIONS`; each handler takes the CLI's
 ``Invocation`` (store, ``--json`` output, progress bars on a terminal's stderr).
@@ -111,7 +111,7 @@ def cmd_inspect(inv: Invocation) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``lamina image ...`` to the top-level subparsers."""
-    image = sub.add_parser("image", help="load, save, list and remove images",
+    image = sub.add_parser("image", help="load, save, pull, push, list and remove images",
                            description="Images: docker-save archives and OCI layouts in and out.")
     verbs = image.add_subparsers(dest="image_verb", metavar="VERB", required=True)
 
@@ -146,3 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("inspect", help="show an image's IDs, layers and config as JSON")
     p.add_argument("names", nargs="+", metavar="NAME", help="image name or ID")
     p.set_defaults(func=cmd_inspect)
+
+    from lamina.registry.cli import register as register_registry
+
+    register_registry(verbs)  # image pull, image push

