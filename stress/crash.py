@@ -1,7 +1,9 @@
 """Crash injection: SIGKILL lamina in the middle of its work, then prove nothing was lost.
 
-Five operations are crashed: ``lamina apply``, ``lamina create-rw``, ``lamina rm``,
-``lamina image load`` (a docker-save archive built here) and the plugin's ApplyDiff
+Six operations are crashed: ``lamina apply``, ``lamina create-rw``, ``lamina rm``,
+``lamina image load`` (a docker-save archive built here), ``lamina image pull`` (the same
+image from a docker-registry on loopback, pushed there by skopeo; after each kill and
+cleanup it is pulled again and must come out whole) and the plugin's ApplyDiff
 (``lamina serve docker-plugin`` killed while it unpacks a chunked upload). For each, one
 undisturbed run is timed first, watching the store's records to learn when the
 operation's real work begins (its first record appears) and when it is done (the record
@@ -57,7 +59,9 @@ from lamina.check import check, leaked_mounts  # noqa: E402
 from lamina.records import Records  # noqa: E402
 from lamina.store import Store  # noqa: E402
 
-OPERATIONS = ("apply", "create-rw", "rm", "image-load", "plugin-apply")
+OPERATIONS = ("apply", "create-rw", "rm", "image-load", "pull", "plugin-apply")
+#: operations that make an image, journalled, and are undone by images.recover
+IMAGE_OPS = ("image-load", "pull")
 POLL = 0.002  # seconds between looks at the records while waiting for the work to begin
 RETIME = 25  # kill points between two undisturbed runs that re-measure the window
 MTIME = 1_700_000_000
@@ -412,6 +416,8 @@ class Context:
     driver: str | None
     tar: bytes  # the layer applied by apply and ApplyDiff
     image: SavedImage | None = None
+    #: where the pull operation pulls ctx.image from (a registry the harness runs)
+    pull_ref: str | None = None
 
 
 def _applied_intact(store: Store, lid: str, tar: bytes) -> list[str]:
@@ -507,6 +513,35 @@ class ImageLoadOp(Operation):
             tmp.unlink()
 
 
+class PullOp(ImageLoadOp):
+    """``lamina image pull`` of ctx.image from a local registry, killed; then pulled again."""
+
+    name = "pull"
+
+    def attempt(self, i: int) -> Attempt:
+        img, ref = self.ctx.image, self.ctx.pull_ref
+        assert img is not None and ref is not None
+        record = self.ctx.root / "images" / f"{img.image_id[7:]}.json"
+        return Attempt(CliVictim(lamina_cmd(self.ctx.root, "image", "pull", ref)),
+                       list(img.layer_ids),
+                       begun=lambda p: any(p.state(lid) is not None for lid in img.layer_ids),
+                       done=lambda p: record.exists(),
+                       verify=lambda store: self._verify(store, img) + self._repull(store, img, ref))
+
+    def _repull(self, store: Store, img: SavedImage, ref: str) -> list[str]:
+        """After the kill and cleanup a pull must finish the work."""
+        from lamina.errors import LaminaError
+        from lamina.registry import pull
+
+        try:
+            res = pull(store, ref)
+        except LaminaError as e:
+            return [f"re-pull failed: {e}"]
+        if res.image_id != img.image_id or any(not store.exists(lid) for lid in img.layer_ids):
+            return [f"re-pull made image {res.image_id}, not {img.image_id} with all its layers"]
+        return []
+
+
 class PluginApplyOp(Operation):
     name = "plugin-apply"
 
@@ -563,7 +598,7 @@ class MountOp(Operation):
 
 
 OPS: dict[str, type[Operation]] = {
-    c.name: c for c in (ApplyOp, CreateRwOp, RmOp, ImageLoadOp, PluginApplyOp, MountOp)}
+    c.name: c for c in (ApplyOp, CreateRwOp, RmOp, ImageLoadOp, PullOp, PluginApplyOp, MountOp)}
 
 
 # -- kill points --------------------------------------------------------------------------
@@ -723,7 +758,7 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
             fig.problems.append(f"{what}: failed on its own: {err}")
         fig.kills += killed
         mended, problems = inspect(store, before, attempt)
-        if op.name == "image-load":  # what `lamina cleanup` does after the store's cleanup
+        if op.name in IMAGE_OPS:  # what `lamina cleanup` does after the store's cleanup
             from lamina.images import recover as recover_images
 
             mended += recover_images(store)
@@ -741,7 +776,7 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
         elif not killed:
             fig.completed += 1
         fig.in_work += killed and began
-        if op.name == "image-load":
+        if op.name in IMAGE_OPS:
             assert op.ctx.image is not None
             record = store.root / "images" / f"{op.ctx.image.image_id[7:]}.json"
             if not record.exists() and present:
@@ -769,18 +804,22 @@ def run(ops: list[str], points: int, *, files: int, file_size: int, driver: str 
         log: Callable[[str], None] = print, verbose: bool = False) -> list[Figures]:
     """Crash each of ``ops`` at ``points`` points on a fresh store; return the figures."""
     figures = []
-    with tempfile.TemporaryDirectory(prefix="lamina-crash-", dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lamina-crash-", dir="/var/tmp") as tmp, \
+            contextlib.ExitStack() as stack:
         work = Path(tmp)
         root = work / "store"
         store = lamina_open(root, driver=driver)
         try:
             store.apply_diff("base", None, io.BytesIO(layer_tar_bytes(max(10, files // 4), file_size, seed=0)))
             ctx = Context(root, work, store.driver.name, layer_tar_bytes(files, file_size, seed=1))
-            if "image-load" in ops:
+            if any(o in IMAGE_OPS for o in ops):
                 per = max(1, files // 3)
                 ctx.image = make_docker_save(work / "image.tar",
                                              [layer_tar_bytes(per, file_size, seed=10 + k) for k in range(3)],
                                              "crash/test:latest")
+            if "pull" in ops:
+                assert ctx.image is not None
+                ctx.pull_ref = stack.enter_context(_registry_with(work, ctx.image))
             probe = Probe(root)
             for name in ops:
                 op = OPS[name](ctx)
@@ -799,6 +838,18 @@ def run(ops: list[str], points: int, *, files: int, file_size: int, driver: str 
             store.close()
             unmount_under(work)  # whatever the store failed to release, so the rmtree works
     return figures
+
+
+@contextlib.contextmanager
+def _registry_with(work: Path, img: SavedImage) -> Iterator[str]:
+    """A docker-registry on loopback holding ``img`` (pushed by skopeo, gzip layers)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from registry_support import Registry, skopeo
+
+    with Registry(work / "registry") as reg:
+        ref = f"{reg.host}/crash/test:latest"
+        skopeo("copy", "--dest-tls-verify=false", f"docker-archive:{img.path}", f"docker://{ref}")
+        yield ref
 
 
 def unmount_under(path: Path) -> None:

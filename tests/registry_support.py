@@ -329,7 +329,10 @@ class FaultProxy:
         self.upstream = upstream
         self.faults = faults or Faults()
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range)
-        self.patch_sizes: list[int] = []
+        #: (method, path, status) of every answer forwarded or made up
+        self.answers: list[tuple[str, str, int]] = []
+        #: (upload session, body size) of every PATCH
+        self.patch_sizes: list[tuple[str, int]] = []
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self._lock = threading.Lock()
@@ -373,7 +376,7 @@ class FaultProxy:
         body = req.rfile.read(length) if length else None
         if method == "PATCH":
             with self._lock:
-                self.patch_sizes.append(length)
+                self.patch_sizes.append((path.split("?")[0].rsplit("/", 1)[-1], length))
         status = self._planned_status(method, path)
         if status is not None:
             req.send_response(status)
@@ -386,6 +389,8 @@ class FaultProxy:
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
+        with self._lock:
+            self.answers.append((method, path, resp.status))
         m = re.search(r"/blobs/(sha256:[0-9a-f]{64})$", path)
         digest = m.group(1) if m and method == "GET" else None
         req.send_response(resp.status)

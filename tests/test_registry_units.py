@@ -151,3 +151,28 @@ def test_platform_choice() -> None:
         choose(idx, Platform.parse("linux/s390x"), "t")
     with pytest.raises(Exception, match="invalid platform"):
         Platform.parse("linux")
+
+
+def test_progress_block_one_line_per_layer_and_a_total() -> None:
+    import io
+
+    from lamina.progress import MultiProgress
+
+    t = [0.0]
+    out = io.StringIO()
+    bars = MultiProgress("pulling", stream=out, enabled=True, width=10, clock=lambda: t[0])
+    bars.add("a", "aaaa 1/2", 1000)
+    bars.add("b", "bbbb 2/2", 3000, "exists")
+    t[0] = 2.0
+    bars.state("a", "downloading")
+    bars.update("a", 500)
+    lines = bars.render()
+    assert lines[0].startswith("aaaa 1/2 downloading") and "[#####.....] 500 B/1000 B" in lines[0]
+    assert lines[1].startswith("bbbb 2/2 exists")
+    assert lines[2] == "pulling: [#####.....] 500 B/1000 B 250 B/s"  # exists: not in the total
+    bars.close()
+    assert "\x1b[F" in out.getvalue()  # redrawn in place
+    quiet = io.StringIO()
+    with MultiProgress("x", stream=quiet) as b:  # not a terminal: draws nothing
+        b.add("a", "a", 1)
+    assert quiet.getvalue() == ""

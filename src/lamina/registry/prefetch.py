@@ -227,14 +227,16 @@ class RegistrySource:
     """The :class:`lamina.images.source.Source` of one pull: blob names are digests."""
 
     def __init__(self, client: RegistryClient, repository: str, blobs: list[tuple[str, int]],
-                 tmpdir: Path, *, parallel: int = PARALLEL,
+                 tmpdir: Path, *, parallel: int = PARALLEL, known: dict[str, int] | None = None,
                  on_bytes: Callable[[str, int], None] | None = None,
                  on_state: Callable[[str, str], None] | None = None) -> None:
-        """``blobs``: (digest, size) of the layers to fetch, in the order they are applied."""
+        """``blobs``: (digest, size) of the layers to fetch, in the order they are applied;
+        ``known``: every blob of the image, for a layer the loader turns out to need
+        after all (gone since we looked), which is then read on demand."""
         self.label = f"{client.registry}/{repository}"
         self.client = client
         self.repository = repository
-        self._sizes = dict(blobs)
+        self._sizes = {**(known or {}), **dict(blobs)}
         self._on_state = on_state
         self._pipes: dict[str, BlobPipe] = {}
         self._order: list[str] = []

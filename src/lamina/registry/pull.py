@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.errors import ImageError, LaminaError
 from lamina.images.digest import layer_id
 from lamina.images.load import ProgressSink, load_specs
+from lamina.images.recover import recover as recover_images
 from lamina.images.spec import ImageSpec, LayerBlob, parse_config
 from lamina.registry import distribution, manifests
 from lamina.registry.blobs import fetch_small_blob
@@ -121,6 +122,10 @@ def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, 
     blobs = [LayerBlob(path=d.digest, diff_id=diff, digest=d.digest, size=d.size)
              for d, diff in zip(manifest.layers, diff_ids, strict=True)]
     spec = ImageSpec(config_digest=config_digest, config=config, layers=blobs, names=names)
+    # undo killed loads and pulls first, so what we see in the store stays there
+    recovered = recover_images(store)
+    for line in recovered:
+        log.info("%s", line)
     needed: list[tuple[str, int]] = []
     listing: list[tuple[str, int, str]] = []
     for blob, chain in zip(spec.layers, spec.chain_ids, strict=True):
@@ -135,7 +140,8 @@ def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, 
         total[0] += n
         events.downloaded(digest, n)
 
-    with RegistrySource(client, repo, needed, store.root / "tmp", parallel=parallel,
+    known = {b.path: b.size or 0 for b in spec.layers}
+    with RegistrySource(client, repo, needed, store.root / "tmp", parallel=parallel, known=known,
                         on_bytes=on_bytes, on_state=events.state) as src:
         loaded = load_specs(store, src, [spec], progress=progress)
         spilled = src.spilled()
@@ -145,7 +151,8 @@ def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, 
                       index_digest=manifest.index_digest, platform=str(want) if manifest.platforms
                       else _config_platform(config_doc), names=rec.names,
                       layers_pulled=loaded.layers_loaded, layers_reused=loaded.layers_reused,
-                      bytes_downloaded=total[0], bytes_spilled=spilled, recovered=loaded.recovered)
+                      bytes_downloaded=total[0], bytes_spilled=spilled,
+                      recovered=recovered + loaded.recovered)
 
 
 def _config_platform(config: dict[str, Any]) -> str:
