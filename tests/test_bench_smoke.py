@@ -34,3 +34,28 @@ def test_bench_archive_quick_prints_ratios(tmp_path: Path) -> None:
     assert all(re.fullmatch(r"\d+\.\d+x", v) for v in keys.values())
     # the work directory is cleaned up
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_registry_quick_prints_ratios() -> None:
+    """bench_registry.py --quick: docker pull, lamina pull, skopeo + load, both pushes."""
+    from conftest import require_dockerd, require_root
+    from registry_support import have_registry
+
+    require_root()
+    require_dockerd()
+    missing = have_registry()
+    if missing:
+        from conftest import skip_or_fail
+
+        skip_or_fail(f"needs {missing}")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_registry.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"pull: lamina / docker pull\s+\d+\.\d+x .*target <= 0\.8x: (ok|OVER)", out), out
+    assert re.search(r"push: lamina / skopeo\s+\d+\.\d+x .*target <= 1\.0x: (ok|OVER)", out), out
+    summary = re.search(r"^summary: (.*)$", out, re.M)
+    assert summary, out
+    keys = dict(kv.split("=") for kv in summary.group(1).split())
+    assert set(keys) >= {"pull", "pull.cpu", "push", "push.cpu", "pull.via_skopeo"}
