@@ -69,6 +69,13 @@ def log(msg: str) -> None:
 class Timing:
     wall: float
     cpu: float
+    #: what the side reports besides time (bytes pushed, bytes spilled)
+    note: str = ""
+
+
+def _blob_bytes(storage: Path) -> int:
+    """Bytes of the blobs a docker-registry holds (its filesystem storage)."""
+    return sum(p.stat().st_size for p in storage.rglob("data") if p.is_file())
 
 
 def _env() -> dict[str, str]:
@@ -80,10 +87,11 @@ def _lamina(root: Path, driver: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "lamina", "--root", str(root), "--driver", driver, *args]
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmd: list[str], what: str) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if res.returncode != 0:
         raise RuntimeError(f"{what} failed: {(res.stderr or res.stdout).strip()[-2000:]}")
+    return res.stdout
 
 
 @contextlib.contextmanager
@@ -123,10 +131,11 @@ def lamina_pull(ref: str, driver: str, quick: bool) -> Timing:
     with _space(quick, OUT) as tmp:
         root = tmp / "store"
         c0, t0 = _children_cpu(), time.perf_counter()
-        _run(_lamina(root, driver, "image", "pull", "-q", ref), "lamina image pull")
+        out = _run(_lamina(root, driver, "--json", "image", "pull", ref), "lamina image pull")
         c1, t1 = _children_cpu(), time.perf_counter()
         _cleanup_store(root, driver)
-    return Timing(t1 - t0, c1 - c0)
+    spilled = json.loads(out)["bytes_spilled"]
+    return Timing(t1 - t0, c1 - c0, f"{spilled / 1e6:.0f} MB waited in tmp/")
 
 
 def skopeo_then_load(ref: str, driver: str, quick: bool) -> Timing:
@@ -147,8 +156,9 @@ def skopeo_push(archive: Path, work: Path) -> Timing:
         skopeo("copy", "--dest-tls-verify=false", f"docker-archive:{archive}",
                f"docker://{reg.host}/bench/pushed:1", timeout=1800)
         c1, t1 = _children_cpu(), time.perf_counter()
+    sent = _blob_bytes(work / "push-skopeo" / "data")
     shutil.rmtree(work / "push-skopeo", ignore_errors=True)
-    return Timing(t1 - t0, c1 - c0)
+    return Timing(t1 - t0, c1 - c0, f"{sent / 1e6:.0f} MB of blobs")
 
 
 def lamina_push(root: Path, driver: str, name: str, work: Path) -> Timing:
@@ -157,8 +167,9 @@ def lamina_push(root: Path, driver: str, name: str, work: Path) -> Timing:
         _run(_lamina(root, driver, "image", "push", "-q", name, f"{reg.host}/bench/pushed:1"),
              "lamina image push")
         c1, t1 = _children_cpu(), time.perf_counter()
+    sent = _blob_bytes(work / "push-lamina" / "data")
     shutil.rmtree(work / "push-lamina", ignore_errors=True)
-    return Timing(t1 - t0, c1 - c0)
+    return Timing(t1 - t0, c1 - c0, f"{sent / 1e6:.0f} MB of blobs")
 
 
 # -- the image -----------------------------------------------------------------------------
@@ -212,7 +223,7 @@ def main() -> int:
             ref = f"{reg.host}/bench/image:1"
             skopeo("copy", "--dest-tls-verify=false", f"docker-archive:{archive}", f"docker://{ref}",
                    timeout=1800)
-            blobs = sum(p.stat().st_size for p in (work / "source" / "data").rglob("data"))
+            blobs = _blob_bytes(work / "source" / "data")
             log(f"registry: {reg.host}, {blobs / 1e6:.0f} MB of blobs (gzip by skopeo)")
             # the push source: the archive loaded into a store (untimed)
             with _space(args.quick, OUT) as space:
@@ -231,10 +242,12 @@ def main() -> int:
                     log(f"run {run + 1}: " + ", ".join(f"{k} {v[-1].wall:.2f}s (cpu {v[-1].cpu:.2f})"
                                                        for k, v in times.items()))
                 _cleanup_store(store, args.driver)
-    best = {k: Timing(min(t.wall for t in v), min(t.cpu for t in v)) for k, v in times.items()}
-    log(f"{'best of ' + str(runs):<34}{'wall s':>8}{'cpu s':>8}")
+    best = {k: Timing(min(t.wall for t in v), min(t.cpu for t in v), v[-1].note) for k, v in times.items()}
+    log(f"{'best of ' + str(runs):<34}{'wall s':>8}{'cpu s':>8}  spread")
     for k, t in best.items():
-        log(f"{k:<34}{t.wall:>8.2f}{t.cpu:>8.2f}")
+        walls = [x.wall for x in times[k]]
+        spread = f"{min(walls):.2f}-{max(walls):.2f}s"
+        log(f"{k:<34}{t.wall:>8.2f}{t.cpu:>8.2f}  {spread}{'  ' + t.note if t.note else ''}")
     pull_ratio = best["lamina image pull"].wall / best["docker pull"].wall
     pull_cpu = best["lamina image pull"].cpu / best["docker pull"].cpu
     via_ratio = best["lamina image pull"].wall / best["skopeo copy + lamina image load"].wall
@@ -248,7 +261,9 @@ def main() -> int:
     log("summary: " + " ".join(f"{k}={v:.2f}x" for k, v in summary.items()))
     if not args.quick:
         (OUT / "bench_registry.json").write_text(json.dumps(
-            {"image_bytes": size, "blob_bytes": blobs, "runs": runs, "best": {k: vars(v) for k, v in best.items()},
+            {"image_bytes": size, "blob_bytes": blobs, "runs": runs,
+             "all": {k: [vars(t) for t in v] for k, v in times.items()},
+             "best": {k: vars(v) for k, v in best.items()},
              "ratios": summary}, indent=2) + "\n")
     return 0
 

@@ -120,7 +120,8 @@ def htpasswd(path: Path, users: dict[str, str]) -> Path:
 class TokenServer:
     """Signs registry tokens for users it knows (and anonymous pulls, if allowed)."""
 
-    def __init__(self, work: Path, users: dict[str, str], *, anonymous_pull: bool = False) -> None:
+    def __init__(self, work: Path, users: dict[str, str], *, anonymous_pull: bool = False,
+                 refresh_tokens: dict[str, str] | None = None) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
@@ -128,6 +129,8 @@ class TokenServer:
 
         self.users = users
         self.anonymous_pull = anonymous_pull
+        #: OAuth2 refresh tokens (identity tokens) -> the user they stand for
+        self.refresh_tokens = refresh_tokens or {}
         self.issued: list[dict[str, object]] = []
         #: the lifetime of the next tokens, as the registry will see it (exp - now);
         #: the registry allows 60 s of clock skew past exp
@@ -157,6 +160,9 @@ class TokenServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server._serve(self)
 
+            def do_POST(self) -> None:  # noqa: N802 - the refresh-token grant
+                server._serve(self)
+
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -182,6 +188,16 @@ class TokenServer:
 
         query = parse_qs(urlsplit(req.path).query)
         user = None
+        if req.command == "POST":
+            length = int(req.headers.get("Content-Length") or 0)
+            form = parse_qs(req.rfile.read(length).decode())
+            query = {"scope": " ".join(form.get("scope", [])).split(), "grant": form.get("grant_type", [])}
+            user = self.refresh_tokens.get((form.get("refresh_token") or [""])[0])
+            if form.get("grant_type") != ["refresh_token"] or user is None:
+                req.send_response(401)
+                req.send_header("Content-Length", "0")
+                req.end_headers()
+                return
         auth = req.headers.get("Authorization", "")
         if auth.startswith("Basic "):
             name, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
@@ -203,7 +219,8 @@ class TokenServer:
         exp = now + self.lifetime - 60  # the registry adds 60 s of leeway
         claims = {"iss": ISSUER, "sub": user or "", "aud": SERVICE, "exp": int(exp),
                   "nbf": int(now) - 5, "iat": int(now), "jti": secrets.token_hex(8), "access": access}
-        self.issued.append({"user": user, "scopes": query.get("scope", []), "exp": exp})
+        self.issued.append({"user": user, "scopes": query.get("scope", []), "exp": exp,
+                            "grant": "refresh_token" if req.command == "POST" else "password"})
         body = json.dumps({"token": self._sign(claims),
                            "expires_in": int(self.stated_expiry or self.lifetime)}).encode()
         req.send_response(200)

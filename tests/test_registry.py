@@ -290,6 +290,26 @@ def test_token_auth_pull_push_and_refresh(tmp_path: Path, built: Built) -> None:
         assert any(m == "GET" and "/blobs/" in p and st == 401 for m, p, st in proxy.answers), proxy.answers
 
 
+def test_identity_token_from_a_credential_helper(tmp_path: Path, built: Built,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """credHelpers -> docker-credential-X answers an identity token -> OAuth2 refresh grant."""
+    _require_registry()
+    helper = tmp_path / "bin" / "docker-credential-lamtest"
+    helper.parent.mkdir()
+    helper.write_text('#!/bin/sh\nread s\necho \'{"Username":"<token>","Secret":"rt-123"}\'\n')
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper.parent}{os.pathsep}{os.environ['PATH']}")
+    with TokenServer(tmp_path / "tok", {"bob": "builder"}, refresh_tokens={"rt-123": "bob"}) as tokens, \
+            Registry(tmp_path / "reg", token=tokens) as reg:
+        store = _store(tmp_path / "s")
+        load(store, built.archive)
+        push(store, "app:1", f"{reg.host}/team/app:1", options=ClientOptions(credentials=Credentials("bob", "builder")))
+        with docker_config(tmp_path / "cfg", {"credHelpers": {reg.host: "lamtest"}}):
+            res = pull(_store(tmp_path / "p"), f"{reg.host}/team/app:1")
+        assert res.image_id == built.image.id
+        assert any(t["grant"] == "refresh_token" and t["user"] == "bob" for t in tokens.issued), tokens.issued
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 
@@ -391,9 +411,34 @@ def test_blobs_that_come_early_wait_on_disk(plain: Registry, built: Built, tmp_p
     assert res.bytes_spilled == 0
     from lamina.registry import prefetch
 
-    monkeypatch.setattr(prefetch, "MEMORY_PER_PIPE", 4096)
+    monkeypatch.setattr(prefetch, "MEMORY_BUDGET", 4096)
     monkeypatch.setattr(prefetch, "HEAD_MEMORY", 4096)
     store = _store(tmp_path / "b")
     res = pull(store, f"{plain.host}/test/app:1", parallel=3)
     assert res.image_id == built.image.id and res.bytes_spilled > 0
     assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_cli_progress_on_a_terminal(plain: Registry, built: Built, tmp_path: Path) -> None:
+    """With stderr a terminal: one line per layer (state, bytes) and a total, both ways."""
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    base = [sys.executable, "-m", "lamina", "--root", str(tmp_path / "s"), "--driver", "vfs", "image"]
+    try:
+        for args, words in ((["pull", f"{plain.host}/test/app:1"], ("1/3", "3/3", "done", "pulling:")),
+                            (["push", f"{plain.host}/test/app:1", f"{plain.host}/tty/app:1"],
+                             ("layer 1/3", "layer 3/3", "mounted", "pushing:"))):
+            proc = subprocess.run([*base, *args], stderr=slave, stdout=subprocess.PIPE, env=env, timeout=120)
+            assert proc.returncode == 0
+            drawn = os.read(master, 1 << 16).decode(errors="replace")
+            assert all(w in drawn for w in words), drawn
+            assert "MiB" in drawn or "KiB" in drawn
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -176,3 +176,16 @@ def test_progress_block_one_line_per_layer_and_a_total() -> None:
     with MultiProgress("x", stream=quiet) as b:  # not a terminal: draws nothing
         b.add("a", "a", 1)
     assert quiet.getvalue() == ""
+
+
+def test_plain_http_only_for_loopback_or_insecure() -> None:
+    from lamina.registry.transport import ClientOptions, RegistryClient
+
+    def plain(host: str, insecure: bool = False) -> bool:
+        return RegistryClient(host, options=ClientOptions(insecure=insecure, credentials=Credentials("u", "p"))).plain_ok
+
+    from lamina.registry.credentials import Credentials
+
+    assert plain("127.0.0.1:5000") and plain("localhost:5000") and plain("[::1]:5000")
+    assert not plain("registry.example:5000") and not plain("10.1.2.3")
+    assert plain("registry.example:5000", insecure=True)

@@ -10,6 +10,7 @@ every chunk of a multi-gigabyte tar costs nothing measurable.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -167,21 +168,25 @@ class MultiProgress:
         self._start = clock()
         self._last = float("-inf")
         self._lines_drawn = 0
+        self._lock = threading.Lock()  # items change from several threads (downloads)
         self.items: dict[str, list] = {}  # key -> [label, state, done, total]
 
     def add(self, key: str, label: str, total: int | None, state: str = "waiting") -> None:
-        self.items[key] = [label, state, 0, total]
-        self._maybe_draw(force=True)
-
-    def state(self, key: str, state: str) -> None:
-        if key in self.items:
-            self.items[key][1] = state
+        with self._lock:
+            self.items[key] = [label, state, 0, total]
             self._maybe_draw(force=True)
 
+    def state(self, key: str, state: str) -> None:
+        with self._lock:
+            if key in self.items:
+                self.items[key][1] = state
+                self._maybe_draw(force=True)
+
     def update(self, key: str, n: int) -> None:
-        if key in self.items:
-            self.items[key][2] += n
-            self._maybe_draw()
+        with self._lock:
+            if key in self.items:
+                self.items[key][2] += n
+                self._maybe_draw()
 
     def _bar(self, done: int, total: int | None) -> str:
         if not total:
@@ -218,9 +223,10 @@ class MultiProgress:
         self._lines_drawn = len(lines)
 
     def close(self) -> None:
-        if self.enabled and self.items:
-            self._draw(self._clock())
-        self.enabled = False
+        with self._lock:
+            if self.enabled and self.items:
+                self._draw(self._clock())
+            self.enabled = False
 
     def __enter__(self) -> MultiProgress:
         return self

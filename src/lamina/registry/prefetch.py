@@ -8,15 +8,18 @@ layer that is not in the store yet, filled by a small pool of download threads:
 * the pipe of the layer being applied (the *head*) is a bounded in-memory queue: when
   the apply falls behind, its download waits (TCP's own flow control does the rest);
   nothing is written to disk.
-* the pipe of a later layer starts in memory too, and when more than
-  :data:`MEMORY_PER_PIPE` bytes wait in it (its turn has not come), spills the rest into
-  an anonymous temporary file under the store's ``tmp/`` (``O_TMPFILE``: it vanishes with
-  the process, even one that is killed). Its download thus runs at full speed while the
-  layers before it are applied, and the loader later reads the file and then whatever
-  is still arriving.
+* the pipes of later layers wait in memory too, all of them together within
+  :data:`MEMORY_BUDGET`; past it, a pipe spills the rest of its blob into an anonymous
+  temporary file under the store's ``tmp/`` (``O_TMPFILE``: it vanishes with the
+  process, even one that is killed). Downloads thus run at full speed while the layers
+  before them are applied, and the loader later reads the file and then whatever is
+  still arriving.
 
-So a compressed blob touches the disk only when it arrives faster than the layers
-before it can be applied, and only the part that had to wait. Downloads resume by Range
+So a compressed blob touches the disk only when more of the image arrives ahead of its
+turn than the budget holds, and only the part past it. Measured on bench_registry's
+image (166 MB of gzip blobs, a fresh ext4): with 16 MiB per pipe, 36 MB spilled and the
+pull took 4.3 s; held in memory, 3.2 s. The spill files live on the store's filesystem,
+whose ``syncfs`` after each layer then writes them out too, for nothing. Downloads resume by Range
 inside :class:`~lamina.registry.blobs.BlobReader`; the digests are checked by the
 loader as it reads (a wrong blob removes the layer it made, and with it the image).
 
@@ -44,8 +47,8 @@ from lamina.registry.transport import RegistryClient
 
 log = logging.getLogger(__name__)
 
-#: bytes a waiting pipe holds in memory before it spills to a temporary file
-MEMORY_PER_PIPE = 16 << 20
+#: bytes all waiting pipes together hold in memory before they spill to temporary files
+MEMORY_BUDGET = 256 << 20
 #: bytes the head pipe holds in memory before its download waits for the apply
 HEAD_MEMORY = 8 << 20
 #: leading bytes every pipe keeps, so the blob can be opened again from its start
@@ -59,12 +62,35 @@ class _Cancelled(Exception):
     pass
 
 
+class Budget:
+    """Memory shared by the waiting pipes of one pull."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 class BlobPipe:
     """One blob's bytes between its download thread and the loader."""
 
     def __init__(self, digest: str, size: int, tmpdir: Path,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 budget: Budget | None = None) -> None:
         self.digest = digest
+        self._budget = budget or Budget(MEMORY_BUDGET)
+        self._charged = 0  # bytes of _mem counted against the budget
         self.size = size
         self._tmpdir = tmpdir
         self._on_bytes = on_bytes
@@ -94,9 +120,12 @@ class BlobPipe:
                 raise _Cancelled()
             if len(self._head) < HEAD_BYTES:
                 self._head += data[: HEAD_BYTES - len(self._head)]
-            if self._file is None and not self.is_head and self._mem_bytes + len(data) > MEMORY_PER_PIPE:
-                self._tmpdir.mkdir(parents=True, exist_ok=True)
-                self._file = tempfile.TemporaryFile(dir=self._tmpdir, prefix="pull-")
+            if self._file is None and not self.is_head:
+                if self._budget.take(len(data)):
+                    self._charged += len(data)
+                else:
+                    self._tmpdir.mkdir(parents=True, exist_ok=True)
+                    self._file = tempfile.TemporaryFile(dir=self._tmpdir, prefix="pull-")
             if self._file is not None:
                 file = self._file
             else:
@@ -141,6 +170,10 @@ class BlobPipe:
                     else:
                         self._mem[0] = chunk[n:]
                     self._mem_bytes -= n
+                    if self._charged:
+                        back = min(n, self._charged)
+                        self._charged -= back
+                        self._budget.give(back)
                     self.consumed += n
                     self._cv.notify_all()
                     return n
@@ -180,6 +213,9 @@ class BlobPipe:
                 self._file.close()
                 self._file = None
             self._mem.clear()
+            self._mem_bytes = 0
+            self._budget.give(self._charged)
+            self._charged = 0
 
 
 class _PipeReader(io.RawIOBase):
@@ -240,11 +276,12 @@ class RegistrySource:
         self._on_state = on_state
         self._pipes: dict[str, BlobPipe] = {}
         self._order: list[str] = []
+        budget = Budget(MEMORY_BUDGET)
         for digest, size in blobs:
             if digest in self._pipes:
                 continue
             cb = (lambda n, d=digest: on_bytes(d, n)) if on_bytes is not None else None
-            self._pipes[digest] = BlobPipe(digest, size, tmpdir, cb)
+            self._pipes[digest] = BlobPipe(digest, size, tmpdir, cb, budget)
             self._order.append(digest)
         if self._order:
             self._pipes[self._order[0]].make_head()
@@ -325,10 +362,19 @@ class RegistrySource:
         return sum(p.spilled for p in self._pipes.values())
 
     def close(self) -> None:
+        """Stop the downloads; drop the buffers once no download thread can write to them.
+
+        A thread stuck in a slow read past the wait keeps its pipe (and any temporary
+        file, which is anonymous and goes with the process) rather than risk a write to a
+        closed, reused descriptor.
+        """
         for pipe in self._pipes.values():
             pipe.cancel()
         for t in self._threads:
             t.join(timeout=30)
+        if any(t.is_alive() for t in self._threads):
+            log.warning("%s: a download thread did not stop; leaving its buffers", self.label)
+            return
         for pipe in self._pipes.values():
             pipe.close()
 

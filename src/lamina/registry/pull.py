@@ -21,6 +21,7 @@ send the very manifest back (same digest) instead of recompressing.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,7 @@ class PullResult:
         return {"reference": self.reference, "id": self.image_id, "digest": self.manifest_digest,
                 "index_digest": self.index_digest, "platform": self.platform, "names": self.names,
                 "layers_pulled": self.layers_pulled, "layers_reused": self.layers_reused,
-                "bytes_downloaded": self.bytes_downloaded}
+                "bytes_downloaded": self.bytes_downloaded, "bytes_spilled": self.bytes_spilled}
 
 
 def pull(store: Store, ref: str | Reference, *, platform: str | Platform | None = None,
@@ -135,10 +136,12 @@ def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, 
             needed.append((blob.path, blob.size or 0))
     events.layers(listing)
     total = [0]
+    counting = threading.Lock()
 
-    def on_bytes(digest: str, n: int) -> None:
-        total[0] += n
-        events.downloaded(digest, n)
+    def on_bytes(digest: str, n: int) -> None:  # called from the download threads
+        with counting:
+            total[0] += n
+            events.downloaded(digest, n)
 
     known = {b.path: b.size or 0 for b in spec.layers}
     with RegistrySource(client, repo, needed, store.root / "tmp", parallel=parallel, known=known,
