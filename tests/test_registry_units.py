@@ -179,12 +179,12 @@ def test_progress_block_one_line_per_layer_and_a_total() -> None:
 
 
 def test_plain_http_only_for_loopback_or_insecure() -> None:
+    from lamina.registry.credentials import Credentials
     from lamina.registry.transport import ClientOptions, RegistryClient
 
     def plain(host: str, insecure: bool = False) -> bool:
-        return RegistryClient(host, options=ClientOptions(insecure=insecure, credentials=Credentials("u", "p"))).plain_ok
-
-    from lamina.registry.credentials import Credentials
+        opts = ClientOptions(insecure=insecure, credentials=Credentials("u", "p"))
+        return RegistryClient(host, options=opts).plain_ok
 
     assert plain("127.0.0.1:5000") and plain("localhost:5000") and plain("[::1]:5000")
     assert not plain("registry.example:5000") and not plain("10.1.2.3")
