@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS  ?=
 FUZZ_SECONDS ?= 300
 
-.PHONY: help venv system-deps demo test lint bench stress clean distclean
+.PHONY: help venv system-deps demo test lint bench stress proto clean distclean
 
 help:
 	@echo "make demo    install into $(VENV) and run the demo on the default driver"
@@ -31,6 +31,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+# The containerd snapshotter's gRPC modules, from src/lamina/snapshotter/proto/*.proto
+proto: venv
+	PY=$(abspath $(PY)) sh scripts/gen-proto.sh
 
 lint: venv
 	$(RUFF) check $(LINT_PATHS)

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from lamina.store import Store
 
 #: modules that add verbs; each exposes ``register(subparsers)``. Imported only if listed.
-EXTENSIONS: list[str] = ["lamina.plugin.cli", "lamina.images.cli", "lamina.cli_win"]
+EXTENSIONS: list[str] = ["lamina.plugin.cli", "lamina.snapshotter.cli", "lamina.images.cli", "lamina.cli_win"]
 
 log = logging.getLogger("lamina.cli")
 

@@ -14,17 +14,20 @@ Every SQL statement of lamina's layer store is in this module. Callers get a
 :meth:`Records.write`) whose methods are the operations the store needs, named for what
 they mean; nobody else sees the connection, so the schema can change here alone.
 
-Three tables:
+Four tables:
 
 * ``layers``: one row per layer, its parent, kind and :class:`LayerState`;
 * ``refs``: one row per mount reference (who took it, in which boot);
-* ``mounts``: where each mounted layer's view is, and in which boot it was mounted.
+* ``mounts``: where each mounted layer's view is, and in which boot it was mounted;
+* ``snapshots``: the containerd face's key space, each key or committed name mapped to
+  the layer that holds it (:class:`SnapshotRecord`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import sqlite3
 import threading
 import time
@@ -82,6 +85,20 @@ _STEPS: list[list[str]] = [
             boot_id    TEXT NOT NULL
         )""",
         "CREATE INDEX IF NOT EXISTS refs_id ON refs(id)",
+    ],
+    [
+        """CREATE TABLE IF NOT EXISTS snapshots (
+            key          TEXT PRIMARY KEY,
+            layer        TEXT NOT NULL UNIQUE,
+            kind         TEXT NOT NULL CHECK (kind IN ('active', 'view', 'committed')),
+            parent       TEXT,
+            labels       TEXT NOT NULL DEFAULT '{}',
+            created_ns   INTEGER NOT NULL,
+            updated_ns   INTEGER NOT NULL,
+            usage_size   INTEGER,
+            usage_inodes INTEGER
+        )""",
+        "CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent)",
     ],
 ]
 SCHEMA_VERSION = len(_STEPS)
@@ -142,6 +159,31 @@ class MountRecord:
     boot_id: str
 
 
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """A containerd snapshot: its key (or committed name) and the layer that holds it.
+
+    containerd's keys (``default/12/extract-1234 sha256:...``) are free text and share one
+    name space with committed names, so they are kept here, beside the layer, never
+    turned into layer IDs. Times are integer nanoseconds (containerd compares them
+    exactly); ``usage_*`` is what a commit measured, None while active.
+    """
+
+    key: str
+    layer: str
+    kind: str
+    parent: str | None
+    labels: dict[str, str]
+    created_ns: int
+    updated_ns: int
+    usage_size: int | None = None
+    usage_inodes: int | None = None
+
+
+_SNAPSHOT_COLUMNS = ("SELECT key, layer, kind, parent, labels, created_ns, updated_ns, usage_size, usage_inodes"
+                     " FROM snapshots")
+_READY_LAYER = f"layer IN (SELECT id FROM layers WHERE state = '{LayerState.READY.value}')"
+
 _LAYER_COLUMNS = ("SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
                   " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id) FROM layers")
 
@@ -199,6 +241,22 @@ class Reader:
     def mounts(self) -> list[MountRecord]:
         return [MountRecord(*r) for r in self._db.execute("SELECT id, path, boot_id FROM mounts ORDER BY id")]
 
+    # -- containerd snapshots -------------------------------------------------------
+
+    def snapshot(self, key: str, *, ready_only: bool = True) -> SnapshotRecord | None:
+        """The snapshot ``key``; with ``ready_only`` only if its layer is complete (one
+        whose Prepare is still running, or whose removal was interrupted, is not there)."""
+        where = " WHERE key = ?" + (f" AND {_READY_LAYER}" if ready_only else "")
+        row = self._db.execute(_SNAPSHOT_COLUMNS + where, (key,)).fetchone()
+        return _snapshot(row) if row else None
+
+    def snapshots(self, *, ready_only: bool = True) -> list[SnapshotRecord]:
+        where = f" WHERE {_READY_LAYER}" if ready_only else ""
+        return [_snapshot(r) for r in self._db.execute(_SNAPSHOT_COLUMNS + where + " ORDER BY key")]
+
+    def snapshot_children(self, key: str) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT key FROM snapshots WHERE parent = ? ORDER BY key", (key,))]
+
 
 class Writer(Reader):
     """The changes, inside one ``BEGIN IMMEDIATE`` transaction (see :meth:`Records.write`)."""
@@ -235,6 +293,12 @@ class Writer(Reader):
             self._db.execute("DELETE FROM layers WHERE id = ? AND state != ?", (layer_id, LayerState.READY.value))
         else:
             self._db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+
+    def seal(self, layer_id: str, *, size: int | None) -> None:
+        """A ready read-write layer becomes read-only, content untouched (a containerd
+        Commit: the same directory becomes an image layer)."""
+        self._db.execute("UPDATE layers SET rw = 0, size = ? WHERE id = ? AND state = ? AND rw = 1",
+                         (size, layer_id, LayerState.READY.value))
 
     # -- mount references -------------------------------------------------------------
 
@@ -279,6 +343,41 @@ class Writer(Reader):
 
     def drop_mounts_of_other_boots(self, boot_id: str) -> int:
         return self._db.execute("DELETE FROM mounts WHERE boot_id != ?", (boot_id,)).rowcount
+
+    # -- containerd snapshots -------------------------------------------------------
+
+    def insert_snapshot(self, snap: SnapshotRecord) -> None:
+        self._db.execute(
+            "INSERT INTO snapshots (key, layer, kind, parent, labels, created_ns, updated_ns, usage_size,"
+            " usage_inodes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (snap.key, snap.layer, snap.kind, snap.parent, json.dumps(snap.labels, sort_keys=True),
+             snap.created_ns, snap.updated_ns, snap.usage_size, snap.usage_inodes))
+
+    def commit_snapshot(self, key: str, name: str, labels: dict[str, str], now_ns: int,
+                        usage: tuple[int, int]) -> None:
+        """The active snapshot ``key`` becomes the committed ``name`` (same layer)."""
+        self._db.execute(
+            "UPDATE snapshots SET key = ?, kind = 'committed', labels = ?, created_ns = ?,"
+            " updated_ns = ?, usage_size = ?, usage_inodes = ? WHERE key = ?",
+            (name, json.dumps(labels, sort_keys=True), now_ns, now_ns, usage[0], usage[1], key))
+
+    def set_snapshot_labels(self, key: str, labels: dict[str, str], now_ns: int) -> None:
+        self._db.execute("UPDATE snapshots SET labels = ?, updated_ns = ? WHERE key = ?",
+                         (json.dumps(labels, sort_keys=True), now_ns, key))
+
+    def delete_snapshot(self, key: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
+
+    def drop_snapshots_without_layer(self, keep: set[str]) -> list[str]:
+        """Forget snapshots whose layer has no record at all (a Prepare that died before
+        its layer was begun, a Remove that died after its layer went), except the keys in
+        ``keep`` (calls still running in this process). Returns the keys forgotten."""
+        rows = self._db.execute("SELECT key FROM snapshots WHERE layer NOT IN (SELECT id FROM layers)"
+                                " ORDER BY key").fetchall()
+        gone = [r[0] for r in rows if r[0] not in keep]
+        for key in gone:
+            self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
+        return gone
 
 
 class Records:
@@ -364,4 +463,11 @@ def _record(row: tuple) -> LayerRecord:  # type: ignore[type-arg]
         id=row[0], parent=row[1], rw=bool(row[2]), state=LayerState(row[3]), created=row[4], size=row[5],
         mount_label=row[6], size_limit=row[7], has_tarsplit=bool(row[8]), diff_id=row[9],
         mount_count=row[10],
+    )
+
+
+def _snapshot(row: tuple) -> SnapshotRecord:  # type: ignore[type-arg]
+    return SnapshotRecord(
+        key=row[0], layer=row[1], kind=row[2], parent=row[3], labels=json.loads(row[4]),
+        created_ns=row[5], updated_ns=row[6], usage_size=row[7], usage_inodes=row[8],
     )

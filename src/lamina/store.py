@@ -33,7 +33,14 @@ from lamina.archive.change import Change, ChangeKind
 from lamina.archive.changes import changes_dirs, changes_size
 from lamina.archive.export import tar_changes, tar_tree
 from lamina.archive.tar.split import reassemble
-from lamina.drivers.base import NOT_NATIVE, CreateOptions, Driver, DriverContext, FileGetter
+from lamina.drivers.base import (
+    NOT_NATIVE,
+    CreateOptions,
+    Driver,
+    DriverContext,
+    FileGetter,
+    MountSpec,
+)
 from lamina.drivers.registry import default_driver, driver_class
 from lamina.errors import (
     DriverMismatch,
@@ -53,7 +60,7 @@ from lamina.fs.hashing import HashingReader
 from lamina.fs.locks import FileLock, KeyLock
 from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id, parse_size
-from lamina.records import LayerRecord, LayerState, Reader, Records
+from lamina.records import LayerRecord, LayerState, Reader, Records, Writer
 from lamina.streams import open_chunks
 
 log = logging.getLogger(__name__)
@@ -414,6 +421,58 @@ class Store:
         """Docker's GetMetadata for one layer."""
         self._ready(layer_id)
         return self.driver.metadata(layer_id)
+
+    def mount_specs(self, layer_id: str) -> list[MountSpec]:
+        """The mounts that show the layer's view, for another program to perform
+        (containerd mounts what its snapshotter returns). Writable for a read-write
+        layer, read-only otherwise. No reference is taken: the store does not see these
+        mounts, so the caller must not remove a layer it still has mounted."""
+        rec = self._ready(layer_id)
+        with self.records.read() as db:
+            chain = db.chain(layer_id)
+        specs = self.driver.mount_specs(layer_id, chain, writable=rec.rw)
+        if specs is NOT_NATIVE:
+            raise DriverUnavailable(f"driver {self.driver.name} cannot describe its mounts for another program")
+        return list(specs)
+
+    def disk_usage(self, layer_id: str) -> tuple[int, int]:
+        """(bytes, inodes) the layer's own content takes on disk, as ``du`` counts."""
+        self._ready(layer_id)
+        usage = self.driver.disk_usage(layer_id)
+        if usage is NOT_NATIVE:
+            raise DriverUnavailable(f"driver {self.driver.name} cannot measure a layer's disk usage")
+        return usage
+
+    def seal(self, layer_id: str, *, then: Callable[[Writer], None] | None = None) -> None:
+        """Make a read-write layer read-only, its content as it is, nothing copied.
+
+        This is a containerd Commit: the container's (or unpack's) directory becomes an
+        image layer in place. Refused for a layer that is not read-write, has children,
+        or is mounted through the store. ``then(db)`` runs inside the same transaction,
+        so a face can record what the seal means to it (the snapshot's new name)
+        atomically with it: a crash leaves both or neither.
+        """
+        check_id(layer_id)
+        with self._busy(layer_id):
+            rec = self._ready(layer_id)
+            size = None
+            if rec.rw:
+                native = self.driver.diff_size(layer_id, rec.parent)
+                size = None if native is NOT_NATIVE else int(native)
+            with self.records.write() as db:
+                rec = db.layer(layer_id)
+                if rec is None or not rec.complete:
+                    raise LayerNotFound(f"layer {layer_id} not found")
+                if not rec.rw:
+                    raise LayerExists(f"layer {layer_id} is already read-only")
+                if db.children(layer_id):
+                    raise LayerHasChildren(f"layer {layer_id} has children; a read-write layer with "
+                                           "children cannot be sealed")
+                if db.refcount(layer_id):
+                    raise LayerBusy(f"layer {layer_id} is mounted through lamina; unmount it first")
+                db.seal(layer_id, size=size)
+                if then is not None:
+                    then(db)
 
     # -- removing -------------------------------------------------------------------------
 

@@ -61,6 +61,17 @@ from lamina.fs.getter import FileGetter  # part of the contract: diff_getter ret
 NOT_NATIVE: Any = NotImplemented
 
 
+@dataclass(frozen=True)
+class MountSpec:
+    """One mount for someone else to perform: mount(2)'s type, source and fstab-style
+    options (containerd's ``Mount``). A face that hands mounts out (the containerd
+    snapshotter) returns these instead of mounting; the store counts no reference."""
+
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
 @dataclass
 class CreateOptions:
     """Options for a new layer (Docker's CreateOpts, parsed)."""
@@ -152,6 +163,18 @@ class Driver(abc.ABC):
         """Whether the view of ``layer_id`` is mounted now (for cleanup and check)."""
         return False
 
+    def mount_specs(self, layer_id: str, chain: Sequence[str], *, writable: bool) -> list[MountSpec] | Any:
+        """The mounts that show ``chain``'s union (nearest first), for another program to
+        perform, or ``NOT_NATIVE`` if the driver cannot describe its view that way.
+        ``writable`` asks for a view whose writes land in ``layer_id`` (a read-write
+        layer); otherwise the view must be read-only. Nothing is mounted here."""
+        return NOT_NATIVE
+
+    def disk_usage(self, layer_id: str) -> tuple[int, int] | Any:
+        """(bytes of disk, inodes) the layer's own content takes, as ``du`` counts them
+        (allocated blocks, hard links once), or ``NOT_NATIVE``."""
+        return NOT_NATIVE
+
     # -- native diff operations (optional) ----------------------------------------
 
     def apply_diff(
@@ -208,4 +231,4 @@ class Driver(abc.ABC):
         """Release process resources (open fds); the store's mounts stay."""
 
 
-__all__ = ["NOT_NATIVE", "CreateOptions", "Driver", "DriverContext", "FileGetter"]
+__all__ = ["NOT_NATIVE", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountSpec"]

@@ -65,7 +65,14 @@ from typing import IO, Any
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.archive.changes import changes_overlay, tree_size
 from lamina.archive.export import tar_tree
-from lamina.drivers.base import NOT_NATIVE, CreateOptions, Driver, DriverContext, FileGetter
+from lamina.drivers.base import (
+    NOT_NATIVE,
+    CreateOptions,
+    Driver,
+    DriverContext,
+    FileGetter,
+    MountSpec,
+)
 from lamina.errors import (
     ChainTooDeep,
     DriverUnavailable,
@@ -78,6 +85,7 @@ from lamina.fs import newmount, quota
 from lamina.fs.backingfs import NO_UPPER, backing_fs, existing_ancestor, supports_d_type
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.mount import MS_BIND, MS_RDONLY, is_mountpoint, mount, mounts_under, umount
+from lamina.fs.usage import disk_usage
 
 log = logging.getLogger(__name__)
 
@@ -648,6 +656,52 @@ class OverlayDriver(Driver):
 
     def is_mounted(self, layer_id: str) -> bool:
         return is_mountpoint(self.layer_dir(layer_id) / "merged")
+
+    def mount_specs(self, layer_id: str, chain: Sequence[str], *, writable: bool) -> list[MountSpec]:
+        """What containerd's snapshotters return: a base layer is a bind mount of its
+        ``diff``; any other layer one ``overlay`` mount, with the layer's own ``diff`` and
+        ``work`` as upper and work directories when ``writable``, else its own ``diff``
+        as the topmost lower (read-only, no upper).
+
+        The lowers are the ``l/`` short links as absolute paths under the store root.
+        The mounter is containerd's mount code, which uses mount(2): its options must
+        fit in one page, and when they come near it containerd makes the lower
+        directories relative to their common parent (here ``ROOT/l/``), so each costs
+        its 26-letter name and a colon. That is what this checks, so 128-layer chains
+        mount and deeper ones fail here with a clear error, not in containerd."""
+        if not chain or chain[0] != layer_id:
+            raise LaminaError(f"layer {layer_id}: mount_specs was given the chain of {chain[:1]}")
+        upper = self._upper(layer_id)
+        if len(chain) == 1:
+            return [MountSpec("bind", str(upper), ("rw" if writable else "ro", "rbind"))]
+        lowers = list(self._lowers(layer_id))
+        if not writable:
+            lowers.insert(0, f"l/{self._link(layer_id)}")
+        if len(lowers) != len(chain) - (1 if writable else 0) or not all(lowers):
+            raise LaminaError(f"layer {layer_id}: its lower file does not match its chain; run lamina cleanup")
+        opts = [f"{k}={v}" for k, v in self.features.options]
+        if self.features.userxattr:
+            opts.append("userxattr")
+        if writable:
+            opts += [f"workdir={upper.parent / 'work'}", f"upperdir={upper}"]
+        root = str(self.ctx.root)
+        if any(c in root for c in ",:"):
+            raise LaminaError(f"store root {root}: a ',' or ':' in it cannot be passed in overlay options")
+        opts.append("lowerdir=" + ":".join(f"{root}/{short}" for short in lowers))
+        page = os.sysconf("SC_PAGE_SIZE")
+        if sum(map(len, opts)) >= page - 512:
+            # containerd's compaction: lowers relative to ROOT/l/, the rest as given
+            fixed = [o for o in opts if not o.startswith("lowerdir=")]
+            data = ",".join([*fixed, "lowerdir=" + ":".join(s.removeprefix("l/") for s in lowers)])
+            if len(data) > page:
+                raise ChainTooDeep(
+                    f"layer {layer_id}: a chain of {len(chain)} layers needs {len(data)} bytes of "
+                    f"overlay options; containerd mounts at most one page ({page})")
+        return [MountSpec("overlay", "overlay", tuple(opts))]
+
+    def disk_usage(self, layer_id: str) -> tuple[int, int]:
+        """The upper directory's usage: the layer's own content (containerd's overlay)."""
+        return disk_usage(self._upper(layer_id))
 
     # -- native diffs --------------------------------------------------------------------
 

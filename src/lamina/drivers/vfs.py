@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import IO
 
 from lamina.archive.apply import ApplyOptions, apply_tar
-from lamina.drivers.base import CreateOptions, Driver, FileGetter
+from lamina.drivers.base import CreateOptions, Driver, FileGetter, MountSpec
 from lamina.errors import QuotaNotSupported
 from lamina.fs.copy import copy_tree
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.mount import fs_type
+from lamina.fs.usage import disk_usage
 
 
 class VfsDriver(Driver):
@@ -60,6 +61,14 @@ class VfsDriver(Driver):
 
     def unmount(self, layer_id: str) -> None:
         return None
+
+    def mount_specs(self, layer_id: str, chain: Sequence[str], *, writable: bool) -> list[MountSpec]:
+        """A bind mount of the layer's own full tree (containerd's ``native``)."""
+        return [MountSpec("bind", str(self.layer_dir(layer_id)), ("rw" if writable else "ro", "rbind"))]
+
+    def disk_usage(self, layer_id: str) -> tuple[int, int]:
+        """The whole tree: a vfs layer holds a full copy (``native`` counts it so too)."""
+        return disk_usage(self.layer_dir(layer_id))
 
     def apply_diff(
         self,

@@ -44,8 +44,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -60,6 +58,7 @@ from lamina.fs.durable import atomic_write
 from lamina.plugin import wire
 from lamina.plugin.bridge import BodyPipe, send_stream
 from lamina.plugin.layerlocks import LayerLocks
+from lamina.serving import notify_systemd, prepare_socket
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -383,26 +382,6 @@ class DockerPlugin:
 # -- serving on a unix socket -------------------------------------------------------------
 
 
-def _prepare_socket(path: Path) -> None:
-    """Make the socket's directory; clear a stale socket, refuse a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise LaminaError(f"{path} exists and is not a socket; remove it first")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)  # nobody listens: left by a crashed server
-    else:
-        raise LaminaError(f"another server is listening on {path}")
-    finally:
-        probe.close()
-
-
 class PluginServer:
     """The HTTP server for one :class:`DockerPlugin` on one unix socket."""
 
@@ -413,7 +392,7 @@ class PluginServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        _prepare_socket(self.socket_path)
+        prepare_socket(self.socket_path)
         runner = web.AppRunner(self.plugin.application(), access_log=None, handle_signals=False,
                                shutdown_timeout=self.shutdown_timeout)
         await runner.setup()
@@ -430,18 +409,6 @@ class PluginServer:
             await runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-
-
-def notify_systemd(state: str) -> None:
-    """Tell systemd (``Type=notify``) that the socket is up, so that a docker.service
-    ordered after this one starts only when dockerd can find the plugin."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # an abstract socket
-        address = "\0" + address[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(state.encode(), address)
 
 
 def serve(plugin: DockerPlugin, socket_path: Path) -> None:

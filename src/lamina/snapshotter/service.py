@@ -1,0 +1,276 @@
+"""containerd's snapshotter semantics on a lamina store, with no gRPC in sight.
+
+The words are containerd's (``core/snapshots/snapshotter.go``): a *key* names an active
+snapshot or a view, a *name* a committed one, and both share one space. Prepare makes an
+active snapshot over a committed parent; View a read-only one; Commit turns an active
+snapshot into a committed one under a new name (the key is gone after); Remove drops
+any snapshot without children. Mounts are described, never performed: containerd mounts
+them.
+
+How a snapshot lives in the store: each is one layer, with a random ID, and one row in
+the store's snapshot records mapping the key to that layer with its kind, parent, labels
+and times (:class:`lamina.records.SnapshotRecord`). An active snapshot is a read-write
+layer, a view a read-only layer over the parent, a committed snapshot a read-only
+layer: Commit *seals* the active layer in place (:meth:`lamina.store.Store.seal`),
+renaming the row in the same transaction, so nothing is copied and a crash leaves the
+snapshot either active under its key or committed under its name. ``lamina ls`` and
+``lamina check`` see them all as ordinary layers.
+
+Crash safety follows the store's protocol. Prepare writes the row first, then makes the
+layer (which is itself crash-safe); Remove removes the layer first, then the row. A row
+counts only while its layer is complete, so a crash between the two steps leaves a row
+that no call sees, and :meth:`SnapshotService.recover` (at start-up, and in Cleanup)
+forgets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from lamina.drivers.base import MountSpec
+from lamina.errors import LayerNotFound
+from lamina.records import SnapshotRecord, Writer
+from lamina.snapshotter.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    SnapshotExists,
+    SnapshotNotFound,
+)
+from lamina.snapshotter.filters import parse_all
+from lamina.store import Store
+
+log = logging.getLogger(__name__)
+
+ACTIVE, VIEW, COMMITTED = "active", "view", "committed"
+#: containerd's metadata store refuses a label whose key and value exceed this together
+MAX_LABEL_BYTES = 4096
+#: drivers whose layers containerd can mount from a description
+SERVING_DRIVERS = ("overlay", "vfs")
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int
+    inodes: int
+
+
+def _labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Checked labels; an empty value means "no such label", as in containerd."""
+    out = {}
+    for k, v in labels.items():
+        if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
+            raise InvalidArgument(f"label key and value greater than maximum size ({MAX_LABEL_BYTES} bytes), key: {k[:64]}")
+        if v != "":
+            out[k] = v
+    return out
+
+
+class SnapshotService:
+    """The ten snapshotter calls over one store. Thread-safe; calls run concurrently."""
+
+    def __init__(self, store: Store) -> None:
+        if store.driver.name not in SERVING_DRIVERS:
+            raise InvalidArgument(f"driver {store.driver.name} cannot serve containerd snapshots; "
+                                  f"use one of {', '.join(SERVING_DRIVERS)}")
+        self.store = store
+        self._lock = threading.Lock()
+        #: keys whose Prepare/View runs now: recovery must not forget their rows
+        self._making: set[str] = set()
+
+    # -- start-up and Cleanup ----------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Finish what a crash left: the store's own cleanup, then forget snapshot rows
+        whose layer is gone. One line per thing mended."""
+        done = self.store.cleanup()
+        with self._lock:
+            keep = set(self._making)
+        with self.store.records.write() as db:
+            gone = db.drop_snapshots_without_layer(keep)
+        done += [f"forgot snapshot {key!r}: its layer is gone" for key in gone]
+        return done
+
+    def cleanup(self) -> list[str]:
+        """containerd's Cleanup, called after its garbage collector has removed what it
+        no longer references: nothing is deleted that a snapshot still names; what
+        interrupted removals and creations left is finished off."""
+        return self.recover()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def stat(self, key: str) -> SnapshotRecord:
+        with self.store.records.read() as db:
+            snap = db.snapshot(key)
+        if snap is None:
+            raise SnapshotNotFound(f"snapshot {key}: not found")
+        return snap
+
+    def list(self, filters: Sequence[str] = ()) -> Iterator[SnapshotRecord]:
+        """Every snapshot that matches any of ``filters`` (all when there are none)."""
+        flt = parse_all(filters)
+        with self.store.records.read() as db:
+            snaps = db.snapshots()
+        for snap in snaps:
+            if flt.matches(_fields(snap)):
+                yield snap
+
+    def mounts(self, key: str) -> list[MountSpec]:
+        snap = self.stat(key)
+        if snap.kind not in (ACTIVE, VIEW):
+            raise FailedPrecondition(f"requested snapshot {key} not active or view")
+        return self.store.mount_specs(snap.layer)
+
+    def usage(self, key: str) -> Usage:
+        """Of the snapshot alone, not its parents: measured now for an active snapshot,
+        as measured at commit for a committed one, nothing for a view."""
+        snap = self.stat(key)
+        if snap.kind == ACTIVE:
+            size, inodes = self.store.disk_usage(snap.layer)
+            return Usage(size, inodes)
+        return Usage(snap.usage_size or 0, snap.usage_inodes or 0)
+
+    # -- making ------------------------------------------------------------------------
+
+    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
+        return self._create(ACTIVE, key, parent, labels or {})
+
+    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
+        return self._create(VIEW, key, parent, labels or {})
+
+    @contextlib.contextmanager
+    def _making_key(self, key: str) -> Iterator[None]:
+        with self._lock:
+            self._making.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._making.discard(key)
+
+    def _create(self, kind: str, key: str, parent: str, labels: Mapping[str, str]) -> list[MountSpec]:
+        if not key:
+            raise InvalidArgument("a snapshot key must not be empty")
+        checked = _labels(labels)
+        layer = secrets.token_hex(16)
+        now = time.time_ns()
+        with self._making_key(key):
+            with self.store.records.write() as db:
+                if db.snapshot(key, ready_only=False) is not None:
+                    raise SnapshotExists(f"snapshot {key}: already exists")
+                parent_layer = None
+                if parent:
+                    prec = db.snapshot(parent)
+                    if prec is None:
+                        raise SnapshotNotFound(f"parent snapshot {parent} does not exist: not found")
+                    if prec.kind != COMMITTED:
+                        raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
+                    parent_layer = prec.layer
+                db.insert_snapshot(SnapshotRecord(
+                    key=key, layer=layer, kind=kind, parent=parent or None, labels=checked,
+                    created_ns=now, updated_ns=now))
+            try:
+                if kind == ACTIVE:
+                    self.store.create_rw(layer, parent_layer)
+                else:
+                    self.store.create(layer, parent_layer)
+            except BaseException:
+                with self.store.records.write() as db:
+                    db.delete_snapshot(key)
+                raise
+        return self.store.mount_specs(layer)
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        """The active snapshot ``key`` becomes the committed snapshot ``name``, its layer
+        sealed in place; its labels are those given here, its times now."""
+        if not name:
+            raise InvalidArgument("a committed snapshot's name must not be empty")
+        checked = _labels(labels or {})
+        with self.store.records.read() as db:
+            if db.snapshot(name, ready_only=False) is not None:
+                raise SnapshotExists(f"committed snapshot {name}: already exists")
+            snap = db.snapshot(key)
+        if snap is None:
+            raise SnapshotNotFound(f"failed to get active snapshot {key!r}: not found")
+        if snap.kind != ACTIVE:
+            raise FailedPrecondition(f"snapshot {key!r} is not active")
+        size, inodes = self.store.disk_usage(snap.layer)
+        now = time.time_ns()
+
+        def rename(db: Writer) -> None:
+            if db.snapshot(name, ready_only=False) is not None:
+                raise SnapshotExists(f"committed snapshot {name}: already exists")
+            cur = db.snapshot(key)
+            if cur is None or cur.layer != snap.layer or cur.kind != ACTIVE:
+                raise SnapshotNotFound(f"failed to get active snapshot {key!r}: not found")
+            db.commit_snapshot(key, name, checked, now, (size, inodes))
+
+        self.store.seal(snap.layer, then=rename)
+
+    def update(self, key: str, labels: Mapping[str, str], paths: Sequence[str] = ()) -> SnapshotRecord:
+        """Change a snapshot's labels: all of them (no paths, or ``labels``), or single
+        ones (``labels.KEY``; a key missing from ``labels`` is removed). Any other path
+        names an immutable field: InvalidArgument."""
+        given = dict(labels)
+        with self.store.records.write() as db:
+            snap = db.snapshot(key)
+            if snap is None:
+                raise SnapshotNotFound(f"snapshot {key}: not found")
+            new = dict(snap.labels)
+            if not paths:
+                new = dict(given)
+            for path in paths:
+                if path.startswith("labels."):
+                    label = path.removeprefix("labels.")
+                    new[label] = given.get(label, "")
+                elif path == "labels":
+                    new = dict(given)
+                else:
+                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {key!r}")
+            checked = _labels(new)
+            db.set_snapshot_labels(key, checked, time.time_ns())
+            snap = db.snapshot(key)
+        assert snap is not None
+        return snap
+
+    def remove(self, key: str) -> None:
+        """Drop a snapshot and its layer; refused while other snapshots are built on it."""
+        snap = self.stat(key)
+        with self.store.records.read() as db:
+            kids = db.snapshot_children(key)
+        if kids:
+            raise FailedPrecondition(f"cannot remove snapshot {key} with child ({kids[0]})")
+        try:
+            self.store.remove(snap.layer)
+        except LayerNotFound:
+            pass  # an earlier removal got this far
+        with self.store.records.write() as db:
+            db.delete_snapshot(key)
+
+
+def _fields(snap: SnapshotRecord):  # type: ignore[no-untyped-def]
+    """The filter fields of a snapshot: kind, name, parent, labels.KEY."""
+
+    def field(path: Sequence[str]) -> tuple[str, bool]:
+        if not path:
+            return "", False
+        head = path[0]
+        if head == "kind":
+            return snap.kind, True
+        if head == "name":
+            return snap.key, True
+        if head == "parent":
+            return snap.parent or "", True
+        if head == "labels":
+            if not snap.labels:
+                return "", False
+            label = ".".join(path[1:])
+            return snap.labels.get(label, ""), label in snap.labels
+        return "", False
+
+    return field
