@@ -104,3 +104,11 @@ def scratch_dir() -> Path:
     d = Path(tempfile.mkdtemp(prefix="lamina-test-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def require_containerd() -> None:
+    """containerd, ctr and runc (Debian's containerd and runc packages), as root."""
+    require_root()
+    for tool in ("containerd", "ctr", "runc"):
+        if not shutil.which(tool):
+            skip_or_fail(f"{tool} not installed (Debian packages containerd and runc)")

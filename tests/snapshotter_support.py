@@ -241,9 +241,10 @@ class InProcessSnapshotter:
         self.store = lamina.open(root, driver)
         self.service = SnapshotService(self.store)
         self.sockdir = short_socket_dir()
-        self.server = SnapshotterServer(self.service, self.sockdir / "s.sock")
+        self.socket = self.sockdir / "s.sock"
+        self.server = SnapshotterServer(self.service, self.socket)
         self.server.start()
-        self.client = Client(self.sockdir / "s.sock")
+        self.client = Client(self.socket)
         self.client.wait_ready()
 
     def close(self) -> None:
