@@ -1,10 +1,13 @@
 """Crash injection: SIGKILL lamina in the middle of its work, then prove nothing was lost.
 
-Six operations are crashed: ``lamina apply``, ``lamina create-rw``, ``lamina rm``,
+Nine operations are crashed: ``lamina apply``, ``lamina create-rw``, ``lamina rm``,
 ``lamina image load`` (a docker-save archive built here), ``lamina image pull`` (the same
 image from a docker-registry on loopback, pushed there by skopeo; after each kill and
-cleanup it is pulled again and must come out whole) and the plugin's ApplyDiff
-(``lamina serve docker-plugin`` killed while it unpacks a chunked upload). For each, one
+cleanup it is pulled again and must come out whole), the plugin's ApplyDiff
+(``lamina serve docker-plugin`` killed while it unpacks a chunked upload), and the
+containerd snapshotter's Prepare, Commit and an image layer's whole import as containerd
+does it (Prepare, mount, unpack, Commit), with ``lamina serve containerd-snapshotter``
+killed under them. For each, one
 undisturbed run is timed first, watching the store's records to learn when the
 operation's real work begins (its first record appears) and when it is done (the record
 is ready, gone, or the image record is written). The kill points are then spread over
@@ -20,6 +23,10 @@ asserts:
   exist or is whole (an applied layer's DiffID is the sha256 of the tar it came from);
 * no mount is leaked under the store root, and ``tmp/`` is empty;
 * every layer that was complete before the kill is still there and intact;
+* (snapshotter) after the snapshotter's recovery every snapshot record names a whole
+  layer, no snapshot layer is left without a record, a Commit left the snapshot either
+  active under its key or committed under its name, and an imported layer that is
+  committed holds the whole tar;
 * (image load) every image record is readable and names only complete layers; after
   ``images.recover`` (which ``lamina cleanup`` runs too) no layer of the killed load is
   left without an image record, and no load journal is left.
@@ -49,6 +56,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "src") not in sys.path:
@@ -59,7 +67,8 @@ from lamina.check import check, leaked_mounts  # noqa: E402
 from lamina.records import Records  # noqa: E402
 from lamina.store import Store  # noqa: E402
 
-OPERATIONS = ("apply", "create-rw", "rm", "image-load", "pull", "plugin-apply")
+OPERATIONS = ("apply", "create-rw", "rm", "image-load", "pull", "plugin-apply", "snap-prepare", "snap-commit",
+              "snap-import")
 #: operations that make an image, journalled, and are undone by images.recover
 IMAGE_OPS = ("image-load", "pull")
 POLL = 0.002  # seconds between looks at the records while waiting for the work to begin
@@ -175,6 +184,14 @@ class Probe:
     def state(self, layer_id: str) -> str | None:
         r = self.row(layer_id)
         return r[0] if r else None
+
+    def snapshot(self, key: str) -> tuple[str, str | None] | None:
+        """(kind, its layer's state) of a containerd snapshot's record, or None."""
+        try:
+            return self._db.execute("SELECT s.kind, l.state FROM snapshots s LEFT JOIN layers l"
+                                    " ON l.id = s.layer WHERE s.key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:
+            return ("?", None)
 
     def close(self) -> None:
         self._records.close()
@@ -373,6 +390,74 @@ class PluginVictim(Victim):
         return failed
 
 
+class SnapshotterVictim(Victim):
+    """``lamina serve containerd-snapshotter`` on the store; ``start`` runs ``action``
+    (calls through the gRPC stub, as containerd makes them) in a thread, ``kill``
+    SIGKILLs the server."""
+
+    def __init__(self, root: Path, work: Path, action: Callable[[Any], None]) -> None:
+        import grpc
+
+        from lamina.snapshotter.proto import snapshots_pb2_grpc
+
+        self.action = action
+        self.sock = Path(tempfile.mkdtemp(prefix="lcs-", dir="/tmp")) / "s.sock"
+        cmd = lamina_cmd(root, "serve", "containerd-snapshotter", "--socket", str(self.sock), "--workers", "2")
+        self.log = open(work / "snapshotter.log", "ab")  # noqa: SIM115 - closed in reap()
+        self.proc = subprocess.Popen(cmd, env=env(), stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.channel = grpc.insecure_channel(f"unix:{self.sock}")
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=60)
+        except grpc.FutureTimeoutError:
+            self.proc.kill()
+            raise RuntimeError(f"snapshotter did not answer within 60 s; see {work / 'snapshotter.log'}") from None
+        self.stub = snapshots_pb2_grpc.SnapshotsStub(self.channel)
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+
+    def _run(self) -> None:
+        import grpc
+
+        try:
+            self.action(self.stub)
+        except grpc.RpcError as e:
+            self.error = f"{e.code().name}: {e.details()}"
+        except Exception as e:  # noqa: BLE001 - reported by reap
+            self.error = f"{type(e).__name__}: {e}"
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def finished(self) -> bool:
+        return self.thread is not None and not self.thread.is_alive()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def reap(self) -> str:
+        if self.thread is not None:
+            self.thread.join(60)
+        failed = ""
+        if self.proc.poll() is None:
+            if self.error:
+                failed = f"the calls failed: {self.error}"
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.channel.close()
+        self.log.close()
+        with contextlib.suppress(OSError):
+            self.sock.unlink()
+            self.sock.parent.rmdir()
+        return failed
+
+
 # -- operations ---------------------------------------------------------------------------
 
 
@@ -557,6 +642,152 @@ class PluginApplyOp(Operation):
                        verify=lambda store: _applied_intact(store, lid, self.ctx.tar))
 
 
+class SnapOp(Operation):
+    """A containerd snapshotter call crashed; the store holds a committed snapshot
+    ``base`` to build on."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.store: Store | None = None
+
+    def service(self, store: Store) -> Any:
+        from lamina.snapshotter.service import SnapshotService
+
+        svc = SnapshotService(store)
+        if not any(s.key == "base" for s in svc.list()):
+            svc.prepare("base-active")
+            svc.commit("base", "base-active")
+        return svc
+
+    def keys(self, i: int) -> list[str]:
+        return [f"key{i}", f"name{i}"]
+
+    def reset(self, store: Store, attempt: Attempt) -> None:
+        svc = self.service(store)
+        present = {s.key for s in svc.list()}
+        for key in attempt.targets:
+            if key in present:
+                svc.remove(key)
+
+    def verify_common(self, store: Store) -> list[str]:
+        from lamina.records import Records
+
+        problems = []
+        svc = self.service(store)
+        svc.recover()
+        with store.records.read() as db:
+            rows = Records.snapshots(db, ready_only=False)
+            states = {r.id: r.state for r in Records.all(db)}
+        for row in rows:
+            if states.get(row.layer) != "ready":
+                problems.append(f"snapshot {row.key!r} names layer {row.layer} in state {states.get(row.layer)}")
+        named = {row.layer for row in rows}
+        for lid in states:
+            if len(lid) == 32 and lid not in named:
+                problems.append(f"snapshot layer {lid} has no snapshot record")
+        return problems
+
+    def attempt_with(self, i: int, action: Callable[[Any], None], begun: Callable[[Probe], bool],
+                     done: Callable[[Probe], bool], verify: Callable[[Store], list[str]]) -> Attempt:
+        victim = SnapshotterVictim(self.ctx.root, self.ctx.work, action)
+        return Attempt(victim, self.keys(i), begun=begun, done=done,
+                       verify=lambda store: self.verify_common(store) + verify(store))
+
+
+def _pb() -> Any:
+    from lamina.snapshotter.proto import snapshots_pb2
+
+    return snapshots_pb2
+
+
+class SnapPrepareOp(SnapOp):
+    name = "snap-prepare"
+
+    def attempt(self, i: int) -> Attempt:
+        assert self.store is not None
+        self.service(self.store)
+        key = f"key{i}"
+
+        def action(stub: Any) -> None:
+            stub.Prepare(_pb().PrepareSnapshotRequest(key=key, parent="base"), timeout=60)
+
+        def done(p: Probe) -> bool:
+            row = p.snapshot(key)
+            return row is not None and row[1] == "ready"
+
+        return self.attempt_with(i, action, begun=lambda p: p.snapshot(key) is not None, done=done,
+                                 verify=lambda store: [])
+
+
+class SnapCommitOp(SnapOp):
+    name = "snap-commit"
+
+    def attempt(self, i: int) -> Attempt:
+        assert self.store is not None
+        svc = self.service(self.store)
+        key, name = f"key{i}", f"name{i}"
+        svc.prepare(key, "base")
+        started = threading.Event()
+
+        def action(stub: Any) -> None:
+            started.set()
+            stub.Commit(_pb().CommitSnapshotRequest(key=key, name=name), timeout=60)
+
+        def verify(store: Store) -> list[str]:
+            kinds = {s.key: s.kind for s in self.service(store).list()}
+            if (kinds.get(key), kinds.get(name)) not in ((None, "committed"), ("active", None)):
+                return [f"after a killed Commit: key {kinds.get(key)}, name {kinds.get(name)}"]
+            return []
+
+        return self.attempt_with(i, action, begun=lambda p: started.is_set(),
+                                 done=lambda p: (p.snapshot(name) or ("",))[0] == "committed", verify=verify)
+
+
+class SnapImportOp(SnapOp):
+    """An image layer as containerd unpacks one: Prepare, mount what it returns, unpack
+    the tar into it, unmount, Commit under the layer's name."""
+
+    name = "snap-import"
+
+    def attempt(self, i: int) -> Attempt:
+        assert self.store is not None
+        self.service(self.store)
+        key, name = f"key{i}", f"name{i}"
+        target = self.ctx.work / f"mnt{i}"
+        tar = self.ctx.tar
+
+        def action(stub: Any) -> None:
+            from lamina.archive.apply import ApplyOptions, apply_tar
+            from lamina.fs.mount import MS_BIND, mount, umount
+
+            resp = stub.Prepare(_pb().PrepareSnapshotRequest(key=key, parent="base"), timeout=60)
+            (m,) = resp.mounts
+            target.mkdir(exist_ok=True)
+            if m.type == "bind":
+                mount(m.source, target, None, MS_BIND)
+            else:
+                mount(m.source, target, m.type, 0, ",".join(m.options))
+            try:
+                apply_tar(target, io.BytesIO(tar), ApplyOptions(whiteouts="delete"))
+            finally:
+                umount(target)
+            stub.Commit(_pb().CommitSnapshotRequest(key=key, name=name), timeout=60)
+
+        def verify(store: Store) -> list[str]:
+            snaps = {s.key: s for s in self.service(store).list()}
+            if name not in snaps:
+                return []
+            with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+                files = [m for m in tf.getmembers() if m.isreg()]
+            with store.mounted(snaps[name].layer) as view:
+                missing = [m.name for m in files if not (view / m.name).is_file()
+                           or (view / m.name).stat().st_size != m.size]
+            return [f"committed import {name} lacks {len(missing)} files, e.g. {missing[:3]}"] if missing else []
+
+        return self.attempt_with(i, action, begun=lambda p: p.snapshot(key) is not None,
+                                 done=lambda p: (p.snapshot(name) or ("",))[0] == "committed", verify=verify)
+
+
 class MountOp(Operation):
     """``lamina mount`` of a container layer (not in the default set: the window between
     mount(2) and the committed record is a few milliseconds of fsync)."""
@@ -598,7 +829,8 @@ class MountOp(Operation):
 
 
 OPS: dict[str, type[Operation]] = {
-    c.name: c for c in (ApplyOp, CreateRwOp, RmOp, ImageLoadOp, PullOp, PluginApplyOp, MountOp)}
+    c.name: c for c in (ApplyOp, CreateRwOp, RmOp, ImageLoadOp, PullOp, PluginApplyOp, SnapPrepareOp,
+                        SnapCommitOp, SnapImportOp, MountOp)}
 
 
 # -- kill points --------------------------------------------------------------------------
@@ -733,7 +965,7 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
         for k in range(runs):
             first = op.attempt(tag - k)
             windows.append(timeline(first, probe))
-            err = first.victim.reap() if isinstance(first.victim, (CliVictim, PluginVictim)) else ""
+            err = first.victim.reap() if isinstance(first.victim, (CliVictim, PluginVictim, SnapshotterVictim)) else ""
             if err:
                 fig.problems.append(f"undisturbed run failed: {err}")
                 return None
@@ -752,7 +984,7 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
         before = {r.id for r in store.layers()}
         offset = point.offset(window)
         killed, began = strike(attempt, probe, point, offset)
-        err = attempt.victim.reap() if isinstance(attempt.victim, (CliVictim, PluginVictim)) else ""
+        err = attempt.victim.reap() if isinstance(attempt.victim, (CliVictim, PluginVictim, SnapshotterVictim)) else ""
         what = f"{op.name} point {n} ({point.anchor}+{offset * 1000:.0f} ms)"
         if err:
             fig.problems.append(f"{what}: failed on its own: {err}")
@@ -764,7 +996,8 @@ def crash_operation(op: Operation, store: Store, probe: Probe, points: int,
             mended += recover_images(store)
         fig.problems += [f"{what}: {p}" for p in problems]
         present = [t for t in attempt.targets if store.exists(t)]
-        if any(m.startswith(("dropped half-made", "finished removing", "unmounted leaked", "dropped layer"))
+        if any(m.startswith(("dropped half-made", "finished removing", "unmounted leaked", "dropped layer",
+                             "forgot snapshot"))
                for m in mended):
             fig.mended += 1
         elif killed and op.name == "rm" and not present:
@@ -823,7 +1056,7 @@ def run(ops: list[str], points: int, *, files: int, file_size: int, driver: str 
             probe = Probe(root)
             for name in ops:
                 op = OPS[name](ctx)
-                if isinstance(op, RmOp):
+                if isinstance(op, (RmOp, SnapOp)):
                     op.store = store
                 fig = crash_operation(op, store, probe, points, log, verbose,
                                       timing_runs=3 if points >= 50 else 2)
