@@ -19,6 +19,7 @@ help:
 	@echo "make lint    ruff only"
 	@echo "make bench   every bench/bench_*.py in full"
 	@echo "make stress  every stress/ harness in full, then the slow tests (pytest -m slow)"
+	@echo "make proto   regenerate the containerd snapshotter's gRPC modules"
 	@echo "make clean   caches and build output; distclean also removes $(VENV)"
 
 # The stamp re-installs when pyproject.toml changes (new pins), not on every run.

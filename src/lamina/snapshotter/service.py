@@ -174,16 +174,21 @@ class SnapshotService:
                 db.insert_snapshot(SnapshotRecord(
                     key=key, layer=layer, kind=kind, parent=parent or None, labels=checked,
                     created_ns=now, updated_ns=now))
+            made = False
             try:
                 if kind == ACTIVE:
                     self.store.create_rw(layer, parent_layer)
                 else:
                     self.store.create(layer, parent_layer)
+                made = True
+                # a chain whose mounts containerd could not perform is refused here
+                return self.store.mount_specs(layer)
             except BaseException:
+                if made:
+                    self.store.remove(layer)
                 with self.store.records.write() as db:
                     db.delete_snapshot(key)
                 raise
-        return self.store.mount_specs(layer)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """The active snapshot ``key`` becomes the committed snapshot ``name``, its layer

@@ -1,0 +1,179 @@
+"""The snapshotter face on its own: filters, error codes, usage, records, recovery,
+readiness. (containerd's own suite is tests/conformance/test_snapshotter_suite.py; a
+real containerd is tests/test_snapshotter_containerd.py.)"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import lamina
+from conftest import require_overlay, run_cli
+from lamina.errors import LayerNotFound
+from lamina.records import Records
+from lamina.snapshotter.filters import InvalidFilter, parse_all
+from lamina.snapshotter.service import SnapshotService
+from snapshotter_support import (
+    InProcessSnapshotter,
+    SnapshotError,
+    SnapshotterProcess,
+    short_socket_dir,
+)
+
+NOT_FOUND, EXISTS = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS
+PRECONDITION, INVALID = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def snap(tmp_path: Path) -> Iterator[InProcessSnapshotter]:
+    s = InProcessSnapshotter(tmp_path / "store", "vfs")  # vfs: no mounts, no root needed
+    yield s
+    s.close()
+
+
+def code_of(fn, *args) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(SnapshotError) as e:
+        fn(*args)
+    return e.value.code
+
+
+def _fields(**f: str):  # type: ignore[no-untyped-def]
+    labels = {k.removeprefix("l_"): v for k, v in f.items() if k.startswith("l_")}
+
+    def field(path):  # type: ignore[no-untyped-def]
+        if path[0] == "labels":
+            if not labels:
+                return "", False
+            key = ".".join(path[1:])
+            return labels.get(key, ""), key in labels
+        return f.get(path[0], ""), path[0] in f
+    return field
+
+
+@pytest.mark.parametrize(("flt", "match"), [
+    (["kind==active"], True), (["kind==view"], False), (["kind!=view"], True),
+    (['labels."containerd.io/gc.root"==x'], True), (["labels.other"], False),
+    (["kind~=^act"], True), (["name~=/a.*c/"], True), (["name~=|^a.c$|"], True),
+    (["kind==view", "name==abc"], True), (["kind==view,name==abc"], False),
+    (['name=="abc"'], True), (['name=="a\\x62c"'], True), (["parent!=\"\""], False),
+    ([""], True), ([], True), (["name==abc,labels.\"containerd.io/gc.root\""], True),
+])
+def test_filters_match_as_containerd(flt: list[str], match: bool) -> None:
+    fields = _fields(kind="active", name="abc", parent="", **{"l_containerd.io/gc.root": "x"})
+    assert parse_all(flt).matches(fields) is match
+
+
+@pytest.mark.parametrize("bad", ["name==/tmp/x", "kind==", "==x", "name==a b", 'name=="unterminated',
+                                 "name=/x/", "labels.", "a,,b", 'labels."\\q"'])
+def test_malformed_filters_are_invalid(bad: str) -> None:
+    with pytest.raises(InvalidFilter):
+        parse_all([bad])
+
+
+def test_error_codes(snap: InProcessSnapshotter) -> None:
+    sn = snap.client
+    sn.prepare("a")
+    assert code_of(sn.prepare, "a") == EXISTS
+    assert code_of(sn.prepare, "b", "a") == INVALID  # parent not committed
+    assert code_of(sn.prepare, "b", "nothing") == NOT_FOUND
+    assert code_of(sn.prepare, "") == INVALID
+    sn.commit("A", "a")
+    assert code_of(sn.mounts, "A") == PRECONDITION
+    assert code_of(sn.commit, "B", "A") == PRECONDITION  # not active
+    assert code_of(sn.commit, "B", "nothing") == NOT_FOUND
+    sn.view("v", "A")
+    assert code_of(sn.commit, "V", "v") == PRECONDITION
+    sn.prepare("b")
+    assert code_of(sn.commit, "A", "b") == EXISTS  # names and keys share one space
+    assert code_of(sn.commit, "v", "b") == EXISTS
+    assert code_of(sn.remove, "A") == PRECONDITION  # has a child (the view)
+    assert code_of(sn.stat, "nothing") == NOT_FOUND
+    assert code_of(sn.usage, "nothing") == NOT_FOUND
+    assert code_of(sn.walk, "name==/x") == INVALID
+    assert code_of(sn.prepare, "c", "", {"k": "x" * 5000}) == INVALID
+
+
+def test_usage_and_commit_measure_the_layer(snap: InProcessSnapshotter) -> None:
+    sn = snap.client
+    (m,) = sn.prepare("a")
+    Path(m.source, "f").write_bytes(b"x" * 100_000)
+    size, inodes = sn.usage("a")
+    assert inodes == 2 and size >= 100_000
+    sn.commit("A", "a", {"after": "commit"})
+    assert sn.usage("A") == (size, inodes)
+    info = sn.stat("A")
+    assert info.labels == {"after": "commit"} and info.created == info.updated
+    sn.view("v", "A")
+    assert sn.usage("v") == (0, 0)
+
+
+def test_snapshots_are_layers_of_the_store(snap: InProcessSnapshotter, tmp_path: Path) -> None:
+    sn = snap.client
+    sn.prepare("default/1/extract-1 sha256:abc")
+    sn.commit("default/2/sha256:abc", "default/1/extract-1 sha256:abc")
+    sn.prepare("default/3/container", "default/2/sha256:abc")
+    with snap.store.records.read() as db:
+        rows = {s.key: s for s in Records.snapshots(db)}
+    committed, active = rows["default/2/sha256:abc"], rows["default/3/container"]
+    assert not snap.store.layer(committed.layer).rw and snap.store.layer(active.layer).rw
+    assert snap.store.layer(active.layer).parent == committed.layer
+    out = run_cli("--root", str(tmp_path / "store"), "--json", "ls")
+    assert committed.layer in out.stdout.decode() and active.layer in out.stdout.decode()
+    assert run_cli("--root", str(tmp_path / "store"), "check").returncode == 0
+
+
+def test_recovery_forgets_snapshots_whose_layer_is_gone(tmp_path: Path) -> None:
+    store = lamina.open(tmp_path / "store", "vfs")
+    svc = SnapshotService(store)
+    svc.prepare("a")
+    svc.commit("A", "a")
+    svc.prepare("b", "A")
+    layer = next(s.layer for s in svc.list() if s.key == "b")
+    store.remove(layer)  # as if a Remove died between the layer and the record
+    assert [s.key for s in svc.list()] == ["A"]  # a row without its layer is not seen
+    assert svc.recover() == ["forgot snapshot 'b': its layer is gone"]
+    svc.prepare("b", "A")  # the key is free again
+    with pytest.raises(LayerNotFound):
+        store.layer("no-such-layer")
+    store.close()
+
+
+def test_deep_chain_refused_when_containerd_could_not_mount_it(tmp_path: Path) -> None:
+    require_overlay()
+    store = lamina.open(tmp_path / "store", "overlay")
+    svc = SnapshotService(store)
+    parent = ""
+    for i in range(200):
+        try:
+            svc.prepare(f"k{i}", parent)
+        except Exception as e:  # noqa: BLE001 - the refusal is what is looked for
+            assert "one page" in str(e), e
+            assert i >= 129  # 128 layers must mount
+            assert f"k{i}" not in {s.key for s in svc.list()}
+            break
+        svc.commit(f"c{i}", f"k{i}")
+        parent = f"c{i}"
+    else:
+        pytest.fail("a 200-layer chain was accepted")
+    assert len(store.layers()) == i  # the refused layer was not kept
+    store.close()
+
+
+def test_server_tells_systemd_when_ready(tmp_path: Path) -> None:
+    sockdir = short_socket_dir()
+    notify = sockdir / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(60)
+    proc = SnapshotterProcess(tmp_path, tmp_path / "store", "vfs", sockdir / "s.sock")
+    try:
+        proc.start(env={"NOTIFY_SOCKET": str(notify)})
+        assert listener.recv(100) == b"READY=1"
+        assert proc.answers()
+    finally:
+        proc.stop()
+        listener.close()
