@@ -188,10 +188,14 @@ class Probe:
     def snapshot(self, key: str) -> tuple[str, str | None] | None:
         """(kind, its layer's state) of a containerd snapshot's record, or None."""
         try:
-            return self._db.execute("SELECT s.kind, l.state FROM snapshots s LEFT JOIN layers l"
-                                    " ON l.id = s.layer WHERE s.key = ?", (key,)).fetchone()
+            with self._records.read() as db:
+                snap = db.snapshot(key, ready_only=False)
+                layer = db.layer(snap.layer) if snap is not None else None
         except sqlite3.OperationalError:
             return ("?", None)
+        if snap is None:
+            return None
+        return snap.kind, layer.state if layer is not None else None
 
     def close(self) -> None:
         self._records.close()
@@ -670,14 +674,13 @@ class SnapOp(Operation):
                 svc.remove(key)
 
     def verify_common(self, store: Store) -> list[str]:
-        from lamina.records import Records
 
         problems = []
         svc = self.service(store)
         svc.recover()
         with store.records.read() as db:
-            rows = Records.snapshots(db, ready_only=False)
-            states = {r.id: r.state for r in Records.all(db)}
+            rows = db.snapshots(ready_only=False)
+            states = {r.id: r.state for r in db.layers()}
         for row in rows:
             if states.get(row.layer) != "ready":
                 problems.append(f"snapshot {row.key!r} names layer {row.layer} in state {states.get(row.layer)}")

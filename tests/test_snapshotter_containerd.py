@@ -26,7 +26,6 @@ from containerd import ContainerdDaemon, ContainerdError
 from dockerd import busybox_rootfs_tar, ensure_cgroups
 from images_support import Image, docker_save, layer_tar
 from lamina.fs.mount import mounts_under, umount
-from lamina.records import Records
 from snapshotter_support import Mount, SnapshotterProcess, mount_one, short_socket_dir, unmount_all
 
 IMAGE = "docker.io/lamina-test/union:1"
@@ -65,7 +64,7 @@ class Rig:
     def snapshots(self) -> dict[str, object]:
         """key -> SnapshotRecord, read from the store directly (another face)."""
         with lamina.open(self.root) as store, store.records.read() as db:
-            return {s.key: s for s in Records.snapshots(db)}
+            return {s.key: s for s in db.snapshots()}
 
     def gc(self) -> None:
         """A garbage collection pass: ``images rm --sync`` of a throwaway image runs one
@@ -256,7 +255,7 @@ def test_lamina_killed_during_import_leaves_no_half_layer(rig: Rig, tmp_path: Pa
     with lamina.open(rig.root) as store:
         assert all(r.state == "ready" for r in store.layers())
         with store.records.read() as db:
-            states = {r.state for r in Records.all(db)}
+            states = {r.state for r in db.layers()}
     assert states <= {"ready"}
     # the same import, again, works
     rig.ctr("images", "import", "--snapshotter", "lamina", str(tar))

@@ -14,7 +14,6 @@ import pytest
 import lamina
 from conftest import require_overlay, run_cli
 from lamina.errors import LayerNotFound
-from lamina.records import Records
 from lamina.snapshotter.filters import InvalidFilter, parse_all
 from lamina.snapshotter.service import SnapshotService
 from snapshotter_support import (
@@ -117,7 +116,7 @@ def test_snapshots_are_layers_of_the_store(snap: InProcessSnapshotter, tmp_path:
     sn.commit("default/2/sha256:abc", "default/1/extract-1 sha256:abc")
     sn.prepare("default/3/container", "default/2/sha256:abc")
     with snap.store.records.read() as db:
-        rows = {s.key: s for s in Records.snapshots(db)}
+        rows = {s.key: s for s in db.snapshots()}
     committed, active = rows["default/2/sha256:abc"], rows["default/3/container"]
     assert not snap.store.layer(committed.layer).rw and snap.store.layer(active.layer).rw
     assert snap.store.layer(active.layer).parent == committed.layer
