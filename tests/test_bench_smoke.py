@@ -59,3 +59,21 @@ def test_bench_registry_quick_prints_ratios() -> None:
     assert summary, out
     keys = dict(kv.split("=") for kv in summary.group(1).split())
     assert set(keys) >= {"pull", "pull.cpu", "push", "push.cpu", "pull.via_skopeo"}
+
+
+def test_bench_containerd_quick_prints_ratios(tmp_path: Path) -> None:
+    from conftest import require_containerd
+
+    require_containerd()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_containerd.py"), "--quick", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for what in ("import", "run"):
+        assert re.search(rf"^{what}\s.*ratio \d+\.\d+x\s+target <= 1\.1x\s+(ok|OVER)$", out, re.M), out
+    assert len(re.findall(r"^rpc lamina .* p50 +\d+\.\d+ ms", out, re.M)) == 4, out
+    summary = re.search(r"^summary: (.*)$", out, re.M)
+    assert summary and "import=" in summary.group(1), out
