@@ -781,7 +781,7 @@ class SnapImportOp(SnapOp):
             if name not in snaps:
                 return []
             with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-                files = [m for m in tf.getmembers() if m.isreg()]
+                files = [m for m in tf.getmembers() if m.isreg() and not os.path.basename(m.name).startswith(".wh.")]
             with store.mounted(snaps[name].layer) as view:
                 missing = [m.name for m in files if not (view / m.name).is_file()
                            or (view / m.name).stat().st_size != m.size]
