@@ -72,6 +72,12 @@ class ContainerdDaemon:
             f'  level = "{self.log_level}"',
             "[metrics]",
             '  address = ""',
+            # garbage collection only when a test asks for it (images rm --sync): ctr's
+            # own leases end with each command, and a GC on its schedule would take a
+            # snapshot a test just made with ctr snapshots prepare/view
+            '[plugins."io.containerd.gc.v1.scheduler"]',
+            "  mutation_threshold = 1000000",
+            "  deletion_threshold = 0",
         ]
         if self.proxy:
             lines.append("[proxy_plugins]")

@@ -29,12 +29,15 @@ def test_crash_short(op: str) -> None:
     (fig,) = crash.run([op], POINTS, files=300, file_size=512, driver=None, log=lines.append)
     report = "\n".join(lines)
     assert fig.problems == [], report
-    # the kills must have landed in the work, or the run proved nothing
-    assert fig.kills >= POINTS // 2, report
-    assert fig.in_work >= POINTS // 3, report
+    # the kills must have landed in the work, or the run proved nothing. A snapshotter
+    # Commit is one ~10 ms transaction on a server already up: most kills come after it
+    quick = op == "snap-commit"
+    assert fig.kills >= (2 if quick else POINTS // 2), report
+    assert fig.in_work >= (2 if quick else POINTS // 3), report
     # create-rw's work is a few ms: kills there mostly come after it; a Commit is one
-    # transaction, so a killed one leaves nothing half-made to mend
-    if op not in ("create-rw", "snap-commit", "snap-prepare"):
+    # transaction, so a killed one leaves nothing half-made to mend; an import's kills
+    # mostly land while the client unpacks into a whole active snapshot
+    if op not in ("create-rw", "snap-commit", "snap-prepare", "snap-import"):
         assert fig.mended >= 1, report
 
 
