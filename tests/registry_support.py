@@ -237,8 +237,10 @@ class Registry:
     """``docker-registry serve`` on ``127.0.0.1:<free port>``."""
 
     def __init__(self, work: Path, *, tls: Cert | None = None, htpasswd_file: Path | None = None,
-                 token: TokenServer | None = None) -> None:
+                 token: TokenServer | None = None, allow_urls: str | None = None) -> None:
         self.work = work
+        #: a regex of foreign-layer URLs manifests may name (the registry refuses any by default)
+        self.allow_urls = allow_urls
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.tls = tls
@@ -252,6 +254,9 @@ class Registry:
                  "storage:", "  filesystem:", f"    rootdirectory: {self.work / 'data'}",
                  "  delete:", "    enabled: true", "http:", f"  addr: {self.host}",
                  "  headers:", "    X-Content-Type-Options: [nosniff]"]
+        if self.allow_urls:
+            lines += ["validation:", "  manifests:", "    urls:", "      allow:",
+                      f"        - '{self.allow_urls}'"]
         if self.tls:
             lines += ["  tls:", f"    certificate: {self.tls.cert}", f"    key: {self.tls.key}"]
         if self.htpasswd_file:
@@ -306,6 +311,59 @@ def skopeo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]
 
 def skopeo_push_layout(layout: Path, tag: str, dest: str, *extra: str) -> None:
     skopeo("copy", "--dest-tls-verify=false", *extra, f"oci:{layout}:{tag}", f"docker://{dest}")
+
+
+def raw_push(host: str, repo: str, tag: str, blobs: list[bytes], manifest: bytes, media_type: str) -> None:
+    """Put blobs and a manifest into a plain registry with bare HTTP (no client under test)."""
+    for data in blobs:
+        conn = http.client.HTTPConnection(host, timeout=30)
+        conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+        resp = conn.getresponse()
+        resp.read()
+        loc = resp.getheader("Location") or ""
+        path = loc.split(host, 1)[-1]
+        sep = "&" if "?" in path else "?"
+        conn.request("PUT", f"{path}{sep}digest={sha256(data)}", body=data,
+                     headers={"Content-Type": "application/octet-stream"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 201, resp.status
+        conn.close()
+    conn = http.client.HTTPConnection(host, timeout=30)
+    conn.request("PUT", f"/v2/{repo}/manifests/{tag}", body=manifest, headers={"Content-Type": media_type})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.status == 201, (resp.status, body)
+
+
+@contextlib.contextmanager
+def static_server(files: dict[str, bytes]) -> Iterator[str]:
+    """An HTTP server on loopback serving ``files`` by path; yields its base URL."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            data = files.get(self.path)
+            if data is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def manifest_digest(host: str, repo: str, ref: str) -> str:

@@ -386,6 +386,44 @@ def test_windows_image_into_a_windowsfilter_store(plain: Registry, tmp_path: Pat
             assert d.read() == tar  # the Windows layer, byte for byte
 
 
+def test_foreign_layer_comes_from_its_url(tmp_path: Path) -> None:
+    """A Windows-style foreign base layer the registry does not hold: fetched from its URL."""
+    import gzip
+
+    from registry_support import raw_push, sha256, static_server
+
+    _require_registry()
+    base = layer_tar({"base.txt": b"from far away\n"})
+    top = layer_tar({"top.txt": b"local\n"})
+    gz_base, gz_top = gzip.compress(base, mtime=0), gzip.compress(top, mtime=0)
+    config = config_for([base, top])
+    with static_server({"/layers/base.tar.gz": gz_base}) as url, \
+            Registry(tmp_path / "reg", allow_urls=r"^http://127\.0\.0\.1") as reg:
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                               "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                                          "digest": sha256(config), "size": len(config)},
+                               "layers": [{"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                                           "digest": sha256(gz_base), "size": len(gz_base),
+                                           "urls": [f"{url}/layers/base.tar.gz"]},
+                                          {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                                           "digest": sha256(gz_top), "size": len(gz_top)}]}).encode()
+        raw_push(reg.host, "win/app", "1", [config, gz_top], manifest,
+                 "application/vnd.docker.distribution.manifest.v2+json")
+        store = _store(tmp_path / "s")
+        res = pull(store, f"{reg.host}/win/app:1")
+        assert res.image_id == sha256(config) and res.layers_pulled == 2
+        # pushed on, the foreign layer is named by its URL, not uploaded (as Docker does)
+        other = Registry(tmp_path / "reg2", allow_urls=r"^http://127\.0\.0\.1")
+        with other:
+            pushed = push(store, res.image_id, f"{other.host}/win/copy:1")
+            assert pushed.layers_foreign == 1 and pushed.layers_uploaded == 1
+            raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false",
+                                    f"docker://{other.host}/win/copy:1").stdout)
+            assert raw["layers"][0]["urls"] == [f"{url}/layers/base.tar.gz"]
+            again = pull(_store(tmp_path / "s2"), f"{other.host}/win/copy:1")
+            assert again.image_id == res.image_id
+
+
 def test_docker_pulls_what_lamina_pushed(plain: Registry, built: Built, tmp_path: Path) -> None:
     from conftest import require_dockerd
     from dockerd import DockerDaemon

@@ -82,7 +82,7 @@ class BlobReader(io.RawIOBase):
     """
 
     def __init__(self, client: RegistryClient, repository: str, digest: str, size: int,
-                 *, start: int = 0, exact: bool = True) -> None:
+                 *, start: int = 0, exact: bool = True, urls: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.client = client
         self.repository = repository
@@ -90,6 +90,9 @@ class BlobReader(io.RawIOBase):
         self.size = size
         self.exact = exact
         self.pos = start
+        #: where a foreign (non-distributable) layer lives if the registry lacks it
+        self.urls = urls
+        self._url: str | None = None
         #: how many times the stream was resumed after a failure (tests read it)
         self.resumes = 0
         self._resp: Response | None = None
@@ -103,9 +106,25 @@ class BlobReader(io.RawIOBase):
         headers = {"Accept": "*/*"}
         if self.pos:
             headers["Range"] = f"bytes={self.pos}-"
-        resp = self.client.request("GET", f"/v2/{self.repository}/blobs/{self.digest}",
+        resp = self.client.request("GET", self._url or f"/v2/{self.repository}/blobs/{self.digest}",
                                    scopes=scope_pull(self.repository), headers=headers,
                                    what=f"{self.repository}: blob {self.digest}")
+        if resp.status == 404 and self._url is None and self.urls:
+            # a foreign layer (Windows base layers): the registry may not hold it; its
+            # descriptor says where it does (no credentials go there; the digest is
+            # checked all the same)
+            resp.close()
+            for url in self.urls:
+                if not url.startswith(("https://", "http://")):
+                    continue
+                self._url = url
+                try:
+                    return self._open()
+                except RegistryError as e:
+                    log.info("foreign layer %s not at %s: %s", self.digest, url, e)
+            self._url = None
+            raise RegistryError(f"{self.repository}: foreign layer {self.digest} found neither in "
+                                f"the registry nor at {', '.join(self.urls)}", 404)
         if resp.status == 206:
             m = _CONTENT_RANGE.match(resp.header("Content-Range"))
             if not m or int(m.group(1)) != self.pos:

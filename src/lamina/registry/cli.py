@@ -133,7 +133,8 @@ def cmd_push(inv: Invocation) -> int:
         return 0
     lines = [f"{result.reference}: {result.layers_uploaded} layer(s) uploaded "
              f"({human_bytes(result.bytes_uploaded)}), {result.layers_mounted} mounted, "
-             f"{result.layers_existing} already there",
+             f"{result.layers_existing} already there"
+             + (f", {result.layers_foreign} foreign (by URL)" if result.layers_foreign else ""),
              f"Digest: {result.manifest_digest} (size {result.manifest_size})"]
     inv.emit(result.to_json(), lines)
     return 0

@@ -43,6 +43,8 @@ class BlobPlace:
     media_type: str
     registry: str
     repository: str
+    #: where a foreign layer lives (its descriptor's urls); such a blob is never pushed
+    urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ def blob_places(root: Path, diff_id: str) -> list[BlobPlace]:
     out = []
     for d in _read(_dir(root, "blobs") / f"{split_digest(diff_id)[1]}.json"):
         try:
+            urls = tuple(str(u) for u in d.get("urls") or [])
             out.append(BlobPlace(str(d["digest"]), int(d["size"]), str(d["mediaType"]),
-                                 str(d["registry"]), str(d["repository"])))
+                                 str(d["registry"]), str(d["repository"]), urls))
         except (KeyError, TypeError, ValueError):
             continue
     return out
@@ -90,6 +93,8 @@ def add_blob_place(root: Path, diff_id: str, place: BlobPlace) -> None:
     path = _dir(root, "blobs") / f"{split_digest(diff_id)[1]}.json"
     entry = {"digest": place.digest, "size": place.size, "mediaType": place.media_type,
              "registry": place.registry, "repository": place.repository}
+    if place.urls:
+        entry["urls"] = list(place.urls)
     old = [d for d in _read(path) if not (d.get("digest") == place.digest and
                                           d.get("registry") == place.registry and
                                           d.get("repository") == place.repository)]
@@ -125,6 +130,6 @@ def remember(root: Path, ref: Reference, manifest: Manifest, diff_ids: list[str]
     """After a pull: the manifest, and where each layer's compressed blob lives."""
     for desc, diff_id in zip(manifest.layers, diff_ids, strict=True):
         add_blob_place(root, diff_id, BlobPlace(desc.digest, desc.size, desc.media_type,
-                                                ref.registry, ref.repository))
+                                                ref.registry, ref.repository, desc.urls))
     add_manifest(root, manifest.config.digest, KnownManifest(
         ref.registry, ref.repository, manifest.digest, manifest.media_type, manifest.data))

@@ -264,6 +264,7 @@ class RegistrySource:
 
     def __init__(self, client: RegistryClient, repository: str, blobs: list[tuple[str, int]],
                  tmpdir: Path, *, parallel: int = PARALLEL, known: dict[str, int] | None = None,
+                 urls: dict[str, tuple[str, ...]] | None = None,
                  on_bytes: Callable[[str, int], None] | None = None,
                  on_state: Callable[[str, str], None] | None = None) -> None:
         """``blobs``: (digest, size) of the layers to fetch, in the order they are applied;
@@ -273,6 +274,7 @@ class RegistrySource:
         self.client = client
         self.repository = repository
         self._sizes = {**(known or {}), **dict(blobs)}
+        self._urls = urls or {}
         self._on_state = on_state
         self._pipes: dict[str, BlobPipe] = {}
         self._order: list[str] = []
@@ -306,7 +308,8 @@ class RegistrySource:
                 continue
             self._state(digest, "downloading")
             try:
-                with BlobReader(self.client, self.repository, digest, pipe.size) as r:
+                with BlobReader(self.client, self.repository, digest, pipe.size,
+                                urls=self._urls.get(digest, ())) as r:
                     buf = bytearray(_CHUNK)
                     while True:
                         n = r.readinto(buf)
@@ -355,7 +358,8 @@ class RegistrySource:
         return _PipeReader(self, pipe)  # type: ignore[return-value]
 
     def reader_at(self, digest: str, size: int, pos: int) -> BlobReader:
-        return BlobReader(self.client, self.repository, digest, size, start=pos)
+        return BlobReader(self.client, self.repository, digest, size, start=pos,
+                          urls=self._urls.get(digest, ()))
 
     def spilled(self) -> int:
         """Bytes that went through temporary files (the bench reports it)."""

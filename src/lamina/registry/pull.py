@@ -144,7 +144,8 @@ def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, 
             events.downloaded(digest, n)
 
     known = {b.path: b.size or 0 for b in spec.layers}
-    with RegistrySource(client, repo, needed, store.root / "tmp", parallel=parallel, known=known,
+    urls = {d.digest: d.urls for d in manifest.layers if d.urls}
+    with RegistrySource(client, repo, needed, store.root / "tmp", parallel=parallel, known=known, urls=urls,
                         on_bytes=on_bytes, on_state=events.state) as src:
         loaded = load_specs(store, src, [spec], progress=progress)
         spilled = src.spilled()

@@ -8,7 +8,9 @@ config (and the image ID) go out unchanged. Per layer, cheapest first:
    the target repository already has (HEAD), or that a repository of the same registry
    has and the registry mounts (``?mount=&from=``);
 2. with ``compression="none"``, the tar itself, if the repository has it (HEAD);
-3. otherwise the tar is compressed as it streams out of the store (gzip by ISA-L, or
+3. a foreign layer (a Windows base layer, named by URL) is not pushed, as Docker does:
+   the manifest names it with its URLs;
+4. otherwise the tar is compressed as it streams out of the store (gzip by ISA-L, or
    zstd) and uploaded in chunks; the new blob is remembered for the next push.
 
 Layers go side by side (several threads: compression releases the GIL). The manifest:
@@ -96,6 +98,8 @@ class PushResult:
     layers_uploaded: int = 0
     layers_mounted: int = 0
     layers_existing: int = 0
+    #: foreign layers named by URL, not pushed
+    layers_foreign: int = 0
     bytes_uploaded: int = 0
     layers: list[dict[str, Any]] = field(default_factory=list)
 
@@ -103,7 +107,8 @@ class PushResult:
         return {"reference": self.reference, "id": self.image_id, "digest": self.manifest_digest,
                 "size": self.manifest_size, "manifest_reused": self.manifest_reused,
                 "layers_uploaded": self.layers_uploaded, "layers_mounted": self.layers_mounted,
-                "layers_existing": self.layers_existing, "bytes_uploaded": self.bytes_uploaded,
+                "layers_existing": self.layers_existing, "layers_foreign": self.layers_foreign,
+                "bytes_uploaded": self.bytes_uploaded,
                 "layers": self.layers}
 
 
@@ -166,6 +171,8 @@ def _push(store: Store, client: RegistryClient, rec: ImageRecord, ref: Reference
                 result.bytes_uploaded += layer.desc.size
             elif layer.how == "mounted":
                 result.layers_mounted += 1
+            elif layer.how == "foreign":
+                result.layers_foreign += 1
             else:
                 result.layers_existing += 1
 
@@ -193,8 +200,8 @@ def _push_layer(store: Store, client: RegistryClient, ref: Reference, layer: _La
                 compression: str | None, fmt: str, scopes: tuple[str, ...], events: PushEvents,
                 chunk_size: int, what: str) -> tuple[manifests.Descriptor, str]:
     repo = ref.repository
-    places = [p for p in distribution.blob_places(store.root, layer.diff_id)
-              if p.registry == ref.registry]
+    known = distribution.blob_places(store.root, layer.diff_id)
+    places = [p for p in known if p.registry == ref.registry]
     for place in places:
         if not _fits(place.media_type, compression):
             continue  # the user asked for another compression than this blob has
@@ -208,6 +215,13 @@ def _push_layer(store: Store, client: RegistryClient, ref: Reference, layer: _La
             distribution.add_blob_place(store.root, layer.diff_id, BlobPlace(
                 place.digest, place.size, place.media_type, ref.registry, repo))
             return desc, "mounted"
+    foreign = [p for p in known if p.urls]
+    if foreign and compression is None:
+        # a foreign layer (a Windows base layer) is not pushed, as Docker does: the
+        # manifest names it with its URLs, and pullers fetch it from there
+        f = foreign[0]
+        events.state(layer.label, "foreign")
+        return manifests.Descriptor(f.media_type, f.digest, f.size, f.urls), "foreign"
     compression = compression or "gzip"
     media = _LAYER_TYPES.get((fmt, compression)) or _LAYER_TYPES[("oci", compression)]
     if compression == "none":
@@ -295,7 +309,7 @@ def _manifest(store: Store, rec: ImageRecord, ref: Reference, descs: list[manife
         mt = d.media_type
         if (fmt == "docker") != mt.startswith("application/vnd.docker."):
             mt = _EQUIVALENT.get(mt, mt)
-        layers.append(manifests.Descriptor(mt, d.digest, d.size).to_json())
+        layers.append(manifests.Descriptor(mt, d.digest, d.size, d.urls).to_json())
     doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": media,
                            "config": {"mediaType": cmedia, "digest": rec.id, "size": len(config)},
                            "layers": layers}
