@@ -99,8 +99,8 @@ def pull(store: Store, ref: str | Reference, *, platform: str | Platform | None 
                          events or PullEvents(), parallel)
         except LaminaError as e:
             msg = str(e)
-            if what not in msg and reference.registry not in msg:
-                raise ImageError(f"{what}: {msg}") from e
+            if what not in msg:  # every error line names the reference
+                raise ImageError(f"{what}: {msg.removeprefix(reference.registry + ': ')}") from e
             raise
     finally:
         client.close()

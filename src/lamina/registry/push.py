@@ -129,8 +129,9 @@ def push(store: Store, name: str, ref: str | Reference, *, options: ClientOption
             return _push(store, client, rec, reference, what, fmt, compression,
                          events or PushEvents(), parallel, chunk_size)
         except LaminaError as e:
-            if what not in str(e) and reference.registry not in str(e):
-                raise ImageError(f"{what}: {e}") from e
+            msg = str(e)
+            if what not in msg:  # every error line names the reference
+                raise ImageError(f"{what}: {msg.removeprefix(reference.registry + ': ')}") from e
             raise
     finally:
         client.close()
