@@ -166,6 +166,18 @@ def test_push_then_skopeo_and_lamina_agree(plain: Registry, built: Built, tmp_pa
     assert again.manifest_digest == res.manifest_digest
 
 
+def test_push_zstd_oci_and_pull_back(plain: Registry, built: Built, tmp_path: Path) -> None:
+    store = _store(tmp_path / "s")
+    load(store, built.archive)
+    res = push(store, "app:1", f"{plain.host}/zstd/app:1", compression="zstd", fmt="oci")
+    raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{plain.host}/zstd/app:1").stdout)
+    assert raw["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert {layer["mediaType"] for layer in raw["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+    assert res.manifest_digest == manifest_digest(plain.host, "zstd/app", "1")
+    back = pull(_store(tmp_path / "b"), f"{plain.host}/zstd/app:1")
+    assert back.image_id == built.image.id
+
+
 def test_pulled_image_pushed_elsewhere_keeps_its_digest(plain: Registry, tmp_path: Path) -> None:
     store = _store(tmp_path / "s")
     pulled = pull(store, f"{plain.host}/test/app:1")
