@@ -135,6 +135,9 @@ class TokenServer:
         #: the lifetime of the next tokens, as the registry will see it (exp - now);
         #: the registry allows 60 s of clock skew past exp
         self.lifetime = 300.0
+        #: lifetimes for the next tokens, used up one per token before ``lifetime`` applies
+        #: (one short-lived token: it expires mid-pull, and its successor does not)
+        self.next_lifetimes: list[float] = []
         #: what the answer tells the client (expires_in); None: the lifetime
         self.stated_expiry: float | None = None
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -216,7 +219,8 @@ class TokenServer:
             if kind == "repository" and allowed:
                 access.append({"type": "repository", "name": repo, "actions": allowed})
         now = time.time()
-        exp = now + self.lifetime - 60  # the registry adds 60 s of leeway
+        life = self.next_lifetimes.pop(0) if self.next_lifetimes else self.lifetime
+        exp = now + life - 60  # the registry adds 60 s of leeway
         claims = {"iss": ISSUER, "sub": user or "", "aud": SERVICE, "exp": int(exp),
                   "nbf": int(now) - 5, "iat": int(now), "jti": secrets.token_hex(8), "access": access}
         self.issued.append({"user": user, "scopes": query.get("scope", []), "exp": exp,

@@ -291,7 +291,7 @@ def test_token_auth_pull_push_and_refresh(tmp_path: Path, built: Built) -> None:
         assert r.returncode == 1 and "refused" in r.stderr.decode() and "team/app" in r.stderr.decode()
         # a token that expires in the middle of the pull: the registry answers 401, the
         # client fetches a new one and goes on (the blobs are slowed down to outlast it)
-        tokens.lifetime, tokens.stated_expiry = 1.0, 3600
+        tokens.next_lifetimes, tokens.stated_expiry = [1.0], 3600
         before = len(tokens.issued)
         with FaultProxy(reg.host, Faults(blob_delay=0.6)) as proxy:
             fresh = _store(tmp_path / "fresh")
