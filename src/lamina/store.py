@@ -164,26 +164,37 @@ class Store:
     # -- making layers ------------------------------------------------------------------
 
     def create(self, layer_id: str, parent: str | None = None, *, size: str | int | None = None,
-               storage_opt: dict[str, str] | None = None, mount_label: str = "") -> None:
-        """Make an empty read-only layer over ``parent`` [Create]."""
-        self._create(layer_id, parent, rw=False, size=size, storage_opt=storage_opt, mount_label=mount_label)
+               storage_opt: dict[str, str] | None = None, mount_label: str = "",
+               record: Callable[[Writer], None] | None = None) -> None:
+        """Make an empty read-only layer over ``parent`` [Create].
+
+        ``record(db)`` runs in the transaction that writes the layer's first record, so a
+        face can file what the layer is to it atomically with the layer's existence (the
+        containerd snapshotter's key): a crash leaves both or neither.
+        """
+        self._create(layer_id, parent, rw=False, size=size, storage_opt=storage_opt, mount_label=mount_label,
+                     record=record)
 
     def create_rw(self, layer_id: str, parent: str | None = None, *, size: str | int | None = None,
-                  storage_opt: dict[str, str] | None = None, mount_label: str = "") -> None:
+                  storage_opt: dict[str, str] | None = None, mount_label: str = "",
+                  record: Callable[[Writer], None] | None = None) -> None:
         """Make an empty read-write (container) layer over ``parent`` [CreateReadWrite].
 
         ``size`` (or ``storage_opt["size"]``) caps what it can hold, in Docker's units.
+        ``record`` as for :meth:`create`.
         """
-        self._create(layer_id, parent, rw=True, size=size, storage_opt=storage_opt, mount_label=mount_label)
+        self._create(layer_id, parent, rw=True, size=size, storage_opt=storage_opt, mount_label=mount_label,
+                     record=record)
 
     def _create(self, layer_id: str, parent: str | None, *, rw: bool, size: str | int | None,
-                storage_opt: dict[str, str] | None, mount_label: str) -> None:
+                storage_opt: dict[str, str] | None, mount_label: str,
+                record: Callable[[Writer], None] | None = None) -> None:
         check_id(layer_id)
         if parent:
             check_id(parent, "parent ID")
         opts = self._create_options(size, storage_opt, mount_label)
         with self._busy(layer_id):
-            self._begin_layer(layer_id, parent, rw, opts)
+            self._begin_layer(layer_id, parent, rw, opts, record=record)
             try:
                 self.driver.create(layer_id, parent or None, rw=rw, opts=opts)
                 syncfs(self.root)
@@ -202,7 +213,8 @@ class Store:
         limit = parse_size(size) if size not in (None, "", 0) else None
         return CreateOptions(size=limit or None, mount_label=mount_label, storage_opt=sopt)
 
-    def _begin_layer(self, layer_id: str, parent: str | None, rw: bool, opts: CreateOptions) -> None:
+    def _begin_layer(self, layer_id: str, parent: str | None, rw: bool, opts: CreateOptions, *,
+                     record: Callable[[Writer], None] | None = None) -> None:
         """Write the ``creating`` record (caller holds the layer lock)."""
         check_id(layer_id)
         if parent:
@@ -224,6 +236,8 @@ class Store:
                 db.delete_layer(layer_id)
             db.insert_layer(layer_id, parent or None, rw=rw, mount_label=opts.mount_label,
                             size_limit=opts.size)
+            if record is not None:
+                record(db)
         if stale:
             log.info("dropping the remains of an interrupted creation of %s", layer_id)
             self.driver.remove(layer_id)
@@ -366,6 +380,9 @@ class Store:
         return True
 
     def _release_all(self, layer_id: str) -> None:
+        with self.records.read() as db:
+            if not db.refcount(layer_id) and db.mount(layer_id) is None:
+                return  # nothing to release: spare a durable commit (a remove's common case)
         with self.records.write() as db:
             if db.refcount(layer_id) or db.mount(layer_id) is not None:
                 self.driver.unmount(layer_id)
@@ -476,12 +493,14 @@ class Store:
 
     # -- removing -------------------------------------------------------------------------
 
-    def remove(self, layer_id: str) -> None:
+    def remove(self, layer_id: str, *, record: Callable[[Writer], None] | None = None) -> None:
         """Remove a layer, crash-safely [Remove].
 
         Refused with :class:`LayerHasChildren` or :class:`LayerBusy` (mounted, or being
         changed by another process). The record is marked ``removing`` before anything is
-        deleted, so an interrupted removal is finished by ``cleanup``.
+        deleted, so an interrupted removal is finished by ``cleanup``. ``record(db)`` runs
+        in the transaction that drops the layer's record (a face forgetting its own
+        name for the layer); after a crash, cleanup finishes the removal without it.
         """
         check_id(layer_id)
         with self._busy(layer_id):
@@ -499,14 +518,16 @@ class Store:
                 if count and rec.complete:
                     raise LayerBusy(f"layer {layer_id} is mounted ({count} reference{'s' * (count > 1)}); unmount it first")
                 db.set_state(layer_id, LayerState.REMOVING)
-            self._finish_remove(layer_id)
+            self._finish_remove(layer_id, record=record)
 
-    def _finish_remove(self, layer_id: str) -> None:
+    def _finish_remove(self, layer_id: str, *, record: Callable[[Writer], None] | None = None) -> None:
         self._release_all(layer_id)
         self.driver.remove(layer_id)
         self._tarsplit_path(layer_id).unlink(missing_ok=True)
         with self.records.write() as db:
             db.delete_layer(layer_id)
+            if record is not None:
+                record(db)
 
     # -- recovery -------------------------------------------------------------------------
 

@@ -16,26 +16,25 @@ renaming the row in the same transaction, so nothing is copied and a crash leave
 snapshot either active under its key or committed under its name. ``lamina ls`` and
 ``lamina check`` see them all as ordinary layers.
 
-Crash safety follows the store's protocol. Prepare writes the row first, then makes the
-layer (which is itself crash-safe); Remove removes the layer first, then the row. A row
-counts only while its layer is complete, so a crash between the two steps leaves a row
-that no call sees, and :meth:`SnapshotService.recover` (at start-up, and in Cleanup)
-forgets it.
+Crash safety follows the store's protocol. Prepare writes the row in the same
+transaction as the layer's first (``creating``) record, then the layer is made (itself
+crash-safe); Remove removes the layer first, then the row. A row counts only while its
+layer is complete, so what a crash leaves is a row that no call sees, and
+:meth:`SnapshotService.recover` (at start-up, and in Cleanup) forgets it once the
+store's cleanup has dropped the half-made layer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from lamina.drivers.base import MountSpec
 from lamina.errors import LayerNotFound
-from lamina.records import SnapshotRecord, Writer
+from lamina.records import Reader, SnapshotRecord, Writer
 from lamina.snapshotter.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -79,9 +78,6 @@ class SnapshotService:
             raise InvalidArgument(f"driver {store.driver.name} cannot serve containerd snapshots; "
                                   f"use one of {', '.join(SERVING_DRIVERS)}")
         self.store = store
-        self._lock = threading.Lock()
-        #: keys whose Prepare/View runs now: recovery must not forget their rows
-        self._making: set[str] = set()
 
     # -- start-up and Cleanup ----------------------------------------------------------
 
@@ -89,10 +85,10 @@ class SnapshotService:
         """Finish what a crash left: the store's own cleanup, then forget snapshot rows
         whose layer is gone. One line per thing mended."""
         done = self.store.cleanup()
-        with self._lock:
-            keep = set(self._making)
+        # a row is written with its layer's first record, so no call still running
+        # has a row without a layer record
         with self.store.records.write() as db:
-            gone = db.drop_snapshots_without_layer(keep)
+            gone = db.drop_snapshots_without_layer(set())
         done += [f"forgot snapshot {key!r}: its layer is gone" for key in gone]
         return done
 
@@ -143,52 +139,54 @@ class SnapshotService:
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
         return self._create(VIEW, key, parent, labels or {})
 
-    @contextlib.contextmanager
-    def _making_key(self, key: str) -> Iterator[None]:
-        with self._lock:
-            self._making.add(key)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._making.discard(key)
-
     def _create(self, kind: str, key: str, parent: str, labels: Mapping[str, str]) -> list[MountSpec]:
         if not key:
             raise InvalidArgument("a snapshot key must not be empty")
         checked = _labels(labels)
         layer = secrets.token_hex(16)
         now = time.time_ns()
-        with self._making_key(key):
+        with self.store.records.read() as db:
+            if db.snapshot(key, ready_only=False) is not None:
+                raise SnapshotExists(f"snapshot {key}: already exists")
+            parent_layer = self._parent_layer(db, parent)
+
+        def record(db: Writer) -> None:
+            # the row is written with the layer's first record, in one transaction
+            if db.snapshot(key, ready_only=False) is not None:
+                raise SnapshotExists(f"snapshot {key}: already exists")
+            if self._parent_layer(db, parent) != parent_layer:
+                raise SnapshotNotFound(f"parent snapshot {parent} does not exist: not found")
+            db.insert_snapshot(SnapshotRecord(key=key, layer=layer, kind=kind, parent=parent or None,
+                                              labels=checked, created_ns=now, updated_ns=now))
+
+        made = False
+        try:
+            if kind == ACTIVE:
+                self.store.create_rw(layer, parent_layer, record=record)
+            else:
+                self.store.create(layer, parent_layer, record=record)
+            made = True
+            # a chain whose mounts containerd could not perform is refused here
+            return self.store.mount_specs(layer)
+        except BaseException:
+            if made:
+                self.store.remove(layer)
             with self.store.records.write() as db:
-                if db.snapshot(key, ready_only=False) is not None:
-                    raise SnapshotExists(f"snapshot {key}: already exists")
-                parent_layer = None
-                if parent:
-                    prec = db.snapshot(parent)
-                    if prec is None:
-                        raise SnapshotNotFound(f"parent snapshot {parent} does not exist: not found")
-                    if prec.kind != COMMITTED:
-                        raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
-                    parent_layer = prec.layer
-                db.insert_snapshot(SnapshotRecord(
-                    key=key, layer=layer, kind=kind, parent=parent or None, labels=checked,
-                    created_ns=now, updated_ns=now))
-            made = False
-            try:
-                if kind == ACTIVE:
-                    self.store.create_rw(layer, parent_layer)
-                else:
-                    self.store.create(layer, parent_layer)
-                made = True
-                # a chain whose mounts containerd could not perform is refused here
-                return self.store.mount_specs(layer)
-            except BaseException:
-                if made:
-                    self.store.remove(layer)
-                with self.store.records.write() as db:
+                cur = db.snapshot(key, ready_only=False)
+                if cur is not None and cur.layer == layer:
                     db.delete_snapshot(key)
-                raise
+            raise
+
+    @staticmethod
+    def _parent_layer(db: Reader, parent: str) -> str | None:
+        if not parent:
+            return None
+        prec = db.snapshot(parent)
+        if prec is None:
+            raise SnapshotNotFound(f"parent snapshot {parent} does not exist: not found")
+        if prec.kind != COMMITTED:
+            raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
+        return prec.layer
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """The active snapshot ``key`` becomes the committed snapshot ``name``, its layer
@@ -251,11 +249,11 @@ class SnapshotService:
         if kids:
             raise FailedPrecondition(f"cannot remove snapshot {key} with child ({kids[0]})")
         try:
-            self.store.remove(snap.layer)
+            # the row goes in the transaction that drops the layer's record
+            self.store.remove(snap.layer, record=lambda db: db.delete_snapshot(key))
         except LayerNotFound:
-            pass  # an earlier removal got this far
-        with self.store.records.write() as db:
-            db.delete_snapshot(key)
+            with self.store.records.write() as db:  # an earlier removal got this far
+                db.delete_snapshot(key)
 
 
 def _fields(snap: SnapshotRecord):  # type: ignore[no-untyped-def]
