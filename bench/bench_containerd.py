@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,8 +113,7 @@ def rig(parent: Path | None) -> Iterator[tuple[ContainerdDaemon, SnapshotterProc
             ctd.close()
             lam.stop()
             subprocess.run(["rm", "-rf", str(ws / "containerd"), str(ws / "lamina")], check=False)
-            with contextlib.suppress(OSError):
-                os.rmdir(sockdir)
+            shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def timed(ctd: ContainerdDaemon, *args: str) -> float:

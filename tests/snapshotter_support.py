@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,8 +252,7 @@ class InProcessSnapshotter:
         self.client.close()
         self.server.stop(grace=1)
         self.store.close()
-        with contextlib.suppress(OSError):
-            os.rmdir(self.sockdir)
+        shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
 class SnapshotterProcess:

@@ -12,6 +12,7 @@ import io
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -94,6 +95,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         r.lamina.stop()
         for point in sorted(mounts_under(r.tmp), reverse=True):
             umount(point)
+        shutil.rmtree(r.sockdir, ignore_errors=True)
 
 
 def test_plugin_is_loaded(rig: Rig) -> None:

@@ -4,6 +4,7 @@ real containerd is tests/test_snapshotter_containerd.py.)"""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +177,4 @@ def test_server_tells_systemd_when_ready(tmp_path: Path) -> None:
     finally:
         proc.stop()
         listener.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
