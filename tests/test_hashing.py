@@ -7,7 +7,7 @@ import io
 import os
 import threading
 
-from lamina.fs.hashing import HashingReader
+from lamina.streams import HashingReader
 
 
 def test_digest_of_mixed_reads_and_drain() -> None:

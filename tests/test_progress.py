@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from lamina.progress import Progress, ProgressReader, counted, human_bytes
+from lamina.progress import Progress, counted, human_bytes
+from lamina.streams import CountingReader
 
 
 class FakeTTY(io.StringIO):
@@ -61,7 +62,7 @@ def test_redraws_are_rate_limited() -> None:
 
 def test_reader_and_iterator_count_bytes() -> None:
     bar = Progress("r", enabled=False)
-    reader = ProgressReader(io.BytesIO(b"a" * 10_000), bar)
+    reader = CountingReader(io.BytesIO(b"a" * 10_000), bar.update)
     assert len(reader.read(4096)) == 4096
     buf = bytearray(10_000)
     assert reader.readinto(buf) == 5904

@@ -42,7 +42,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lamina.errors import InvalidOption, LaminaError
 from lamina.ids import check_id, parse_size
-from lamina.progress import Progress, ProgressReader, counted, human_bytes
+from lamina.progress import Progress, counted, human_bytes
+from lamina.streams import CountingReader
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -145,7 +146,7 @@ class Invocation:
                     raise UsageError(f"cannot read {name}: {e.strerror}") from e
             kind = sniff(raw.peek(SNIFF_BYTES)[:SNIFF_BYTES])  # type: ignore[attr-defined]
             bar = stack.enter_context(self.progress(label, _regular_size(raw)))
-            stream: IO[bytes] = ProgressReader(raw, bar)  # type: ignore[assignment]
+            stream: IO[bytes] = CountingReader(raw, bar.update)  # type: ignore[assignment]
             what = "stdin" if name == "-" else name
             if kind != "none":  # damage inside is reported as ImageError naming `what`
                 stream = stack.enter_context(decompressed(stream, kind, what))  # type: ignore[arg-type]

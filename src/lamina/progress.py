@@ -104,35 +104,6 @@ class Progress:
         self.close()
 
 
-class ProgressReader:
-    """A read-only file object that counts what passes through into a :class:`Progress`.
-
-    Only ``read``/``readinto`` are wrapped: that is what the archive engine and
-    ``shutil.copyfileobj`` call. ``peek`` passes through uncounted.
-    """
-
-    def __init__(self, raw: IO[bytes], progress: Progress) -> None:
-        self._raw = raw
-        self._progress = progress
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self._progress.update(len(data))
-        return data
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        got = self._raw.readinto(buf)  # type: ignore[attr-defined]
-        if got:
-            self._progress.update(got)
-        return got
-
-    def readable(self) -> bool:
-        return True
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._raw, name)
-
-
 def counted(chunks: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
     """Yield ``chunks`` unchanged, counting each into ``progress``."""
     for chunk in chunks:

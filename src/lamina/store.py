@@ -56,12 +56,11 @@ from lamina.errors import (
 )
 from lamina.fs.durable import EarlyWriteback, atomic_write, syncfs
 from lamina.fs.getter import DirFileGetter
-from lamina.fs.hashing import HashingReader
 from lamina.fs.locks import FileLock, KeyLock
 from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id, parse_size
 from lamina.records import LayerRecord, LayerState, Reader, Records, Writer
-from lamina.streams import open_chunks
+from lamina.streams import HashingReader, open_chunks
 
 log = logging.getLogger(__name__)
 

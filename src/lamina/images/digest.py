@@ -1,8 +1,8 @@
-"""Content digests, chain IDs, and readers that hash what passes through them.
+"""Content digests and chain IDs.
 
 Why digests are checked while streaming and not before: a layer blob can be gigabytes,
 and reading it twice (once to verify, once to apply) would double the cost of a load.
-The loader therefore applies the layer through :class:`HashingReader` and compares the
+The loader therefore applies the layer through :class:`lamina.streams.HashingReader` and compares the
 digests once the stream has been read to its end; a mismatch removes what was applied.
 
 Chain IDs follow Docker's rule (``layer/layer.go``): the chain ID of the first layer is
@@ -14,10 +14,8 @@ why lamina names layers by chain ID: a shared layer is stored once.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
-from collections.abc import Callable, Iterable, Sequence
-from typing import IO
+from collections.abc import Iterable, Sequence
 
 from lamina.errors import ImageError
 
@@ -64,70 +62,6 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 def layer_id(chain_id: str) -> str:
     """The lamina layer ID of a chain ID: its hex part (``:`` is not allowed in IDs)."""
     return split_digest(chain_id)[1]
-
-
-class HashingReader(io.RawIOBase):
-    """A raw reader that hashes and counts every byte read from ``src``.
-
-    ``src`` needs ``readinto`` (every binary file object has it). Wrap the result in
-    :class:`io.BufferedReader` before handing it to code that reads in small pieces.
-    ``on_read`` is told the size of each read (for progress bars).
-    """
-
-    def __init__(self, src: IO[bytes], algorithm: str = "sha256",
-                 on_read: Callable[[int], None] | None = None) -> None:
-        super().__init__()
-        self._src = src
-        self._on_read = on_read
-        self._hash = hashlib.new(algorithm)
-        self.algorithm = algorithm
-        #: bytes read so far
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self._src.readinto(b)  # type: ignore[attr-defined]
-        if n:
-            self._hash.update(memoryview(b)[:n])
-            self.count += n
-            if self._on_read is not None:
-                self._on_read(n)
-        return n or 0
-
-    def drain(self, chunk: int = 1 << 20) -> int:
-        """Read (and hash) everything left in ``src``; return how many bytes that was."""
-        buf = bytearray(chunk)
-        extra = 0
-        while True:
-            n = self.readinto(buf)
-            if not n:
-                return extra
-            extra += n
-
-    @property
-    def digest(self) -> str:
-        """``<algorithm>:<hex>`` of what has been read so far."""
-        return f"{self.algorithm}:{self._hash.hexdigest()}"
-
-
-class MeteredReader(io.RawIOBase):
-    """A raw reader that tells ``on_read`` the size of each read (progress, no hashing)."""
-
-    def __init__(self, src: IO[bytes], on_read: Callable[[int], None]) -> None:
-        super().__init__()
-        self._src = src
-        self._on_read = on_read
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self._src.readinto(b)  # type: ignore[attr-defined]
-        if n:
-            self._on_read(n)
-        return n or 0
 
 
 def hash_chunks(chunks: Iterable[bytes], algorithm: str = "sha256") -> tuple[str, int]:

@@ -32,13 +32,14 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 from lamina.errors import ImageError, LaminaError, LayerNotFound
 from lamina.images import compress, dockersave, oci
-from lamina.images.digest import HashingReader, MeteredReader, layer_id, split_digest
+from lamina.images.digest import layer_id, split_digest
 from lamina.images.journal import LoadJournal
 from lamina.images.records import ImageRecord, ImageRecords
 from lamina.images.recover import recover_locked
 from lamina.images.refs import normalize
 from lamina.images.source import Source, open_source
 from lamina.images.spec import ImageSpec, LayerBlob
+from lamina.streams import CountingReader, HashingReader
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -229,8 +230,9 @@ def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: s
     on_read: Callable[[int], None] | None = progress.update if progress is not None else None
     with src.open(blob.path) as raw:
         outer: HashingReader | None = None
+        blob_digest: str | None = None
         if kind == compress.NONE and algorithm == "sha256":
-            head: IO[bytes] = MeteredReader(raw, on_read) if on_read else raw  # type: ignore[assignment]
+            head: IO[bytes] = CountingReader(raw, on_read) if on_read else raw  # type: ignore[assignment]
         else:
             outer = HashingReader(raw, algorithm, on_read)
             head = outer  # type: ignore[assignment]
@@ -241,15 +243,21 @@ def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: s
         journal.add(lid)  # before the layer exists: a kill from here on leaves it journalled
         made.append(lid)
         try:
-            store.apply_diff(lid, parent, stream)
-        except LaminaError as e:
-            # a damaged blob often breaks the tar first; the digest says why, if it can
-            _explain_failure(src, blob, outer, kind, what)
-            raise ImageError(f"{what}: {e}") from e
-        if outer is not None:
-            outer.drain()  # whatever follows the compressed stream counts for the digest
+            try:
+                store.apply_diff(lid, parent, stream)
+            except LaminaError as e:
+                # a damaged blob often breaks the tar first; the digest says why, if it can
+                _explain_failure(src, blob, outer, kind, what)
+                raise ImageError(f"{what}: {e}") from e
+            if outer is not None:
+                outer.drain()  # whatever follows the compressed stream counts for the digest
+                blob_digest = outer.digest()
+        finally:
+            if outer is not None:
+                outer.close()  # the hashing thread, if the load failed before the digest
     diff_id = store.layer(lid).diff_id
-    blob_digest = outer.digest if outer is not None else diff_id
+    if outer is None:
+        blob_digest = diff_id
     _verify(blob, blob_digest, diff_id, kind, what)
     return size
 
@@ -262,14 +270,14 @@ def _explain_failure(src: Source, blob: LayerBlob, outer: HashingReader | None, 
             outer.drain()
         except LaminaError:
             return
-        if blob.digest is not None and outer.digest != blob.digest:
-            _verify(blob, outer.digest, None, kind, what)
+        if blob.digest is not None and outer.digest() != blob.digest:
+            _verify(blob, outer.digest(), None, kind, what)
         return
     # an uncompressed blob: hash it again (failure path only) to name a wrong DiffID
     with src.open(blob.path) as raw:
         hashed = HashingReader(raw)
         hashed.drain()
-    _verify(blob, hashed.digest, hashed.digest, kind, what)
+    _verify(blob, hashed.digest(), hashed.digest(), kind, what)
 
 
 def _verify(blob: LayerBlob, blob_digest: str | None, diff_id: str | None, kind: str,
