@@ -131,6 +131,43 @@ def cases() -> Iterator[Case]:
     yield Case("gnu-longname-chain", tar(gnu_longname(b"a" * 300), gnu_longname(b"b" * 300),
                                          gnu_longname(b"c" * 300), entry("x", b"y")), "contained")
     yield Case("gnu-longname-huge", header("././@LongLink", b"L", size_field=b"77777777777\0") + end(), "error", "")
+    # -- one entry, several names (tar readers differ on which wins: refused) ------------------
+    gnu_name, pax_path = gnu_longname(b"gnu-says-this"), pax(pax_record("path", "pax-says-that"))
+    yield Case("gnu-longname-then-pax-path", tar(gnu_name, pax_path, entry("short", b"x")), "error", "gnu-says-this")
+    yield Case("pax-path-then-gnu-longname", tar(pax_path, gnu_name, entry("short", b"x")), "error", "gnu-says-this")
+    gnu_link, pax_link = gnu_longname(b"gnu-target", link=True), pax(pax_record("linkpath", "pax-target"))
+    yield Case("gnu-longlink-then-pax-linkpath", tar(entry("t", b"x"), gnu_link, pax_link, entry("l", typeflag=SYM)),
+               "error", "l")
+    yield Case("pax-linkpath-then-gnu-longlink", tar(entry("t", b"x"), pax_link, gnu_link, entry("h", typeflag=LNK)),
+               "error", "h")
+    yield Case("gnu-longname-agrees-with-pax-path",
+               tar(gnu_longname(b"same-name"), pax(pax_record("path", "same-name")), entry("short", b"x")), "contained")
+    yield Case("pax-path-empty", tar(pax(pax_record("path", "")), entry("keeps-ustar-name", b"x")),
+               "error", "keeps-ustar-name")
+    yield Case("gnu-longname-empty", tar(gnu_longname(b""), entry("keeps-header-name", b"x")),
+               "error", "keeps-header-name")
+    yield Case("pax-linkpath-empty", tar(pax(pax_record("linkpath", "")), entry("el", typeflag=SYM, linkname="t")),
+               "error", "el")
+    yield Case("two-pax-headers-disagree",
+               tar(pax(pax_record("path", "first-pax")), pax(pax_record("path", "second-pax")), entry("e", b"x")),
+               "error", "second-pax")
+    yield Case("two-gnu-longnames-disagree", tar(gnu_longname(b"first-gnu"), gnu_longname(b"second-gnu"), entry("e", b"x")),
+               "error", "second-gnu")
+    yield Case("global-header-path", tar(pax(pax_record("path", "everything"), name="glob-path", global_=True),
+                                         entry("a", b"x")), "error", "glob-path")
+    yield Case("global-header-size", tar(pax(pax_record("size", "512"), name="glob-size", global_=True),
+                                         entry("a", b"x")), "error", "glob-size")
+    yield Case("global-header-between-meta-and-entry",
+               tar(gnu_longname(b"lost-name"), pax(pax_record("comment", "c"), name="glob-mid", global_=True),
+                   entry("a", b"x")), "error", "glob-mid")
+    yield Case("global-header-comment", tar(pax(pax_record("comment", "git archive"), global_=True), entry("a", b"x")),
+               "contained")
+    v7 = bytearray(header("v7-with-prefix", REG, 0))
+    v7[257:265] = bytes(8)  # no magic: Go ignores the prefix field, tarfile reads it
+    v7[345:351] = b"hidden"
+    v7[148:156] = b" " * 8
+    v7[148:156] = f"{sum(v7):06o}".encode() + b"\0 "
+    yield Case("v7-header-with-prefix", bytes(v7) + end(), "error", "v7-with-prefix")
     # -- type changes ------------------------------------------------------------------------
     yield Case("dir-replaced-by-file", tar(entry("d", typeflag=DIR), entry("d/in", b"x"), entry("d", b"file")),
                "contained")

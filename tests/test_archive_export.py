@@ -412,7 +412,7 @@ def test_tar_tree_roundtrip_with_apply(tmp_path: Path) -> None:
 
 
 def test_pax_record_length_counts_itself() -> None:
-    from lamina.archive.tar.writer import pax_record
+    from lamina.archive.tar.pax import record as pax_record
 
     for n in range(0, 1100):
         rec = pax_record(b"k", b"v" * n)

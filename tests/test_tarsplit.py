@@ -201,12 +201,19 @@ def test_tarfile_pax_archive_round_trips(tmp_path: Path) -> None:
 
 
 def test_large_trailing_data_is_kept_in_bounded_segments(tmp_path: Path) -> None:
-    data = tm.tar(tm.file("f", b"x")) + os.urandom(2_500_000)
+    data = tm.tar(tm.file("f", b"x")) + os.urandom(1 << 20)  # the most a record pads to
     split = apply_recording(tmp_path / "r", data)
     sizes = [len(base64.b64decode(json.loads(line)["payload"]))
              for line in split.splitlines() if json.loads(line)["type"] == 2]
     assert max(sizes) <= 1 << 20
     assert rebuild(split, tmp_path / "r") == data
+
+
+def test_trailing_data_past_a_record_is_refused(tmp_path: Path) -> None:
+    """Issue 16: what follows the end blocks was read without bound into the tar-split."""
+    data = tm.tar(tm.file("f", b"x")) + os.urandom(2_500_000)
+    with pytest.raises(InvalidArchive, match="follow the end-of-archive blocks"):
+        apply_recording(tmp_path / "r", data)
 
 
 def test_empty_stream_has_an_empty_record(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lamina.archive import winsd, wintar
-from lamina.drivers.windowsfilter import default_security_descriptor, windows_attributes
+from lamina.archive.tar.pax import parse_time
+from lamina.archive.winexport import default_security_descriptor, windows_attributes
 from lamina.drivers.windowsfilter_meta import ATIME, CTIME, LINKPATH, read_meta
 from lamina.errors import InvalidArchive, InvalidOption
 
@@ -79,7 +80,7 @@ def _time(ns: int) -> str:
 
 def _recorded_time(meta: dict[str, str], key: str, fallback: int) -> int:
     try:
-        return wintar.parse_pax_time(meta[key]) if key in meta else fallback
+        return parse_time(meta[key]) if key in meta else fallback
     except ValueError:
         return fallback
 

@@ -1,4 +1,4 @@
-"""The Windows layer tar format (lamina.archive.wintar) and security descriptors
+"""The Windows layer tar format (lamina.archive.wintar, on the codec lamina.archive.tar) and security descriptors
 (lamina.archive.winsd), checked against tarfile, hand-packed structs and the values
 the reference note quotes from ko, crane and BuildKit."""
 
@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from wintarmaker import BA, BU, DIR_SD, KO_SD, SY, SYSTEM_FILE_SD, LayerTar, Meta, decode_sd
 
 from lamina.archive import winsd, wintar
-from lamina.archive.tar.split import TarSplitWriter, reassemble
+from lamina.archive.tar import format as fmt
+from lamina.archive.tar import pax
+from lamina.archive.tar.split import RecordingReader, reassemble
 from lamina.errors import InvalidArchive
 
 # -- times ----------------------------------------------------------------------------
@@ -29,20 +31,20 @@ from lamina.errors import InvalidArchive
     (5, "0.000000005"),
 ])
 def test_pax_time_matches_go(ns: int, text: str) -> None:
-    assert wintar.format_pax_time(ns) == text
-    assert wintar.parse_pax_time(text) == ns
+    assert pax.format_time(ns) == text
+    assert pax.parse_time(text) == ns
 
 
 def test_pax_time_parse_pads_and_cuts_the_fraction_to_nanoseconds() -> None:
-    assert wintar.parse_pax_time("1.5") == 1_500_000_000
-    assert wintar.parse_pax_time("1.1234567891") == 1_123_456_789
+    assert pax.parse_time("1.5") == 1_500_000_000
+    assert pax.parse_time("1.1234567891") == 1_123_456_789
     with pytest.raises(ValueError):
-        wintar.parse_pax_time("1.2.3")
+        pax.parse_time("1.2.3")
 
 
 @given(st.integers(min_value=-(10**19), max_value=10**19))
 def test_pax_time_round_trips(ns: int) -> None:
-    assert wintar.parse_pax_time(wintar.format_pax_time(ns)) == ns
+    assert pax.parse_time(pax.format_time(ns)) == ns
 
 
 def test_filetime_conversion_uses_100ns_ticks_from_1601() -> None:
@@ -83,13 +85,13 @@ def test_fileattr_must_be_unsigned_decimal() -> None:
 def test_encoded_headers_read_back_with_tarfile() -> None:
     long_name = "Files/" + "deep/" * 30 + "file.txt"
     out = io.BytesIO()
-    out.write(wintar.encode_header("Files", wintar.TYPE_DIR, mode=wintar.MODE_DIR,
+    out.write(wintar.encode_header("Files", fmt.DIRTYPE, mode=wintar.MODE_DIR,
                                    mtime_ns=1_700_000_000_123_456_700,
                                    records={"MSWINDOWS.fileattr": "16", "LIBARCHIVE.creationtime": "5.5"}))
-    out.write(wintar.encode_header(long_name, wintar.TYPE_REG, size=3, mode=wintar.MODE_REG, mtime_ns=7 * 10**9))
-    out.write(b"abc" + wintar.padding(3))
+    out.write(wintar.encode_header(long_name, fmt.REGTYPE, size=3, mode=wintar.MODE_REG, mtime_ns=7 * 10**9))
+    out.write(b"abc" + fmt.padding(3))
     out.write(wintar.whiteout_header("Files/.wh.gone"))
-    out.write(wintar.END_OF_ARCHIVE)
+    out.write(fmt.END_OF_ARCHIVE)
     members = tarfile.open(fileobj=io.BytesIO(out.getvalue())).getmembers()
     assert [m.name for m in members] == ["Files", long_name, "Files/.wh.gone"]
     assert members[0].pax_headers["mtime"] == "1700000000.1234567"
@@ -99,17 +101,17 @@ def test_encoded_headers_read_back_with_tarfile() -> None:
 
 
 def test_pax_records_are_sorted_and_self_sized() -> None:
-    payload = wintar.encode_pax_records({"b": "2", "a": "x" * 95})
+    payload = pax.encode_text_records({"b": "2", "a": "x" * 95})
     # " a=" + 95 + "\n" is 99 bytes; the length field's own 3 digits make it 102
     assert payload.startswith(b"102 a=") and payload[102:] == b"6 b=2\n"
-    assert wintar.parse_pax_records(payload) == {"a": "x" * 95, "b": "2"}
+    assert pax.parse_text_records(payload, None) == {"a": "x" * 95, "b": "2"}
 
 
 def test_reader_keeps_every_record_of_a_maker_tar() -> None:
     t = LayerTar.diff_layer()
     t.file("Files/a.txt", b"data", meta=Meta(0x21, sd=SYSTEM_FILE_SD, eas={"$KERNEL.PURGE.X": b"\x01\x02"},
                                             extra={"MSWINDOWS.future": "kept"}))
-    reader = wintar.TarReader(io.BytesIO(t.bytes()))
+    reader = RecordingReader(io.BytesIO(t.bytes()))
     entries = []
     while (e := reader.next()) is not None:
         entries.append(e)
@@ -123,7 +125,7 @@ def test_reader_keeps_every_record_of_a_maker_tar() -> None:
         "MSWINDOWS.future": "kept",
     }
     assert a.mtime_ns == 1_700_000_000_123_456_700
-    assert a.time_ns("ctime") == 1_700_000_200_000_000_500
+    assert wintar.time_record(a, "ctime") == 1_700_000_200_000_000_500
 
 
 def test_reader_records_a_tar_split_that_rebuilds_it_exactly() -> None:
@@ -132,7 +134,7 @@ def test_reader_records_a_tar_split_that_rebuilds_it_exactly() -> None:
     t.whiteout("Files/gone")
     raw = t.bytes() + bytes(4096)  # a writer that pads to a record size
     record = io.BytesIO()
-    reader = wintar.TarReader(io.BytesIO(raw), TarSplitWriter(record))
+    reader = RecordingReader(io.BytesIO(raw), record)
     kept: dict[str, bytes] = {}
     while (e := reader.next()) is not None:
         if e.name == "Files/a.txt":  # one file's data stored, the others left in the record
@@ -154,7 +156,7 @@ def test_truncated_tar_is_an_error_naming_the_entry() -> None:
     full = t.bytes()
     a = tarfile.open(fileobj=io.BytesIO(full)).getmember("Files/a.txt")
     raw = full[: a.offset_data + 1000]  # cut in the middle of a.txt's data
-    reader = wintar.TarReader(io.BytesIO(raw))
+    reader = RecordingReader(io.BytesIO(raw))
     with pytest.raises(InvalidArchive, match="Files/a.txt"):
         while (e := reader.next()) is not None:
             reader.copy_data(lambda b: None)

@@ -101,6 +101,10 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _OVERLAY_PRIVATE = ("trusted.overlay.", "user.overlay.")
 #: xattr namespaces Linux has; a name outside them can only be a malformed tar
 _XATTR_NAMESPACES = ("user.", "trusted.", "security.", "system.")
+#: uid_t and gid_t are 32 bits, and (2^32 - 1) means "no change" to chown
+_ID_LIMIT = (1 << 32) - 1
+#: the largest major or minor device number makedev takes
+_DEV_MAX = (1 << 32) - 1
 #: errors that mean the tar asked for something this root cannot hold by name
 _NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR})
 
@@ -304,6 +308,9 @@ class _Applier:
     def _owner(self, e: TarEntry) -> tuple[int, int]:
         uid = self.map_uid(e.uid, e.name) if self.map_uid else e.uid
         gid = self.map_gid(e.gid, e.name) if self.map_gid else e.gid
+        if uid >= _ID_LIMIT or gid >= _ID_LIMIT:  # the tar allows 64 bits, Linux 32
+            raise InvalidArchive(f"owner {uid}:{gid} is out of range (Linux ids are below "
+                                 f"{_ID_LIMIT})", e.name)
         return uid, gid
 
     def _needs_chown(self, pfd: int, uid: int, gid: int) -> bool:
@@ -485,11 +492,14 @@ class _Applier:
                 log.debug("unprivileged: skipping device %s", e.name)
                 return
             kind = stat.S_IFCHR if t == CHR else stat.S_IFBLK
+            if not (0 <= e.devmajor <= _DEV_MAX and 0 <= e.devminor <= _DEV_MAX):
+                raise InvalidArchive(f"device number {e.devmajor},{e.devminor} is out of range "
+                                     f"(Linux takes 0 to {_DEV_MAX})", e.name)
             dev = os.makedev(e.devmajor, e.devminor)
         elif t == FIFO:
             kind, dev = stat.S_IFIFO, 0
-        else:  # the reader refuses every other type
-            raise InvalidArchive(f"unhandled entry type {chr(t)!r}", e.name)
+        else:  # a type Linux has no file for (the reader passes every type on)
+            raise InvalidArchive(f"unsupported entry type {chr(t)!r}", e.name)
         pfd = self._parent(parts)
         name = parts[-1]
         try:

@@ -1,40 +1,29 @@
-"""The Windows layer tar format: backuptar's PAX records, names, times, raw headers.
+"""The Windows layer tar format: what go-winio's backuptar and hcsshim put in a tar.
 
-Format only: no driver, no layer directories. What lives here and why:
+Windows semantics only; the tar itself is read and written by the one codec
+(:mod:`lamina.archive.tar`). What lives here:
 
-* the names and values hcsshim and go-winio put in a layer tar (``Files/`` ``Hives/``
-  ``UtilityVM/`` prefixes, ``MSWINDOWS.*`` / ``LIBARCHIVE.*`` records, attribute bits);
-* PAX time strings and FILETIME arithmetic, done with integers, because a float cannot
-  hold Windows' 100 ns steps at today's dates;
-* a streaming tar reader that hands out each member's *raw* header bytes alongside the
-  parsed header, so an importer can keep every record verbatim and rebuild the tar byte
-  for byte (``tarfile`` hides the raw blocks and normalises records away);
+* the names and values of a Windows layer tar (``Files/`` ``Hives/`` ``UtilityVM/``
+  prefixes, ``MSWINDOWS.*`` / ``LIBARCHIVE.*`` records, attribute bits, the files a
+  utility VM import mutates);
+* FILETIME arithmetic, done with integers, because a float cannot hold Windows' 100 ns
+  steps at today's dates (PAX time strings are the codec's: :mod:`lamina.archive.tar.pax`);
+* names as Windows reads them (``\\`` separates too, case-blind prefixes, ``file:stream``),
+  and link targets between the Windows and the Linux form;
 * a header encoder that writes what go-winio's ``BasicInfoHeader`` writes (PAX format,
   mode with the file-type bits and no permission bits, records sorted by key), which
-  ``tarfile`` cannot (it masks the mode to ``0o7777``);
-* the hooks an importer needs to record the tar as Docker's tar-split does (raw
-  segments, and name, size and CRC-64 per member), so the layer's tar can be rebuilt
-  byte for byte from the stored files.
+  ``tarfile`` cannot (it masks the mode to ``0o7777``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from enum import IntFlag
-from typing import IO, Protocol
 
-from lamina.archive.tar.crc64 import Crc64
-from lamina.archive.tar.writer import (  # noqa: F401 - BLOCK, END_OF_ARCHIVE: part of this module's names
-    BLKTYPE,
-    BLOCK,
-    CHRTYPE,
-    DIRTYPE,
-    END_OF_ARCHIVE,
-    LNKTYPE,
-    REGTYPE,
-    SYMTYPE,
-)
+from lamina.archive.tar import pax as paxrec
+from lamina.archive.tar import writer as tw
+from lamina.archive.tar.format import NAME_SIZE, REGTYPE, XHDTYPE, padding
+from lamina.archive.tar.reader import TarEntry
 from lamina.errors import InvalidArchive
 
 # -- layout -------------------------------------------------------------------------------
@@ -77,9 +66,28 @@ CREATIONTIME = "LIBARCHIVE.creationtime"
 WINDOWS_RECORD_PREFIXES = ("MSWINDOWS.", "LIBARCHIVE.")
 
 
-def windows_records(pax: Mapping[str, str]) -> dict[str, str]:
-    """The ``MSWINDOWS.*`` and ``LIBARCHIVE.*`` records of a header, as given."""
-    return {k: v for k, v in pax.items() if k.startswith(WINDOWS_RECORD_PREFIXES)}
+def windows_records(pax: Mapping[str, bytes] | None) -> dict[str, str]:
+    """The ``MSWINDOWS.*`` and ``LIBARCHIVE.*`` records of an entry, as given (as text)."""
+    if not pax:
+        return {}
+    return {k: paxrec.decode_text(v) for k, v in pax.items() if k.startswith(WINDOWS_RECORD_PREFIXES)}
+
+
+def text_record(entry: TarEntry, key: str) -> str | None:
+    """One PAX record of an entry as text, None if the entry has none."""
+    value = entry.pax.get(key) if entry.pax else None
+    return None if value is None else paxrec.decode_text(value)
+
+
+def time_record(entry: TarEntry, key: str) -> int | None:
+    """A PAX time record (``atime``, ``ctime``, ``LIBARCHIVE.creationtime``) in ns."""
+    value = entry.pax.get(key) if entry.pax else None
+    if value is None:
+        return None
+    try:
+        return paxrec.parse_time(value)
+    except ValueError:
+        raise InvalidArchive(f"{key}={paxrec.decode_text(value)!r} is not a PAX time", entry.name) from None
 
 
 class FileAttr(IntFlag):
@@ -131,31 +139,6 @@ _NS = 1_000_000_000
 FILETIME_UNIX_EPOCH = 116444736000000000
 
 
-def format_pax_time(ns: int) -> str:
-    """A PAX time string exactly as Go's archive/tar (and backuptar) writes it."""
-    secs, nsecs = divmod(ns, _NS)
-    if nsecs == 0:
-        return str(secs)
-    sign = ""
-    if secs < 0:
-        sign, secs, nsecs = "-", -(secs + 1), _NS - nsecs
-    return f"{sign}{secs}.{nsecs:09d}".rstrip("0")
-
-
-def parse_pax_time(text: str) -> int:
-    """Nanoseconds from a PAX time string, with Go's rules (fraction padded or cut to 9
-    digits, sign-magnitude negatives); ValueError if it is not one."""
-    whole, dot, frac = text.partition(".")
-    digits = whole[1:] if whole.startswith("-") else whole
-    if not digits.isdigit() or (dot and not frac.isdigit()):
-        raise ValueError(f"invalid PAX time {text!r}")
-    secs = int(whole)
-    nsecs = int((frac + "000000000")[:9]) if dot else 0
-    if whole.startswith("-"):
-        return secs * _NS - nsecs
-    return secs * _NS + nsecs
-
-
 def ns_to_filetime(ns: int) -> int:
     """FILETIME ticks for Unix nanoseconds (Go truncates the division toward zero)."""
     ticks = abs(ns) // 100
@@ -202,68 +185,40 @@ def stream_split(last: str) -> tuple[str, str] | None:
     return base, stream
 
 
-# -- PAX records -------------------------------------------------------------------------------
+# -- link targets --------------------------------------------------------------------------
 
 
-def parse_pax_records(data: bytes, entry: str = "") -> dict[str, str]:
-    """Decode a PAX extended header payload (``"%d %s=%s\\n"`` records)."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:  # trailing NUL padding some writers leave
+def linux_link_target(target: str) -> str:
+    """A Windows link target as a Linux symlink target that resolves inside the view:
+    ``C:\\a\\b`` (also ``\\??\\C:``/``\\\\?\\C:`` forms) becomes ``/a/b``, relative
+    ``..\\a`` becomes ``../a``; other drives and UNC paths keep their text."""
+    for prefix in ("\\??\\", "\\\\?\\"):
+        if target.startswith(prefix):
+            target = target[len(prefix):]
             break
-        space = data.find(b" ", pos)
-        if space < 0 or not data[pos:space].isdigit():
-            raise InvalidArchive("malformed PAX record length", entry)
-        length = int(data[pos:space])
-        end = pos + length
-        if length < 5 or end > len(data) or data[end - 1] != 0x0A:
-            raise InvalidArchive("malformed PAX record", entry)
-        key, eq, value = data[space + 1 : end - 1].partition(b"=")
-        if not eq or not key:
-            raise InvalidArchive("PAX record without '='", entry)
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos = end
-    return records
+    if len(target) >= 2 and target[1] == ":":
+        if target[0] in "cC":
+            return "/" + target[2:].replace("\\", "/").lstrip("/")
+        return target
+    if target.startswith("\\\\"):
+        return target
+    return target.replace("\\", "/")
 
 
-def encode_pax_records(records: Mapping[str, str]) -> bytes:
-    """Encode records sorted by key (as Go does), each ``"%d key=value\\n"``."""
-    out = bytearray()
-    for key in sorted(records):
-        body = f" {key}={records[key]}\n".encode("utf-8", "surrogateescape")
-        length = len(body) + 1
-        while len(str(length)) + len(body) != length:
-            length = len(str(length)) + len(body)
-        out += str(length).encode() + body
-    return bytes(out)
+def windows_link_target(target: str) -> str:
+    """The Windows form of a Linux symlink target: ``/a/b`` -> ``C:\\a\\b``."""
+    if target.startswith("/"):
+        return "C:" + target.replace("/", "\\")
+    return target.replace("/", "\\")
 
 
-# -- header encode -----------------------------------------------------------------------------
+# -- header encode ------------------------------------------------------------------------
 
-# the tar block and type names the Windows code uses, defined once in the tar writer
-TYPE_REG = REGTYPE
-TYPE_LINK = LNKTYPE
-TYPE_SYMLINK = SYMTYPE
-TYPE_DIR = DIRTYPE
+#: the mode go-winio writes: the file-type bits, no permission bits
 MODE_DIR = 0o040000
 MODE_REG = 0o100000
 MODE_SYMLINK = 0o120000
-_HEADER_ONLY = (TYPE_LINK, TYPE_SYMLINK, CHRTYPE, BLKTYPE, TYPE_DIR, b"6")
-
-
-def padding(size: int) -> bytes:
-    """Zeros that bring ``size`` bytes of member data to a block boundary."""
-    return bytes(-size % BLOCK)
-
-
-def _octal(value: int, width: int) -> bytes:
-    return f"{value:0{width - 1}o}".encode() + b"\0"
-
-
-def _field(text: str, width: int) -> bytes:
-    raw = text.encode("utf-8", "surrogateescape")
-    return raw[:width].ljust(width, b"\0")
+_BIG = 8**11  # the first value a 12-byte octal field cannot hold
 
 
 def _fits(text: str, width: int) -> bool:
@@ -271,22 +226,13 @@ def _fits(text: str, width: int) -> bool:
 
 
 def _ustar(name: str, typeflag: bytes, size: int, mode: int, mtime: int, linkname: str) -> bytes:
-    """One USTAR header block (Go's layout: ``ustar\\0`` magic, version ``00``)."""
-    hdr = bytearray(BLOCK)
-    hdr[0:100] = _field(name if name.isascii() else name.encode("ascii", "replace").decode(), 100)
-    hdr[100:108] = _octal(mode, 8)
-    hdr[108:116] = _octal(0, 8)
-    hdr[116:124] = _octal(0, 8)
-    hdr[124:136] = _octal(size, 12)
-    hdr[136:148] = _octal(mtime, 12)
-    hdr[148:156] = b" " * 8
-    hdr[156:157] = typeflag
-    hdr[157:257] = _field(linkname if linkname.isascii() else "", 100)
-    hdr[257:265] = b"ustar\x0000"
-    hdr[329:337] = _octal(0, 8)
-    hdr[337:345] = _octal(0, 8)
-    hdr[148:156] = f"{sum(hdr):06o}".encode() + b"\0 "
-    return bytes(hdr)
+    """One ustar block as go-winio's writer leaves it: uid, gid and devices 0, names cut
+    to their field (a non-ASCII name as ``?`` marks, a non-ASCII link name left out:
+    the PAX records carry both)."""
+    field = name if name.isascii() else name.encode("ascii", "replace").decode()
+    link = linkname if linkname.isascii() else ""
+    return tw.ustar_block(field.encode()[:NAME_SIZE], mode, 0, 0, size, mtime, typeflag,
+                          link.encode()[:NAME_SIZE])
 
 
 def encode_header(
@@ -306,271 +252,28 @@ def encode_header(
     added when the USTAR fields cannot hold the value exactly.
     """
     pax = dict(records or {})
-    if not _fits(name, 100):
+    if not _fits(name, NAME_SIZE):
         pax["path"] = name
-    if linkname and not _fits(linkname, 100):
+    if linkname and not _fits(linkname, NAME_SIZE):
         pax["linkpath"] = linkname
-    if size >= 8**11:
+    if size >= _BIG:
         pax["size"] = str(size)
     secs = mtime_ns // _NS
-    if mtime_ns % _NS or not 0 <= secs < 8**11:
-        pax.setdefault("mtime", format_pax_time(mtime_ns))
+    if mtime_ns % _NS or not 0 <= secs < _BIG:
+        pax.setdefault("mtime", paxrec.format_time(mtime_ns))
     out = b""
     if pax:
-        payload = encode_pax_records(pax)
+        payload = paxrec.encode_text_records(pax)
         head, _, base = name.rstrip("/").rpartition("/")
         pax_name = f"{head}/PaxHeaders.0/{base}" if head else f"PaxHeaders.0/{base}"
-        out = _ustar(pax_name, b"x", len(payload), 0, 0, "") + payload + padding(len(payload))
-    ustar_mtime = secs if 0 <= secs < 8**11 else 0
-    return out + _ustar(name, typeflag, size if size < 8**11 else 0, mode, ustar_mtime, linkname)
+        out = _ustar(pax_name, XHDTYPE, len(payload), 0, 0, "") + payload + padding(len(payload))
+    ustar_mtime = secs if 0 <= secs < _BIG else 0
+    return out + _ustar(name, typeflag, size if size < _BIG else 0, mode, ustar_mtime, linkname)
 
 
 def whiteout_header(name: str) -> bytes:
     """A bare deletion marker as hcsshim writes it: only the name is set (Go then writes
     typeflag ``0``, mode/uid/gid/size/mtime zero, USTAR)."""
-    if not _fits(name, 100):
-        return encode_header(name, TYPE_REG)
-    return _ustar(name, TYPE_REG, 0, 0, 0, "")
-
-
-# -- streaming reader ------------------------------------------------------------------------
-
-
-@dataclass
-class TarEntry:
-    """One member, its header parsed and its raw header blocks kept."""
-
-    name: str
-    typeflag: bytes
-    size: int
-    linkname: str
-    mode: int
-    mtime_ns: int
-    pax: dict[str, str] = field(default_factory=dict)
-    #: the exact bytes of every header block of this member (PAX, GNU long names, USTAR)
-    raw_header: bytes = b""
-
-    def time_ns(self, key: str) -> int | None:
-        """A PAX time record (``atime``, ``ctime``, ``LIBARCHIVE.creationtime``) in ns."""
-        text = self.pax.get(key)
-        if text is None:
-            return None
-        try:
-            return parse_pax_time(text)
-        except ValueError:
-            raise InvalidArchive(f"{key}={text!r} is not a PAX time", self.name) from None
-
-
-class TarRecorder(Protocol):
-    """Where a reader sends what it reads (:class:`lamina.archive.tar.split.TarSplitWriter`
-    fits): raw bytes as segments, each member as name, data size and CRC-64."""
-
-    def segment(self, payload: bytes) -> None: ...
-
-    def file(self, name: bytes, size: int, checksum: bytes | None) -> None: ...
-
-
-class TarReader:
-    """Reads a tar stream member by member, in bounded memory.
-
-    With a ``recorder``, every byte read is accounted for as tar-split does it: raw
-    segments (headers, padding, the end-of-archive blocks and whatever follows them),
-    and one file record per member. Data copied out with :meth:`copy_data` is recorded
-    by size and CRC-64 (it will be read back from the layer); data the caller skips is
-    kept in the record as a raw segment, so the tar is rebuilt exactly either way.
-    """
-
-    def __init__(self, stream: IO[bytes], recorder: TarRecorder | None = None) -> None:
-        self._stream = stream
-        self._rec = recorder
-        self._pending = bytearray()  # raw bytes not yet handed to the recorder
-        self._remaining = 0  # unread data bytes of the current member
-        self._pad = 0
-        self._current: TarEntry | None = None
-        self._filed = False  # whether the current member's file record is written
-        self.done = False
-
-    # -- low-level reads ------------------------------------------------------------
-
-    def _read_exact(self, n: int, what: str) -> bytes:
-        chunks = []
-        left = n
-        while left:
-            chunk = self._stream.read(left)
-            if not chunk:
-                entry = self._current.name if self._current else None
-                raise InvalidArchive(f"unexpected end of tar stream in {what}", entry)
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-
-    def _segment(self, raw: bytes) -> None:
-        if self._rec is not None:
-            self._pending += raw
-            if len(self._pending) >= 1 << 20:
-                self._flush()
-
-    def _flush(self) -> None:
-        if self._rec is not None and self._pending:
-            self._rec.segment(bytes(self._pending))
-            self._pending.clear()
-
-    def _file(self, size: int, checksum: bytes | None) -> None:
-        if self._rec is not None and self._current is not None and not self._filed:
-            self._flush()
-            self._rec.file(self._current.name.encode("utf-8", "surrogateescape"), size, checksum)
-        self._filed = True
-
-    # -- members ----------------------------------------------------------------------
-
-    def next(self) -> TarEntry | None:
-        """The next member, skipping whatever of the current one was not read; None at
-        the end of the archive."""
-        if self.done:
-            return None
-        self._finish_current()
-        raw = bytearray()
-        pax: dict[str, str] = {}
-        long_name: str | None = None
-        long_link: str | None = None
-        while True:
-            block = self._read_block_or_eof()
-            if block is None:
-                # a stream that ends at a block boundary: Go's reader reports EOF too
-                self.done = True
-                if raw:
-                    raise InvalidArchive("tar stream ends inside a member's headers")
-                self._flush()
-                return None
-            if block == bytes(BLOCK):
-                self._segment(block)
-                self._copy_rest()
-                self._flush()
-                self.done = True
-                return None
-            raw += block
-            hdr = _parse_ustar(block)
-            kind = hdr["typeflag"]
-            if kind in (b"x", b"g", b"L", b"K"):
-                if hdr["size"] > 1 << 20:
-                    raise InvalidArchive("extended header larger than 1 MiB", hdr["name"])
-                payload = self._read_exact(hdr["size"], "an extended header")
-                raw += payload + self._read_exact(-hdr["size"] % BLOCK, "padding")
-                if kind == b"x":
-                    pax.update(parse_pax_records(payload, hdr["name"]))
-                elif kind == b"L":
-                    long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                elif kind == b"K":
-                    long_link = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                continue
-            break
-        name = pax.get("path", long_name if long_name is not None else hdr["name"])
-        linkname = pax.get("linkpath", long_link if long_link is not None else hdr["linkname"])
-        size = hdr["size"]
-        if "size" in pax:
-            if not pax["size"].isdigit():
-                raise InvalidArchive(f"size={pax['size']!r} is not a number", name)
-            size = int(pax["size"])
-        mtime_ns = hdr["mtime"] * _NS
-        if "mtime" in pax:
-            try:
-                mtime_ns = parse_pax_time(pax["mtime"])
-            except ValueError:
-                raise InvalidArchive(f"mtime={pax['mtime']!r} is not a PAX time", name) from None
-        typeflag = hdr["typeflag"]
-        if typeflag == b"\0":
-            typeflag = TYPE_DIR if name.endswith("/") else TYPE_REG
-        # header-only types carry no data in Go's reader, whatever the size field says
-        data_size = 0 if typeflag in _HEADER_ONLY else size
-        self._segment(bytes(raw))
-        entry = TarEntry(name, typeflag, size, linkname, hdr["mode"], mtime_ns, pax, bytes(raw))
-        self._current = entry
-        self._filed = False
-        self._remaining = data_size
-        self._pad = -data_size % BLOCK
-        return entry
-
-    @property
-    def data_size(self) -> int:
-        """Bytes of data the current member has left to read."""
-        return self._remaining
-
-    def copy_data(self, write: Callable[[bytes], object]) -> int:
-        """Copy the current member's data to ``write``, recording it as content the
-        layer will serve back. Returns the byte count."""
-        crc = Crc64()
-        total = 0
-        while self._remaining:
-            chunk = self._stream.read(min(self._remaining, 1 << 20))
-            if not chunk:
-                raise InvalidArchive("unexpected end of tar stream in file data",
-                                     self._current.name if self._current else None)
-            self._remaining -= len(chunk)
-            total += len(chunk)
-            crc.update(chunk)
-            write(chunk)
-        self._file(total, crc.digest() if total else None)
-        return total
-
-    def _finish_current(self) -> None:
-        if self._current is None:
-            return
-        self._file(0, None)
-        while self._remaining:
-            chunk = self._read_exact(min(self._remaining, 1 << 20), "file data")
-            self._remaining -= len(chunk)
-            self._segment(chunk)
-        if self._pad:
-            self._segment(self._read_exact(self._pad, "padding"))
-            self._pad = 0
-        self._current = None
-
-    def _read_block_or_eof(self) -> bytes | None:
-        first = self._stream.read(BLOCK)
-        if not first:
-            return None
-        if len(first) < BLOCK:
-            first += self._read_exact(BLOCK - len(first), "a header")
-        return first
-
-    def _copy_rest(self) -> None:
-        """Everything after the first zero block goes into the record as it is."""
-        while True:
-            chunk = self._stream.read(1 << 20)
-            if not chunk:
-                return
-            self._segment(chunk)
-
-
-def _number(raw: bytes, what: str) -> int:
-    if raw and raw[0] & 0x80:  # base-256 (GNU) for values that overflow octal
-        value = int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
-        return value - (1 << (8 * len(raw) - 1)) if raw[0] & 0x40 else value
-    text = raw.replace(b"\0", b" ").strip()
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise InvalidArchive(f"invalid number in tar header field {what}: {raw!r}") from None
-
-
-def _parse_ustar(block: bytes) -> dict:  # type: ignore[type-arg]
-    stored = _number(block[148:156], "chksum")
-    unsigned = sum(block[:148]) + 256 + sum(block[156:])
-    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
-    name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    if stored not in (unsigned, signed):
-        raise InvalidArchive("tar header checksum mismatch (not a tar stream?)", name or None)
-    if block[257:263] == b"ustar\0":
-        prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        if prefix:
-            name = prefix + "/" + name
-    return {
-        "name": name,
-        "mode": _number(block[100:108], "mode"),
-        "size": _number(block[124:136], "size"),
-        "mtime": _number(block[136:148], "mtime"),
-        "typeflag": block[156:157],
-        "linkname": block[157:257].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
-    }
+    if not _fits(name, NAME_SIZE):
+        return encode_header(name, REGTYPE)
+    return _ustar(name, REGTYPE, 0, 0, 0, "")

@@ -31,7 +31,6 @@ its children's chains, as the seed does. Imports run in a child process
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import gzip
@@ -44,23 +43,15 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import lamina
-from lamina.archive import winsd, wintar
+from lamina.archive import wintar
 from lamina.archive.change import Change, ChangeKind
-from lamina.archive.wintar import FileAttr
+from lamina.archive.winexport import ExportItem, write_tar
 from lamina.drivers.base import CreateOptions, Driver, DriverContext, FileGetter
-from lamina.drivers.windowsfilter_meta import (
-    LINKPATH,
-    TAR_RECORD,
-    XATTR_NAME,
-    linux_link_target,
-    read_meta,
-    windows_link_target,
-)
+from lamina.drivers.windowsfilter_meta import TAR_RECORD, XATTR_NAME, read_meta
 from lamina.errors import (
     InvalidOption,
     LaminaError,
@@ -93,15 +84,6 @@ _OVERLAY_EXTRA = ("redirect_dir=off", "index=off", "metacopy=off")
 NOREEXEC_ENV = "LAMINA_WINDOWSFILTER_NOREEXEC"
 #: mount(2) copies at most one page of option data; leave room for the terminator
 _MOUNT_DATA_MAX = 4000
-
-_DEFAULT_FILE_SD = winsd.sddl_to_bytes(winsd.DEFAULT_FILE_SDDL)
-_DEFAULT_DIR_SD = winsd.sddl_to_bytes(winsd.DEFAULT_DIR_SDDL)
-
-
-def default_security_descriptor(is_dir: bool) -> bytes:
-    """The descriptor an export gives a file that has none recorded (written from Linux)."""
-    return _DEFAULT_DIR_SD if is_dir else _DEFAULT_FILE_SD
-
 
 def parse_storage_opt(storage_opt: dict[str, str]) -> int:
     """The seed's parseStorageOpt: keys case-blind, ``size`` in RAMInBytes units,
@@ -439,7 +421,7 @@ class WindowsFilterDriver(Driver):
             return self._export_sandbox(rid)
         if (folder / TAR_RECORD).exists():
             return self._reassemble(rid)
-        return _write_tar(self._layer_items(rid))
+        return write_tar(self._layer_items(rid), read_meta)
 
     def _reassemble(self, rid: str) -> Iterator[bytes]:
         from lamina.archive.tar.split import reassemble
@@ -450,31 +432,31 @@ class WindowsFilterDriver(Driver):
 
     def _export_sandbox(self, rid: str) -> Iterator[bytes]:
         with self._sandbox_upper(rid) as upper:
-            yield from _write_tar(self._sandbox_items(rid, upper))
+            yield from write_tar(self._sandbox_items(rid, upper), read_meta)
 
-    def _sandbox_items(self, rid: str, upper: Path) -> Iterator[_Item]:
+    def _sandbox_items(self, rid: str, upper: Path) -> Iterator[ExportItem]:
         lowers = self._lowers(rid)
-        yield _Item(wintar.FILES, upper)
-        yield _Item(wintar.HIVES, None)
+        yield ExportItem(wintar.FILES, upper)
+        yield ExportItem(wintar.HIVES, None)
         yield from _walk_children(wintar.FILES, upper, "", lowers)
 
-    def _layer_items(self, rid: str) -> Iterator[_Item]:
+    def _layer_items(self, rid: str) -> Iterator[ExportItem]:
         folder = self.dir(rid)
         files = folder / wintar.FILES
-        yield _Item(wintar.FILES, files if files.is_dir() else None)
+        yield ExportItem(wintar.FILES, files if files.is_dir() else None)
         hives = folder / wintar.HIVES
-        yield _Item(wintar.HIVES, hives if hives.is_dir() else None)
+        yield ExportItem(wintar.HIVES, hives if hives.is_dir() else None)
         if files.is_dir():
             yield from _walk_children(wintar.FILES, files, "", ())
         if hives.is_dir():
             yield from _walk_children(wintar.HIVES, hives, "", ())
         uvm = folder / wintar.UTILITY_VM
         if uvm.is_dir():
-            yield _Item(wintar.UTILITY_VM, uvm)
+            yield ExportItem(wintar.UTILITY_VM, uvm)
             yield from _walk_children(wintar.UTILITY_VM, uvm, "", ())
 
     @contextlib.contextmanager
-    def _items(self, rid: str) -> Iterator[Iterator[_Item]]:
+    def _items(self, rid: str) -> Iterator[Iterator[ExportItem]]:
         if (self.dir(rid) / SANDBOX_IMAGE).exists():
             with self._sandbox_upper(rid) as upper:
                 yield self._sandbox_items(rid, upper)
@@ -621,17 +603,6 @@ def _child_error(layer_id: str, status: int, stderr: str) -> LaminaError:
     return LaminaError(f"{prefix}: {stderr.strip() or 'no output'}")
 
 
-@dataclass
-class _Item:
-    """One entry of a layer's export: a tar name, the file on disk (None for a
-    deletion or a folder the layer does not have), and its alternate data streams."""
-
-    name: str
-    path: Path | None
-    deleted: bool = False
-    streams: list[tuple[str, Path]] = field(default_factory=list)
-
-
 def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
@@ -695,7 +666,7 @@ def _inherit_streams(folder: Path, rel: str, lowers: Sequence[Path], upper_names
         streams.setdefault(base, []).extend((s, p) for s, p in lower_streams.items() if s not in own)
 
 
-def _walk_children(top: str, folder: Path, rel: str, lowers: Sequence[Path]) -> Iterator[_Item]:
+def _walk_children(top: str, folder: Path, rel: str, lowers: Sequence[Path]) -> Iterator[ExportItem]:
     """Pre-order walk in byte order, as hcsshim's layer reader walks: each folder's
     deletions right after the folder's own entry, then its children; ``name:stream``
     files go with their file as its alternate data streams."""
@@ -708,7 +679,7 @@ def _walk_children(top: str, folder: Path, rel: str, lowers: Sequence[Path]) -> 
         deleted |= _lower_names(lowers, rel) - present
     prefix = f"{top}/{rel}" if rel else top
     for name in sorted(deleted, key=os.fsencode):
-        yield _Item(f"{prefix}/{name}", None, deleted=True)
+        yield ExportItem(f"{prefix}/{name}", None, deleted=True)
     streams: dict[str, list[tuple[str, Path]]] = {}
     for name in present:
         split = wintar.stream_split(name)
@@ -721,125 +692,10 @@ def _walk_children(top: str, folder: Path, rel: str, lowers: Sequence[Path]) -> 
         if entry.name not in present or entry.name in attached:
             continue
         child_rel = f"{rel}/{entry.name}" if rel else entry.name
-        yield _Item(f"{top}/{child_rel}", Path(entry.path),
+        yield ExportItem(f"{top}/{child_rel}", Path(entry.path),
                     streams=sorted(streams.get(entry.name, []), key=lambda s: os.fsencode(s[0])))
         if stat.S_ISDIR(stats[entry.name].st_mode):
             yield from _walk_children(top, Path(entry.path), child_rel, lowers)
-
-
-def _write_tar(items: Iterator[_Item]) -> Iterator[bytes]:
-    """A Windows diff layer tar from export items, as hcsshim's exporter writes one:
-    PAX headers with backuptar's records on every entry, recorded metadata where the
-    file has it and defaults where it was written from Linux, bare whiteouts for
-    deletions, later names of a hard-linked file as links to the first."""
-    links: dict[tuple[int, int], str] = {}
-    files_times: tuple[int, int, int] | None = None
-    for item in items:
-        if item.deleted:
-            head, _, base = item.name.rpartition("/")
-            yield wintar.whiteout_header(f"{head}/{wintar.WHITEOUT_PREFIX}{base}")
-            continue
-        if item.path is None:
-            # a top folder the layer does not have (a sandbox's Hives)
-            times = files_times or (0, 0, 0)
-            yield _header(item.name, wintar.TYPE_DIR, FileAttr.DIRECTORY, {}, times, size=0)
-            continue
-        st = item.path.lstat()
-        times = (st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns)
-        if item.name == wintar.FILES:
-            files_times = times
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            first = links.setdefault((st.st_dev, st.st_ino), item.name)
-            if first != item.name:
-                meta = read_meta(item.path)
-                attrs = windows_attributes(meta, st)
-                records = {wintar.FILEATTR: str(attrs), wintar.CREATIONTIME: _creation(meta, times)}
-                yield wintar.encode_header(item.name, wintar.TYPE_LINK, mode=0o644, mtime_ns=times[0],
-                                           linkname=first, records={**records, **_time_records(times)})
-                continue
-        yield from _file_entry(item, st, times)
-    yield wintar.END_OF_ARCHIVE
-
-
-def windows_attributes(meta: dict[str, str], st: os.stat_result) -> int:
-    """Recorded attributes, kept consistent with what the file is now; defaults for a
-    file written from Linux (directory 0x10, file 0x20, symlink adds 0x400)."""
-    recorded = meta.get(wintar.FILEATTR)
-    if recorded is not None and recorded.isdigit():
-        attrs = int(recorded)
-    elif stat.S_ISDIR(st.st_mode):
-        attrs = FileAttr.DIRECTORY
-    else:
-        attrs = FileAttr.ARCHIVE
-    if stat.S_ISDIR(st.st_mode):
-        attrs = (attrs | FileAttr.DIRECTORY) & ~FileAttr.REPARSE_POINT
-    elif stat.S_ISLNK(st.st_mode):
-        attrs |= FileAttr.REPARSE_POINT
-    else:
-        attrs &= ~(FileAttr.DIRECTORY | FileAttr.REPARSE_POINT)
-    return int(attrs)
-
-
-def _creation(meta: dict[str, str], times: tuple[int, int, int]) -> str:
-    return meta.get(wintar.CREATIONTIME) or wintar.format_pax_time(times[0])
-
-
-def _time_records(times: tuple[int, int, int]) -> dict[str, str]:
-    """``atime``/``ctime`` as the file has them now (Go always writes both)."""
-    return {"atime": wintar.format_pax_time(times[1]), "ctime": wintar.format_pax_time(times[2])}
-
-
-def _header(name: str, typeflag: bytes, attrs: int, meta: dict[str, str],
-            times: tuple[int, int, int], *, size: int, linkname: str = "", mode: int | None = None) -> bytes:
-    records = {k: v for k, v in meta.items() if k.startswith(wintar.WINDOWS_RECORD_PREFIXES)}
-    records[wintar.FILEATTR] = str(attrs)
-    records[wintar.CREATIONTIME] = _creation(meta, times)
-    if wintar.RAWSD not in records and wintar.SDDL not in records:
-        sd = default_security_descriptor(bool(attrs & FileAttr.DIRECTORY))
-        records[wintar.RAWSD] = base64.b64encode(sd).decode()
-    records.update(_time_records(times))
-    if mode is None:
-        mode = wintar.MODE_DIR if typeflag == wintar.TYPE_DIR else wintar.MODE_REG
-    return wintar.encode_header(name, typeflag, size=size, mode=mode, mtime_ns=times[0],
-                                linkname=linkname, records=records)
-
-
-def _file_entry(item: _Item, st: os.stat_result, times: tuple[int, int, int]) -> Iterator[bytes]:
-    assert item.path is not None
-    meta = read_meta(item.path)
-    attrs = windows_attributes(meta, st)
-    if stat.S_ISDIR(st.st_mode):
-        yield _header(item.name, wintar.TYPE_DIR, attrs, meta, times, size=0)
-    elif stat.S_ISLNK(st.st_mode):
-        target = os.readlink(item.path)
-        recorded = meta.get(LINKPATH)
-        linkname = recorded if recorded is not None and linux_link_target(recorded) == target else windows_link_target(target)
-        mode = wintar.MODE_SYMLINK | (wintar.MODE_DIR if attrs & FileAttr.DIRECTORY else 0)
-        yield _header(item.name, wintar.TYPE_SYMLINK, attrs, meta, times, size=0, linkname=linkname, mode=mode)
-    elif stat.S_ISREG(st.st_mode):
-        yield _header(item.name, wintar.TYPE_REG, attrs, meta, times, size=st.st_size)
-        yield from _file_data(item.path, st.st_size, item.name)
-    else:
-        log.warning("%s: a %s has no Windows form; left out of the export", item.name, stat.filemode(st.st_mode)[0])
-        return
-    for stream, path in item.streams:
-        size = path.lstat().st_size
-        mode = wintar.MODE_DIR if stat.S_ISDIR(st.st_mode) else wintar.MODE_REG
-        yield wintar.encode_header(f"{item.name}:{stream}", wintar.TYPE_REG, size=size, mode=mode,
-                                   mtime_ns=times[0], records=_time_records(times))
-        yield from _file_data(path, size, f"{item.name}:{stream}")
-
-
-def _file_data(path: Path, size: int, name: str) -> Iterator[bytes]:
-    left = size
-    with open(path, "rb", buffering=0) as f:
-        while left:
-            chunk = f.read(min(left, 1 << 20))
-            if not chunk:
-                raise StoreCorrupt(f"{name} shrank while it was exported")
-            left -= len(chunk)
-            yield chunk
-    yield wintar.padding(size)
 
 
 class LayerFileGetter(FileGetter):

@@ -45,16 +45,11 @@ from pathlib import Path
 from typing import IO
 
 from lamina.archive import winsd, wintar
-from lamina.archive.tar.split import TarSplitWriter
-from lamina.archive.wintar import FileAttr, TarEntry, TarReader
-from lamina.drivers.windowsfilter_meta import (
-    ATIME,
-    CTIME,
-    LINKPATH,
-    TAR_RECORD,
-    linux_link_target,
-    write_meta,
-)
+from lamina.archive.tar.format import DIR, GLOBAL, LNK, REG, SYM
+from lamina.archive.tar.reader import TarEntry
+from lamina.archive.tar.split import RecordingReader
+from lamina.archive.wintar import FileAttr, linux_link_target, text_record, time_record
+from lamina.drivers.windowsfilter_meta import ATIME, CTIME, LINKPATH, TAR_RECORD, write_meta
 from lamina.errors import InvalidArchive, LaminaError, LayerExists
 from lamina.fs.durable import fsync_dir, syncfs
 from lamina.fs.locks import FileLock
@@ -91,22 +86,23 @@ class LayerImporter:
 
     def run(self, stream: IO[bytes], record: IO[bytes]) -> int:
         """Import the tar on ``stream``, writing its tar-split to ``record``."""
-        reader = TarReader(stream, TarSplitWriter(record))
+        reader = RecordingReader(stream, record)
         while (entry := reader.next()) is not None:
-            self._add(reader, entry)
+            if entry.type != GLOBAL:  # a PAX global header names no file (as in Go)
+                self._add(reader, entry)
         self._finish()
         return self.size
 
-    def _add(self, reader: TarReader, entry: TarEntry) -> None:
+    def _add(self, reader: RecordingReader, entry: TarEntry) -> None:
         owner = self._stream_owner
         self._stream_owner = None
-        if owner and entry.typeflag == wintar.TYPE_REG and entry.name.startswith(owner[0] + ":"):
+        if owner and entry.type == REG and entry.name.startswith(owner[0] + ":"):
             self._add_stream(reader, entry, owner)
             return
         parts = wintar.split_name(entry.name)
         if parts[-1].startswith(wintar.WHITEOUT_PREFIX):
             self._remove(entry, parts[:-1] + [parts[-1][len(wintar.WHITEOUT_PREFIX):]])
-        elif entry.typeflag == wintar.TYPE_LINK:
+        elif entry.type == LNK:
             self._add_link(entry, parts)
         else:
             self._add_file(reader, entry, parts)
@@ -158,14 +154,14 @@ class LayerImporter:
 
     # -- entry kinds ----------------------------------------------------------------------
 
-    def _add_file(self, reader: TarReader, entry: TarEntry, parts: list[str]) -> None:
+    def _add_file(self, reader: RecordingReader, entry: TarEntry, parts: list[str]) -> None:
         attrs = self._attributes(entry)
-        is_dir = entry.typeflag == wintar.TYPE_DIR
+        is_dir = entry.type == DIR
         if is_dir and attrs is not None and not attrs & FileAttr.DIRECTORY:
             raise InvalidArchive(f"directory entry whose {wintar.FILEATTR} lacks FILE_ATTRIBUTE_DIRECTORY (0x10)", entry.name)
-        if entry.typeflag == wintar.TYPE_REG and attrs is not None and attrs & FileAttr.DIRECTORY:
+        if entry.type == REG and attrs is not None and attrs & FileAttr.DIRECTORY:
             raise InvalidArchive(f"regular file entry whose {wintar.FILEATTR} has FILE_ATTRIBUTE_DIRECTORY (0x10)", entry.name)
-        if entry.typeflag not in (wintar.TYPE_REG, wintar.TYPE_DIR, wintar.TYPE_SYMLINK):
+        if entry.type not in (REG, DIR, SYM):
             # hcsshim gives other types no data stream: a directory if the attributes say so
             is_dir = attrs is not None and bool(attrs & FileAttr.DIRECTORY)
         self._check_records(entry)
@@ -184,17 +180,17 @@ class LayerImporter:
                 self._make_room(entry, parts, rel, replace=False)
                 os.mkdir(path, 0o755)
             self.dirs.add(key)
-        elif entry.typeflag == wintar.TYPE_SYMLINK:
+        elif entry.type == SYM:
             self._make_room(entry, parts, rel, replace=False)
             os.symlink(linux_link_target(entry.linkname), path)
         else:
             self._make_room(entry, parts, rel, replace=False)
             self._write_data(reader, entry, path, rel)
         self.names[key] = rel
-        self._set_meta(entry, path, is_dir, extra={LINKPATH: entry.linkname} if entry.typeflag == wintar.TYPE_SYMLINK else None)
+        self._set_meta(entry, path, is_dir, extra={LINKPATH: entry.linkname} if entry.type == SYM else None)
         self._stream_owner = (entry.name, rel)
 
-    def _write_data(self, reader: TarReader, entry: TarEntry, path: Path, rel: str) -> None:
+    def _write_data(self, reader: RecordingReader, entry: TarEntry, path: Path, rel: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         backup_name = wintar.MUTATED_FILES.get(rel)
         backup = open(self.root / backup_name, "wb") if backup_name else None
@@ -210,10 +206,10 @@ class LayerImporter:
         finally:
             if backup is not None:
                 backup.close()
-        if entry.typeflag == wintar.TYPE_REG:
+        if entry.type == REG:
             self.size += entry.size
 
-    def _add_stream(self, reader: TarReader, entry: TarEntry, owner: tuple[str, str]) -> None:
+    def _add_stream(self, reader: RecordingReader, entry: TarEntry, owner: tuple[str, str]) -> None:
         """An alternate data stream of the file just added: a sibling ``file:stream``."""
         stream = entry.name[len(owner[0]) + 1 :]
         if not stream or "/" in stream or "\\" in stream or "\0" in stream:
@@ -338,13 +334,13 @@ class LayerImporter:
 
     @staticmethod
     def _attributes(entry: TarEntry) -> int | None:
-        value = entry.pax.get(wintar.FILEATTR)
+        value = text_record(entry, wintar.FILEATTR)
         return None if value is None else wintar.parse_fileattr(value, entry.name)
 
     @staticmethod
     def _check_records(entry: TarEntry) -> None:
         """Refuse records the Windows importer would fail on, naming the entry."""
-        raw = entry.pax.get(wintar.RAWSD)
+        raw = text_record(entry, wintar.RAWSD)
         if raw is not None:
             try:
                 winsd.decode(base64.b64decode(raw, validate=True))
@@ -353,13 +349,14 @@ class LayerImporter:
             except InvalidArchive as e:
                 raise InvalidArchive(str(e), entry.name) from None
         for key in (wintar.CREATIONTIME, "atime", "ctime"):
-            entry.time_ns(key)
+            time_record(entry, key)
 
     def _set_meta(self, entry: TarEntry, path: Path, is_dir: bool, extra: dict[str, str] | None = None) -> None:
         records = wintar.windows_records(entry.pax)
         for key, name in (("atime", ATIME), ("ctime", CTIME)):
-            if key in entry.pax:
-                records[name] = entry.pax[key]
+            value = text_record(entry, key)
+            if value is not None:
+                records[name] = value
         if extra:
             records.update(extra)
         try:
@@ -368,7 +365,7 @@ class LayerImporter:
             if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ERANGE):
                 raise InvalidArchive(f"Windows metadata too large for the store's xattrs: {e.strerror}", entry.name) from None
             raise
-        atime = entry.time_ns("atime")
+        atime = time_record(entry, "atime")
         times = (entry.mtime_ns if atime is None else atime, entry.mtime_ns)
         if is_dir:
             self.dir_times.append((str(path.relative_to(self.root)), *times))

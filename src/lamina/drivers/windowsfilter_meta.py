@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lamina.archive.wintar import encode_pax_records, parse_pax_records
+from lamina.archive.tar.pax import encode_text_records, parse_text_records
 
 XATTR_NAME = "trusted.lamina.win"
 ATIME = "atime"
@@ -37,7 +37,7 @@ TAR_RECORD = "tar-split.json.gz"
 def write_meta(path: Path | str, records: dict[str, str]) -> None:
     """Store ``records`` on ``path`` (never following a symlink); nothing if empty."""
     if records:
-        os.setxattr(path, XATTR_NAME, encode_pax_records(records), follow_symlinks=False)
+        os.setxattr(path, XATTR_NAME, encode_text_records(records), follow_symlinks=False)
 
 
 def read_meta(path: Path | str) -> dict[str, str]:
@@ -46,28 +46,4 @@ def read_meta(path: Path | str) -> dict[str, str]:
         raw = os.getxattr(path, XATTR_NAME, follow_symlinks=False)
     except OSError:
         return {}
-    return parse_pax_records(raw, str(path))
-
-
-def linux_link_target(target: str) -> str:
-    """A Windows link target as a Linux symlink target that resolves inside the view:
-    ``C:\\a\\b`` (also ``\\??\\C:``/``\\\\?\\C:`` forms) becomes ``/a/b``, relative
-    ``..\\a`` becomes ``../a``; other drives and UNC paths keep their text."""
-    for prefix in ("\\??\\", "\\\\?\\"):
-        if target.startswith(prefix):
-            target = target[len(prefix):]
-            break
-    if len(target) >= 2 and target[1] == ":":
-        if target[0] in "cC":
-            return "/" + target[2:].replace("\\", "/").lstrip("/")
-        return target
-    if target.startswith("\\\\"):
-        return target
-    return target.replace("\\", "/")
-
-
-def windows_link_target(target: str) -> str:
-    """The Windows form of a Linux symlink target: ``/a/b`` -> ``C:\\a\\b``."""
-    if target.startswith("/"):
-        return "C:" + target.replace("/", "\\")
-    return target.replace("/", "\\")
+    return parse_text_records(raw, str(path))

@@ -1,5 +1,6 @@
 """A small tar writer for image archives: members of known or unknown length.
 
+Headers come from the one tar codec (:func:`lamina.archive.tar.writer.gnu_header`).
 Why not :mod:`tarfile`'s ``addfile``: it needs the size before the data, and a layer's
 diff is a stream whose length is known only at its end. On a seekable output (a file,
 the usual ``-o FILE``) we write the header with size 0, stream the data, then go back and
@@ -13,32 +14,19 @@ Go's ``archive/tar`` read them), so the patched header never changes length.
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from collections.abc import Iterable
 from typing import IO
 
+from lamina.archive.tar.format import DIRTYPE, END_OF_ARCHIVE, REGTYPE, SYMTYPE, padding
+from lamina.archive.tar.writer import gnu_header
 from lamina.errors import ImageError
 
-BLOCK = 512
 
-
-def _header(name: str, *, size: int, mtime: int, kind: bytes = tarfile.REGTYPE,
+def _header(name: str, *, size: int, mtime: int, kind: bytes = REGTYPE,
             mode: int = 0o644, linkname: str = "") -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = size if kind == tarfile.REGTYPE else 0
-    info.mtime = mtime
-    info.mode = mode
-    info.type = kind
-    info.linkname = linkname
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    if len(name.encode()) > 100:
-        raise ValueError(f"tar member name too long for a fixed header: {name}")
-    return info.tobuf(format=tarfile.GNU_FORMAT)
-
-
-def _padding(size: int) -> bytes:
-    return b"\0" * (-size % BLOCK)
+    return gnu_header(name.encode("utf-8", "surrogateescape"), size=size if kind == REGTYPE else 0,
+                      mtime=mtime, typeflag=kind, mode=mode,
+                      linkname=linkname.encode("utf-8", "surrogateescape"))
 
 
 class TarWriter:
@@ -60,13 +48,13 @@ class TarWriter:
     def add_bytes(self, name: str, data: bytes, *, mtime: int = 0, mode: int = 0o644) -> None:
         self._write(_header(name, size=len(data), mtime=mtime, mode=mode))
         self._write(data)
-        self._write(_padding(len(data)))
+        self._write(padding(len(data)))
 
     def add_dir(self, name: str, *, mtime: int = 0) -> None:
-        self._write(_header(name.rstrip("/") + "/", size=0, mtime=mtime, kind=tarfile.DIRTYPE, mode=0o755))
+        self._write(_header(name.rstrip("/") + "/", size=0, mtime=mtime, kind=DIRTYPE, mode=0o755))
 
     def add_symlink(self, name: str, target: str, *, mtime: int = 0) -> None:
-        self._write(_header(name, size=0, mtime=mtime, kind=tarfile.SYMTYPE, mode=0o777, linkname=target))
+        self._write(_header(name, size=0, mtime=mtime, kind=SYMTYPE, mode=0o777, linkname=target))
 
     def add_stream(self, name: str, chunks: Iterable[bytes], *, mtime: int = 0,
                    size: int | None = None) -> tuple[str, int]:
@@ -87,7 +75,7 @@ class TarWriter:
             self._write(chunk)
         if size is not None and n != size:
             raise ImageError(f"{name}: the data changed while it was written ({n} bytes, {size} expected)")
-        self._write(_padding(n))
+        self._write(padding(n))
         if start is not None:
             end = self._out.tell()
             self._out.seek(start)
@@ -97,5 +85,5 @@ class TarWriter:
 
     def close(self) -> None:
         """Write the end-of-archive marker (two zero blocks, as Go's tar writer does)."""
-        self._write(b"\0" * (2 * BLOCK))
+        self._write(END_OF_ARCHIVE)
         self._out.flush()

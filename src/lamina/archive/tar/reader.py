@@ -12,8 +12,15 @@ What it reads: ustar, PAX (local ``x`` records: ``path``, ``linkpath``, ``size``
 global ``g`` headers are validated and surfaced as entries of type ``GLOBAL`` but not
 applied to later entries, as Go's ``archive/tar`` and so Docker do), GNU long names and
 long link names (``L``/``K``), the GNU atime field, star's prefix, base-256 numbers.
-GNU sparse files (type ``S`` or ``GNU.sparse.*`` records) are refused: Docker's own tar
-writer never makes them and no layer in the wild needs them.
+Entry types are handed on as they are (``NUL`` and ``7`` as regular files): what an
+unknown type means is the caller's to decide (apply refuses it; the Windows importer
+follows hcsshim). GNU sparse files (type ``S`` or ``GNU.sparse.*`` records) are refused:
+their data is not the file's bytes, Docker's own tar writer never makes them and no
+layer in the wild needs them.
+
+The bytes side (one buffer, data handed out as slices of it) is
+:class:`~lamina.archive.tar.buffer.BlockBuffer`; the block layout and numbers are
+:mod:`~lamina.archive.tar.format`; PAX records :mod:`~lamina.archive.tar.pax`.
 
 Bounded memory: file data is handed out in slices of one reusable 1 MiB buffer; PAX and
 GNU long-name data are capped at 1 MiB, as Go caps them. Anything malformed raises
@@ -30,48 +37,56 @@ Usage::
         ...
 """
 
+
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from typing import IO
 
+from lamina.archive.tar import pax as paxrec
+from lamina.archive.tar.buffer import BUFFER_SIZE, BlockBuffer
+from lamina.archive.tar.format import (
+    BLK,
+    BLOCK,
+    CHR,
+    CONT,
+    DIR,
+    FIFO,
+    GLOBAL,
+    GNU_MAGIC,
+    GNU_VERSION,
+    HEADER,
+    HEADER_ONLY,
+    LNK,
+    LONGLINK,
+    LONGNAME,
+    MAX_ENTRY_SIZE,
+    MAX_META_SIZE,
+    META,
+    NUM_PAD,
+    OLD_REG,
+    PAX,
+    REG,
+    SPARSE,
+    STAR_PREFIX_SIZE,
+    STAR_TRAILER,
+    SYM,
+    USTAR_MAGIC,
+    ZERO_BLOCK,
+    number,
+    signed_sum,
+)
+from lamina.archive.tar.pax import parse_time
 from lamina.errors import InvalidArchive
 
-BLOCK = 512
-#: size of the reusable read buffer; also the largest data slice handed out
-BUFFER_SIZE = 1 << 20
-#: PAX and GNU long-name data larger than this is refused (Go's limit too)
-MAX_META_SIZE = 1 << 20
-#: a size no real entry can have (Go's int64 limit); larger ones are hostile
-MAX_ENTRY_SIZE = (1 << 63) - 1
+#: what may follow the end-of-archive blocks: the padding of a tar writer's last record
+#: (GNU tar's is 10 KiB unless its blocking factor says more; this allows a factor of 2048)
+MAX_TRAILING = 1 << 20
 
-# Entry types, as the integer value of the typeflag byte.
-REG = ord("0")
-LNK = ord("1")
-SYM = ord("2")
-CHR = ord("3")
-BLK = ord("4")
-DIR = ord("5")
-FIFO = ord("6")
-CONT = ord("7")
-GLOBAL = ord("g")
-_PAX = ord("x")
-_GNU_LONGNAME = ord("L")
-_GNU_LONGLINK = ord("K")
-_GNU_SPARSE = ord("S")
-_OLD_REG = 0  # a NUL typeflag: regular file (or a directory if the name ends in "/")
-
-#: types that never carry data, whatever their size field says (as in Go)
-_HEADER_ONLY = frozenset({LNK, SYM, CHR, BLK, DIR, FIFO})
-_KNOWN = frozenset({REG, LNK, SYM, CHR, BLK, DIR, FIFO, CONT, GLOBAL})
-
-_ZERO_BLOCK = bytes(BLOCK)
-#: name mode uid gid size mtime chksum type linkname magic+version uname gname
-#: devmajor devminor prefix(155) [12 unused]
-_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
-_USTAR = b"ustar\x0000"
-_GNU = b"ustar  \x00"
+__all__ = [
+    "BLK", "BUFFER_SIZE", "CHR", "DIR", "FIFO", "GLOBAL", "LNK", "MAX_TRAILING", "REG", "SYM",
+    "TarEntry", "TarReader",
+]
 
 
 class TarEntry:
@@ -79,9 +94,10 @@ class TarEntry:
 
     ``name`` and ``linkname`` are the tar's bytes decoded as UTF-8 with
     ``surrogateescape`` (so ``os.fsencode`` gives the original bytes back);
-    ``name_bytes`` is the name as raw bytes. ``size`` is the number of data bytes that
-    follow the header (0 for types that carry none). Times are in nanoseconds;
-    ``atime_ns`` is None unless the archive gave one. ``xattrs`` holds the
+    ``name_bytes`` is the name as raw bytes. ``type`` is the type flag's byte value
+    (``NUL`` and ``7`` already read as a regular file or directory). ``size`` is the
+    number of data bytes that follow the header (0 for types that carry none). Times are
+    in nanoseconds; ``atime_ns`` is None unless the archive gave one. ``xattrs`` holds the
     ``SCHILY.xattr.*`` records (name -> raw value) and ``pax`` every PAX record of the
     entry (None when there were none). ``raw`` (only when the reader records) is every
     byte of the archive from the end of the previous entry's data up to this entry's
@@ -116,91 +132,93 @@ class TarEntry:
         return f"TarEntry({self.name!r}, type={chr(self.type)!r}, size={self.size})"
 
 
-_PAD = b" \0"
-
-
-def _signed_sum(block: bytes | bytearray) -> int:
-    """The header sum with bytes read as signed, as some old tars computed it."""
-    total = 256
-    for i, b in enumerate(block):
-        if not 148 <= i < 156:
-            total += b - 256 if b > 127 else b
-    return total
-
-
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
+def _cut(name: bytes) -> str:
+    """A name quoted for an error message, cut to stay readable."""
+    text = _decode(name)
+    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
+
+
+def _shown(value: bytes) -> str:
+    """A record value for an error message: cut, so a 100,000-digit number stays one line."""
+    return repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} bytes)"
+
+
 def _number(field: bytes, what: str, name: str) -> int:
-    """Parse a numeric header field: octal text, or base-256 if the top bit is set."""
-    if field[0] & 0x80:
-        bits = 8 * len(field) - 1
-        value = int.from_bytes(field, "big") & ((1 << bits) - 1)
-        if value >> (bits - 1):  # two's complement sign bit
-            value -= 1 << bits
-        return value
-    text = field.strip(b" \x00")
-    if not text:
-        return 0
-    if not text.isdigit():
-        raise InvalidArchive(f"bad {what} field {field!r}", name)
     try:
-        return int(text, 8)
+        return number(field)
     except ValueError:
         raise InvalidArchive(f"bad {what} field {field!r}", name) from None
 
 
-def _pax_int(value: bytes, key: str, name: str) -> int:
-    if not value.isdigit():
-        raise InvalidArchive(f"bad PAX {key} record {value!r}", name)
-    return int(value)
+#: records a PAX global header may not carry: readers differ on whether they apply to the
+#: entries after it (Go: no; GNU tar and Python's tarfile: yes), and these change which
+#: file an entry is or where the next header starts
+_GLOBAL_REFUSED = ("path", "linkpath", "size")
 
 
-def _pax_time_ns(value: bytes, key: str, name: str) -> int:
-    """PAX times are decimal seconds with an optional sign and fraction."""
-    text = value
-    negative = text.startswith(b"-")
-    if negative:
-        text = text[1:]
-    whole, dot, frac = text.partition(b".")
-    if not whole.isdigit() or (dot and frac and not frac.isdigit()):
-        raise InvalidArchive(f"bad PAX {key} record {value!r}", name)
-    ns = int(whole) * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
-    return -ns if negative else ns
+def _size(field: bytes, name: bytes) -> int:
+    try:
+        return number(field)
+    except ValueError:
+        if field[0] & 0x80:
+            raise InvalidArchive("absurd size (a base-256 number past 64 bits)", _decode(name)) from None
+        raise InvalidArchive(f"bad size field {field!r}", _decode(name)) from None
 
 
-def parse_pax(data: bytes, name: str) -> dict[str, bytes]:
-    """Split PAX extended-header data into records (``"LEN KEY=VALUE\\n"`` each).
+def _prefixed(name: bytes, prefix: bytes, block: bytes | bytearray) -> bytes:
+    """``name`` under a ustar header's prefix field (star's is 131 bytes, then times)."""
+    if block[508:512] == STAR_TRAILER:
+        prefix = prefix[:STAR_PREFIX_SIZE]
+    prefix = prefix.partition(b"\0")[0]
+    return prefix + b"/" + name if prefix else name
 
-    Keys are decoded as UTF-8; values stay bytes (xattr values are binary).
-    ``name`` is only used to name the culprit in errors.
+
+def _old_format(name: bytes, magic: bytes, version: bytes,
+                block: bytes | bytearray) -> tuple[bytes, int | None]:
+    """A header without the ustar magic: old GNU, or V7. Returns the name and the atime.
+
+    Old GNU headers keep atime and ctime where ustar has its prefix; as in Go, fields
+    that are no numbers there mean an old Go writer's prefix instead (golang/go#12594).
+    A V7 header has no fields past the link name, and Go reads none, while other
+    readers take a prefix, owner names or device numbers from there: a value in them is
+    refused (zeros in the device fields, which some writers leave, are no value).
     """
-    records: dict[str, bytes] = {}
-    pos = 0
-    end = len(data)
-    while pos < end:
-        if data[pos] == 0 and not data[pos:].strip(b"\0"):
-            break  # NUL padding after the last record, as some writers leave
-        space = data.find(b" ", pos, pos + 24)
-        if space < 0 or not data[pos:space].isdigit():
-            raise InvalidArchive("malformed PAX record (no length)", name)
-        length = int(data[pos:space])
-        stop = pos + length
-        if length <= space - pos + 1 or stop > end or data[stop - 1] != 0x0A:
-            raise InvalidArchive("malformed PAX record (bad length)", name)
-        key, eq, value = data[space + 1:stop - 1].partition(b"=")
-        if not eq or not key:
-            raise InvalidArchive("malformed PAX record (no key)", name)
+    if magic == GNU_MAGIC and version == GNU_VERSION:
+        atime, ctime = block[345:357], block[357:369]
         try:
-            records[key.decode("utf-8")] = value
-        except UnicodeDecodeError:
-            raise InvalidArchive("malformed PAX record (key not UTF-8)", name) from None
-        pos = stop
-    return records
+            seconds = number(atime) if atime[0] else None
+            if ctime[0]:
+                number(ctime)
+        except ValueError:
+            prefix = bytes(block[345:500]).partition(b"\0")[0]
+            return (prefix + b"/" + name if prefix and prefix.isascii() else name), None
+        return name, None if seconds is None else seconds * 1_000_000_000
+    fields = bytes(block[265:500])
+    if fields[:64].strip(b"\0") or fields[64:80].strip(b"0 \0") or fields[80:].strip(b"\0"):
+        raise InvalidArchive("a header without the ustar magic has bytes in the ustar-only "
+                             "fields (names, devices, prefix): tar readers differ on whether "
+                             "they count", _decode(name))
+    return name, None
 
 
-class TarReader:
+class _Meta:
+    """What the meta headers before one entry said (PAX records, GNU long names)."""
+
+    __slots__ = ("pax", "error", "long_name", "long_link")
+
+    def __init__(self) -> None:
+        self.pax: dict[str, bytes] | None = None
+        #: a malformed PAX header, raised once the entry it was for is named
+        self.error: InvalidArchive | None = None
+        self.long_name: bytes | None = None
+        self.long_link: bytes | None = None
+
+
+class TarReader(BlockBuffer):
     """Iterate over a tar stream's entries; see the module docstring.
 
     ``record=True`` keeps each entry's raw header bytes in ``entry.raw`` (for
@@ -208,128 +226,15 @@ class TarReader:
     """
 
     def __init__(self, stream: IO[bytes], *, record: bool = False) -> None:
-        self._stream = stream
-        self._readinto = getattr(stream, "readinto", None)
+        super().__init__(stream)
         self._record = record
-        self._buf = bytearray(BUFFER_SIZE)
-        self._mv = memoryview(self._buf)
-        self._pos = 0
-        self._end = 0
-        self._eof = False
-        #: data bytes of the current entry not yet handed out or skipped
-        self._remaining = 0
         #: padding after the current entry's data
         self._pad = 0
-        self._current = ""
         self._done = False
+        #: whether a header was read yet (a bad first block means: not a tar at all)
+        self._seen = False
         #: raw bytes after the last entry: its padding and the end-of-archive blocks
         self.end_raw = b""
-
-    # -- buffer ---------------------------------------------------------------------
-
-    def _read_more(self) -> int:
-        """Read into the free tail of the buffer; 0 at end of stream."""
-        if self._eof:
-            return 0
-        view = self._mv[self._end:]
-        if self._readinto is not None:
-            n = self._readinto(view) or 0
-        else:
-            chunk = self._stream.read(len(view))
-            n = len(chunk)
-            view[:n] = chunk
-        if n == 0:
-            self._eof = True
-        self._end += n
-        return n
-
-    def _fill(self, need: int) -> bool:
-        """Make ``need`` bytes (<= the buffer size) available at ``_pos``."""
-        avail = self._end - self._pos
-        if avail >= need:
-            return True
-        if self._pos + need > BUFFER_SIZE:
-            self._buf[:avail] = bytes(self._mv[self._pos:self._end])
-            self._pos = 0
-            self._end = avail
-        while self._end - self._pos < need:
-            if not self._read_more():
-                return False
-        return True
-
-    def _take(self, n: int, what: str) -> bytes:
-        """Take ``n`` bytes (any size up to MAX_META_SIZE + a block) as a copy."""
-        if n <= BUFFER_SIZE:
-            if not self._fill(n):
-                raise InvalidArchive(f"archive truncated in {what}", self._current)
-            out = bytes(self._mv[self._pos:self._pos + n])
-            self._pos += n
-            return out
-        parts = []
-        while n:
-            k = min(n, BUFFER_SIZE)
-            parts.append(self._take(k, what))
-            n -= k
-        return b"".join(parts)
-
-    def _skip(self, n: int, what: str) -> None:
-        while n:
-            avail = self._end - self._pos
-            if not avail:
-                self._pos = self._end = 0
-                if not self._read_more():
-                    raise InvalidArchive(f"archive truncated in {what}", self._current)
-                avail = self._end
-            k = avail if avail < n else n
-            self._pos += k
-            n -= k
-
-    # -- data of the current entry ----------------------------------------------
-
-    @property
-    def remaining(self) -> int:
-        """Data bytes of the current entry not yet read or skipped."""
-        return self._remaining
-
-    def buffered(self) -> memoryview | None:
-        """All of the current entry's remaining data as one slice, if it is already in
-        the buffer (the common case for small files: no generator needed), else None.
-        The slice is valid until the next call on the reader."""
-        rem = self._remaining
-        start = self._pos
-        if rem and self._end - start >= rem:
-            self._pos = start + rem
-            self._remaining = 0
-            return self._mv[start:start + rem]
-        return None
-
-    def data(self) -> Iterator[memoryview]:
-        """Yield the current entry's data as slices of the internal buffer.
-
-        Each slice is only valid until the generator is resumed.
-        """
-        rem = self._remaining
-        while rem:
-            avail = self._end - self._pos
-            if not avail:
-                self._pos = self._end = 0
-                if not self._read_more():
-                    raise InvalidArchive("archive truncated in file data", self._current)
-                avail = self._end
-            k = avail if avail < rem else rem
-            start = self._pos
-            self._pos = start + k
-            rem -= k
-            self._remaining = rem
-            yield self._mv[start:start + k]
-
-    def skip(self) -> None:
-        """Skip what is left of the current entry's data."""
-        rem = self._remaining
-        self._remaining = 0
-        self._skip(rem, "file data")
-
-    # -- headers ------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[TarEntry]:
         while True:
@@ -338,7 +243,10 @@ class TarReader:
                 return
             yield entry
 
+    # -- headers ----------------------------------------------------------------------
+
     def _next(self) -> TarEntry | None:
+        """The next entry: skip what is left of this one, fold its meta headers in."""
         if self._done:
             return None
         if self._remaining:
@@ -352,106 +260,76 @@ class TarReader:
                 self._skip(self._pad, "padding")
             self._pad = 0
 
-        pax: dict[str, bytes] | None = None
-        pax_error: InvalidArchive | None = None
-        long_name: bytes | None = None
-        long_link: bytes | None = None
+        meta: _Meta | None = None
         while True:
             if not self._fill(BLOCK):
-                if self._end == self._pos:  # clean end of stream without end blocks
-                    self._finish(raw)
+                if self._end == self._pos:  # a clean end of stream without end blocks (a
+                    self._finish(raw)       # meta header left pending names nothing: Go too)
                     return None
                 raise InvalidArchive("archive truncated in a header", self._after())
             pos = self._pos
             block = self._buf[pos:pos + BLOCK]
-            if block == _ZERO_BLOCK:
+            if block == ZERO_BLOCK:
                 self._end_of_archive(raw)
                 return None
-            (name, mode, uid, gid, size, mtime, chksum, typ, link, magic, uname, gname,
-             devmajor, devminor, prefix) = _HEADER.unpack_from(block)
+            (name, mode, uid, gid, size, mtime, chksum, typ, link, magic, version, uname, gname,
+             devmajor, devminor, prefix) = HEADER.unpack_from(block)
             name = name.partition(b"\0")[0]
             try:  # the common case: plain octal text (the fallback explains errors)
-                total = int(chksum.rstrip(_PAD) or b"0", 8)
-                size = int(size.rstrip(_PAD) or b"0", 8)
+                total = int(chksum.rstrip(NUM_PAD) or b"0", 8)
+                size = int(size.rstrip(NUM_PAD) or b"0", 8)
             except ValueError:
-                total = _number(chksum, "checksum", _decode(name))
-                size = _number(size, "size", _decode(name))
-            if sum(block) - sum(chksum) + 256 != total and _signed_sum(block) != total:
-                raise InvalidArchive("header checksum mismatch", _decode(name))
+                total = self._checksum_field(chksum, block, name)
+                size = _size(size, name)
+            if sum(block) - sum(chksum) + 256 != total and signed_sum(block) != total:
+                self._not_a_header(block, name, "header checksum mismatch")
             if record:
                 raw.append(bytes(block))
             self._pos = pos + BLOCK
             tflag = typ[0]
-            if magic == _USTAR:
-                if block[508:512] == b"tar\0":  # star: a shorter prefix, then times
-                    prefix = prefix[:131]
-                prefix = prefix.partition(b"\0")[0]
-                if prefix:
-                    name = prefix + b"/" + name
+            atime: int | None = None
+            if magic == USTAR_MAGIC:  # ustar and PAX (Go goes by the magic, not the version)
+                if prefix[0]:
+                    name = _prefixed(name, prefix, block)
+            elif prefix[0] or prefix[12] or magic != GNU_MAGIC or version != GNU_VERSION:
+                name, atime = _old_format(name, magic, version, block)  # GNU times, or V7
             if size < 0 or size > MAX_ENTRY_SIZE:
                 raise InvalidArchive(f"absurd size {size}", _decode(name))
-            if tflag == _PAX or tflag == GLOBAL or tflag == _GNU_LONGNAME or tflag == _GNU_LONGLINK:
-                dname = self._current = _decode(name)
-                if size > MAX_META_SIZE:
-                    raise InvalidArchive(f"meta header of {size} bytes is too large", dname)
-                if tflag == _GNU_LONGNAME or tflag == _GNU_LONGLINK:
-                    data = self._take_meta(size, raw, "a GNU long name").partition(b"\0")[0]
-                    if tflag == _GNU_LONGNAME:
-                        long_name = data
-                    else:
-                        long_link = data
-                    continue
-                data = self._take_meta(size, raw, "a PAX header")
-                try:
-                    records = parse_pax(data, dname)
-                except InvalidArchive as exc:
-                    # Name the entry the records were for, if its header is readable.
-                    pax_error = exc
-                    continue
-                if tflag == GLOBAL:
-                    return self._global_entry(dname, name, records, raw)
-                pax = records
+            if tflag in META:
+                if meta is None:
+                    meta = _Meta()
+                if self._meta(tflag, name, size, raw, meta):
+                    return self._global_entry(name, meta, raw)
                 continue
             break
 
-        if long_name is not None:
-            name = long_name
-        linkname = long_link if long_link is not None else link.partition(b"\0")[0]
-        if pax is not None:
-            value = pax.get("path")
-            if value is not None:
-                name = value
-            value = pax.get("linkpath")
-            if value is not None:
-                linkname = value
+        linkname = link.partition(b"\0")[0]
+        pax = None
+        if meta is not None:
+            name, linkname, pax = self._fold(meta, name, linkname)
         dname = self._current = name.decode("utf-8", "surrogateescape")
-        if pax_error is not None:
-            raise InvalidArchive(str(pax_error).split(": ", 1)[-1], dname)
-
-        if tflag == _OLD_REG:
+        if tflag == OLD_REG:
             tflag = DIR if name.endswith(b"/") else REG
         elif tflag == CONT:
             tflag = REG
-        elif tflag == _GNU_SPARSE:
+        elif tflag == SPARSE:
             raise InvalidArchive("GNU sparse files are not supported", dname)
-        elif tflag not in _KNOWN:
-            raise InvalidArchive(f"unsupported entry type {chr(tflag)!r}", dname)
         entry = TarEntry()
         entry.name = dname
         entry.name_bytes = name
         entry.linkname = linkname.decode("utf-8", "surrogateescape") if linkname else ""
         entry.type = tflag
         try:
-            entry.mode = int(mode.rstrip(_PAD) or b"0", 8) & 0o7777
-            entry.uid = int(uid.rstrip(_PAD) or b"0", 8)
-            entry.gid = int(gid.rstrip(_PAD) or b"0", 8)
-            entry.mtime_ns = int(mtime.rstrip(_PAD) or b"0", 8) * 1_000_000_000
+            entry.mode = int(mode.rstrip(NUM_PAD) or b"0", 8) & 0o7777
+            entry.uid = int(uid.rstrip(NUM_PAD) or b"0", 8)
+            entry.gid = int(gid.rstrip(NUM_PAD) or b"0", 8)
+            entry.mtime_ns = int(mtime.rstrip(NUM_PAD) or b"0", 8) * 1_000_000_000
         except ValueError:
             entry.mode = _number(mode, "mode", dname) & 0o7777
             entry.uid = _number(uid, "uid", dname)
             entry.gid = _number(gid, "gid", dname)
             entry.mtime_ns = _number(mtime, "mtime", dname) * 1_000_000_000
-        entry.atime_ns = None
+        entry.atime_ns = atime
         entry.uname = uname.partition(b"\0")[0].decode("utf-8", "surrogateescape")
         entry.gname = gname.partition(b"\0")[0].decode("utf-8", "surrogateescape")
         if tflag == CHR or tflag == BLK:
@@ -459,32 +337,151 @@ class TarReader:
             entry.devminor = _number(devminor, "devminor", dname)
         else:
             entry.devmajor = entry.devminor = 0
-        if magic == _GNU and prefix[:12].strip(b" \x00"):
-            entry.atime_ns = _number(prefix[:12], "atime", dname) * 1_000_000_000
         entry.xattrs = None
         entry.pax = pax
         if pax is not None:
             self._apply_pax(entry, pax)
             size = entry.size if "size" in pax else size
         if entry.uid < 0 or entry.gid < 0:
-            raise InvalidArchive(f"negative owner {entry.uid}:{entry.gid}", dname)
-        if tflag in _HEADER_ONLY:
+            raise InvalidArchive(f"negative owner (uid {entry.uid}, gid {entry.gid})", dname)
+        if tflag in HEADER_ONLY:
             size = 0
         entry.size = size
         self._remaining = size
         self._pad = -size % BLOCK
         entry.raw = b"".join(raw) if record else None
+        self._seen = True
         return entry
 
-    def _take_meta(self, size: int, raw: list[bytes], what: str) -> bytes:
+    def _checksum_field(self, field: bytes, block: bytes | bytearray, name: bytes) -> int:
+        try:
+            return number(field)
+        except ValueError:
+            self._not_a_header(block, name, f"bad checksum field {field!r}")
+            raise  # not reached
+
+    def _not_a_header(self, block: bytes | bytearray, name: bytes, why: str) -> None:
+        """Refuse a block that is no tar header. A first block without a tar magic means
+        the input is no tar at all, and saying so helps more than the field that broke."""
+        if not self._seen and block[257:262] != b"ustar":
+            raise InvalidArchive(f"not a tar archive: its first 512 bytes are no tar header "
+                                 f"(they begin {bytes(block[:16])!r})")
+        raise InvalidArchive(why, _decode(name))
+
+    def _meta(self, tflag: int, name: bytes, size: int, raw: list[bytes], meta: _Meta) -> bool:
+        """Read one meta header's data into ``meta``; True for a PAX global header,
+        which is an entry of its own.
+
+        Where tar readers differ on which of two values wins, the entry is refused
+        rather than read Go's way (see :meth:`_fold`): a second, different header of the
+        same kind before one entry (Go takes the last, Python's tarfile the first), and
+        meta headers left pending when a global header comes (Go drops them).
+        """
+        dname = self._current = _decode(name)
+        self._seen = True
+        if size > MAX_META_SIZE:
+            raise InvalidArchive(f"meta header of {size} bytes is too large", dname)
+        what = "a PAX header" if tflag == PAX or tflag == GLOBAL else "a GNU long name"
         data = self._take(size, what)
-        pad = -size % BLOCK
         if self._record:
             raw.append(data)
-            raw.append(self._take(pad, what))
+            raw.append(self._take(-size % BLOCK, what))
         else:
-            self._skip(pad, what)
-        return data
+            self._skip(-size % BLOCK, what)
+        if tflag == LONGNAME or tflag == LONGLINK:
+            data = data.partition(b"\0")[0]
+            old = meta.long_name if tflag == LONGNAME else meta.long_link
+            if old is not None and old != data:
+                raise InvalidArchive(f"two different GNU long {'names' if tflag == LONGNAME else 'link names'} "
+                                     f"for one entry ({_cut(old)}, {_cut(data)}): tar readers "
+                                     "differ on which one wins", _decode(data))
+            if tflag == LONGNAME:
+                meta.long_name = data
+            else:
+                meta.long_link = data
+            return False
+        try:
+            records = paxrec.parse_records(data, dname)
+        except InvalidArchive as exc:
+            # Name the entry the records were for, if its header is readable.
+            meta.error = exc
+            return False
+        if tflag == GLOBAL:
+            if meta.pax is not None or meta.long_name is not None or meta.long_link is not None:
+                raise InvalidArchive("a PAX global header between an entry's meta headers and the "
+                                     "entry: tar readers differ on what they apply to", dname)
+            for key in _GLOBAL_REFUSED:
+                if key in records:
+                    raise InvalidArchive(f"a PAX global header sets {key}: tar readers differ on "
+                                         "whether it applies to later entries", dname)
+            meta.pax = records
+            return True
+        if meta.pax is not None and meta.pax != records and meta.error is None:
+            # raised at the entry, to name it
+            meta.error = InvalidArchive("two different PAX headers for one entry: tar readers "
+                                        "differ on which one wins")
+        meta.pax = records
+        return False
+
+    def _fold(self, meta: _Meta, name: bytes, linkname: bytes) -> tuple[bytes, bytes, dict[str, bytes] | None]:
+        """The entry's name and link name after its meta headers, and its PAX records.
+
+        Go's order (what Docker and containerd apply): the header's fields (with the
+        ustar prefix), then PAX ``path``/``linkpath``, then GNU ``L``/``K`` on top; an
+        empty value changes nothing. Other readers (Python's tarfile, libarchive) let
+        PAX win over GNU, or take an empty value as the name. So when two overrides
+        both give a name and disagree, or one gives an empty name, the entry is refused
+        instead of read Go's way: a DiffID covers bytes, not meanings, and one tar must
+        not put one file in the container and show another to a scanner that reads it
+        differently. Tars from real writers never disagree with themselves; the
+        tar-split still reproduces whatever bytes were there.
+        """
+        pax = meta.pax
+        if meta.error is not None:
+            error = meta.error
+            message = str(error) if error.entry is None else str(error)[len(error.entry) + 2:]
+            raise InvalidArchive(message, self._shown_name(meta, name))
+        path = link = None
+        if pax is not None:
+            path = pax.get("path")
+            link = pax.get("linkpath")
+            if (path is not None and (not path or b"\0" in path)) or (
+                    link is not None and (not link or b"\0" in link)) or pax.get("size") == b"":
+                self._bad_override(meta, name, path, link)
+        long_name = meta.long_name
+        long_link = meta.long_link
+        if long_name is not None:
+            if not long_name or (path is not None and path != long_name):
+                self._bad_override(meta, name, path, link)
+            path = long_name
+        if long_link is not None:
+            if not long_link or (link is not None and link != long_link):
+                self._bad_override(meta, name, path, link)
+            link = long_link
+        return path or name, link or linkname, pax
+
+    @staticmethod
+    def _shown_name(meta: _Meta, name: bytes) -> str:
+        return _decode(meta.long_name or (meta.pax or {}).get("path") or name)
+
+    def _bad_override(self, meta: _Meta, name: bytes, path: bytes | None, link: bytes | None) -> None:
+        """Say which override of :meth:`_fold` is refused."""
+        shown = self._shown_name(meta, name)
+        for key, value in (("path", path), ("linkpath", link)):
+            if value is not None and (not value or b"\0" in value):
+                why = "is empty" if not value else "holds a NUL byte"
+                raise InvalidArchive(f"PAX {key} record {why}", shown)
+        if meta.pax is not None and meta.pax.get("size") == b"":
+            raise InvalidArchive("PAX size record is empty", shown)
+        for kind, gnu, value in (("name", meta.long_name, path), ("link name", meta.long_link, link)):
+            if gnu is None:
+                continue
+            if not gnu:
+                raise InvalidArchive(f"GNU long {kind} is empty", shown)
+            if value is not None and value != gnu:
+                raise InvalidArchive(f"GNU long {kind} {_cut(gnu)} and PAX record {_cut(value)} "
+                                     "disagree: tar readers differ on which one wins", shown)
+        raise AssertionError("no bad override found")  # pragma: no cover
 
     def _apply_pax(self, entry: TarEntry, pax: dict[str, bytes]) -> None:
         name = entry.name
@@ -496,17 +493,24 @@ class TarReader:
                         entry.xattrs = {}
                     entry.xattrs[attr] = value
             elif key == "size":
-                entry.size = _pax_int(value, key, name)
-                if entry.size > MAX_ENTRY_SIZE:
+                if value.isdigit() and len(value) > 19:  # past 64 bits: say what it is
+                    raise InvalidArchive(f"absurd size {_shown(value)}", name)
+                entry.size = self._pax_number(value, key, name)
+                if not 0 <= entry.size <= MAX_ENTRY_SIZE:
                     raise InvalidArchive(f"absurd size {entry.size}", name)
             elif key == "uid":
-                entry.uid = _pax_int(value, key, name)
+                entry.uid = self._pax_number(value, key, name)
             elif key == "gid":
-                entry.gid = _pax_int(value, key, name)
-            elif key == "mtime":
-                entry.mtime_ns = _pax_time_ns(value, key, name)
-            elif key == "atime":
-                entry.atime_ns = _pax_time_ns(value, key, name)
+                entry.gid = self._pax_number(value, key, name)
+            elif key == "mtime" or key == "atime":
+                try:
+                    ns = parse_time(value)
+                except ValueError:
+                    raise InvalidArchive(f"bad PAX {key} record {_shown(value)}", name) from None
+                if key == "mtime":
+                    entry.mtime_ns = ns
+                else:
+                    entry.atime_ns = ns
             elif key == "uname":
                 entry.uname = _decode(value)
             elif key == "gname":
@@ -517,11 +521,17 @@ class TarReader:
             elif key.startswith("GNU.sparse."):
                 raise InvalidArchive("GNU sparse files are not supported", name)
 
-    def _global_entry(self, dname: str, name: bytes, records: dict[str, bytes],
-                      raw: list[bytes]) -> TarEntry:
+    @staticmethod
+    def _pax_number(value: bytes, key: str, name: str) -> int:
+        try:
+            return paxrec.parse_int(value)
+        except ValueError:
+            raise InvalidArchive(f"bad PAX {key} record {_shown(value)}", name) from None
+
+    def _global_entry(self, name: bytes, meta: _Meta, raw: list[bytes]) -> TarEntry:
         """A PAX global header, surfaced as its own entry (Go does the same)."""
         entry = TarEntry()
-        entry.name = dname
+        entry.name = _decode(name)
         entry.name_bytes = name
         entry.linkname = ""
         entry.type = GLOBAL
@@ -531,11 +541,11 @@ class TarReader:
         entry.devmajor = entry.devminor = 0
         entry.uname = entry.gname = ""
         entry.xattrs = None
-        entry.pax = records
+        entry.pax = meta.pax
         entry.raw = b"".join(raw) if self._record else None
         return entry
 
-    # -- the end ------------------------------------------------------------------
+    # -- the end ------------------------------------------------------------------------
 
     def _after(self) -> str | None:
         return self._current or None
@@ -543,14 +553,14 @@ class TarReader:
     def _end_of_archive(self, raw: list[bytes]) -> None:
         """At a zero block: a second one must follow (or the stream may end)."""
         if self._record:
-            raw.append(_ZERO_BLOCK)
+            raw.append(ZERO_BLOCK)
         self._pos += BLOCK
         if self._fill(BLOCK):
             pos = self._pos
-            if self._buf[pos:pos + BLOCK] != _ZERO_BLOCK:
+            if self._buf[pos:pos + BLOCK] != ZERO_BLOCK:
                 raise InvalidArchive("a header follows a zero block", self._after())
             if self._record:
-                raw.append(_ZERO_BLOCK)
+                raw.append(ZERO_BLOCK)
             self._pos += BLOCK
         elif self._end != self._pos:
             raise InvalidArchive("archive truncated in the end-of-archive blocks",
@@ -563,12 +573,20 @@ class TarReader:
 
     def trailing(self) -> Iterator[bytes]:
         """Read the stream to its end after the last entry, yielding what follows
-        the end-of-archive blocks in chunks of at most the buffer size (bytes)."""
+        the end-of-archive blocks in chunks of at most the buffer size (bytes).
+
+        At most :data:`MAX_TRAILING` bytes: a tar writer pads its archive to a whole
+        record (GNU tar: 10 KiB by default), and Go's tar-split keeps that remainder, so
+        it is kept here too; an archive followed by more (``cat x.tar /dev/zero``) is
+        refused once the limit is passed, instead of read for ever into the tar-split.
+        """
         for _ in self:
             pass
-        if self._pos < self._end:
-            yield bytes(self._mv[self._pos:self._end])
-        self._pos = self._end = 0
-        while self._read_more():
-            yield bytes(self._mv[:self._end])
-            self._pos = self._end = 0
+        total = 0
+        for chunk in self._rest():
+            total += len(chunk)
+            if total > MAX_TRAILING:
+                raise InvalidArchive(
+                    f"more than {MAX_TRAILING >> 10} KiB follow the end-of-archive blocks: a "
+                    "tar is padded to its record size at most (10 KiB for GNU tar)")
+            yield chunk

@@ -34,10 +34,11 @@ import json
 import posixpath
 import re
 from binascii import b2a_base64
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Protocol
 
 from lamina.archive.tar.crc64 import Crc64
+from lamina.archive.tar.reader import TarEntry, TarReader
 from lamina.errors import InvalidArchive
 
 SEGMENT = 2
@@ -298,3 +299,93 @@ def reassemble(tarsplit: IO[bytes], getter: ContentGetter) -> Iterator[bytes]:
                                  name)
     if pending:
         yield b"".join(pending)
+
+
+# -- reading a tar while recording it ---------------------------------------------------
+
+
+class RecordingReader:
+    """Reads a tar entry by entry while writing its tar-split to ``out`` (if given).
+
+    For importers that take some entries' data and not others (the Windows layer
+    importer): data copied out with :meth:`copy_data` is recorded by size and CRC-64,
+    to be read back from the layer; data the caller leaves unread stays in the record as
+    raw bytes, so the tar is rebuilt exactly either way. Adjacent raw bytes are joined
+    into one segment, cut at 1 MiB. :func:`lamina.archive.apply.apply_tar`
+    records inline instead, on its hot path.
+    """
+
+    def __init__(self, stream: IO[bytes], out: IO[bytes] | None = None) -> None:
+        self._reader = TarReader(stream, record=out is not None)
+        self._split = TarSplitWriter(out) if out is not None else None
+        self._entries = iter(self._reader)
+        self._pending = bytearray()  # raw bytes not yet written as a segment
+        self._current: TarEntry | None = None
+        self._filed = True  # whether the current entry's file record is written
+        self.done = False
+
+    def next(self) -> TarEntry | None:
+        """The next entry, after what is left of the current one; None at the end."""
+        if self.done:
+            return None
+        self._finish_current()
+        entry = next(self._entries, None)
+        if entry is None:
+            self.done = True
+            self._segment(self._reader.end_raw)
+            for chunk in self._reader.trailing():
+                self._segment(chunk)
+            self._flush()
+            return None
+        self._segment(entry.raw or b"")
+        self._current = entry
+        self._filed = False
+        return entry
+
+    @property
+    def data_size(self) -> int:
+        """Bytes of data the current entry has left to read."""
+        return self._reader.remaining
+
+    def copy_data(self, write: Callable[[memoryview], object]) -> int:
+        """Copy the current entry's data to ``write`` (slices valid during the call),
+        recording it as content the layer will serve back. Returns the byte count."""
+        crc = Crc64()
+        total = 0
+        for chunk in self._reader.data():
+            crc.update(chunk)
+            write(chunk)
+            total += len(chunk)
+        self._file(total, crc.digest() if total else None)
+        return total
+
+    def _finish_current(self) -> None:
+        if self._current is None:
+            return
+        self._file(0, None)
+        if self._split is None:
+            self._reader.skip()
+        else:
+            for chunk in self._reader.data():
+                self._segment(bytes(chunk))
+        self._current = None
+
+    def _file(self, size: int, checksum: bytes | None) -> None:
+        if self._split is not None and self._current is not None and not self._filed:
+            self._flush()
+            self._split.file(self._current.name_bytes, size, checksum)
+        self._filed = True
+
+    def _segment(self, raw: bytes) -> None:
+        """Add raw bytes to the record, cut into segments of exactly 1 MiB."""
+        if self._split is not None:
+            pending = self._pending
+            pending += raw
+            while len(pending) >= _CHUNK:
+                self._split.segment(bytes(pending[:_CHUNK]))
+                del pending[:_CHUNK]
+
+    def _flush(self) -> None:
+        if self._split is not None and self._pending:
+            self._split.segment(bytes(self._pending))
+            self._pending.clear()

@@ -16,34 +16,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-BLOCK = 512
-#: what ends an archive: two zero blocks
-END_OF_ARCHIVE = bytes(2 * BLOCK)
+from lamina.archive.tar.format import (
+    BLKTYPE,
+    CHRTYPE,
+    DIRTYPE,
+    END_OF_ARCHIVE,
+    FIFOTYPE,
+    GNU_MAGIC,
+    GNU_VERSION,
+    LNKTYPE,
+    NAME_SIZE,
+    PADDING,
+    PREFIX_SIZE,
+    REGTYPE,
+    SYMTYPE,
+    USTAR_MAGIC,
+    USTAR_VERSION,
+    XHDTYPE,
+    padding,
+)
+from lamina.archive.tar.pax import encode_records
 
-REGTYPE = b"0"
-LNKTYPE = b"1"
-SYMTYPE = b"2"
-CHRTYPE = b"3"
-BLKTYPE = b"4"
-DIRTYPE = b"5"
-FIFOTYPE = b"6"
-XHDTYPE = b"x"
+#: what a writer needs besides the header builders: the type flags and block padding
+__all__ = [
+    "BLKTYPE", "CHRTYPE", "DIRTYPE", "END_OF_ARCHIVE", "FIFOTYPE", "LNKTYPE", "PADDING",
+    "REGTYPE", "SYMTYPE", "XHDTYPE", "file_block", "fits_ustar", "gnu_header", "header", "padding",
+    "pax_header", "ustar_block", "ustar_split",
+]
 
-_NAME_SIZE = 100
-_PREFIX_SIZE = 155
 _MAX_ID = 0o7777777  # 8-byte octal field
 _MAX_BIG = 0o77777777777  # 12-byte octal field (size, mtime)
 
-_MAGIC = b"ustar\x0000"
-
-
-#: PADDING[size % 512]: the zero bytes that complete the last block of file data
-PADDING = tuple(bytes(-i % BLOCK) for i in range(BLOCK))
-
-
-def padding(size: int) -> bytes:
-    """The zero bytes that complete the last block of ``size`` bytes of file data."""
-    return PADDING[size % BLOCK]
+_MAGIC = USTAR_MAGIC + USTAR_VERSION
 
 
 def ustar_split(name: bytes) -> tuple[bytes, bytes] | None:
@@ -52,29 +56,19 @@ def ustar_split(name: bytes) -> tuple[bytes, bytes] | None:
     ``name`` may end in "/" (a directory); the split point is never that final slash.
     """
     n = len(name)
-    if n <= _NAME_SIZE:
+    if n <= NAME_SIZE:
         return b"", name
     if not name.isascii():
         return None
     # The prefix may hold at most 155 bytes, so the split '/' sits at index <= 155.
-    limit = min(n - 1, _PREFIX_SIZE + 1) if name.endswith(b"/") else min(n, _PREFIX_SIZE + 1)
+    limit = min(n - 1, PREFIX_SIZE + 1) if name.endswith(b"/") else min(n, PREFIX_SIZE + 1)
     i = name.rfind(b"/", 0, limit)
     if i <= 0:
         return None
     suffix = name[i + 1 :]
-    if not suffix or len(suffix) > _NAME_SIZE:
+    if not suffix or len(suffix) > NAME_SIZE:
         return None
     return name[:i], suffix
-
-
-def pax_record(key: bytes, value: bytes) -> bytes:
-    """One ``"<len> <key>=<value>\\n"`` record; ``len`` counts the whole record itself."""
-    body = b" %s=%s\n" % (key, value)
-    n = len(body)
-    total = n + len(str(n))
-    if len(str(total)) != len(str(n)):
-        total = n + len(str(total))
-    return b"%d%s" % (total, body)
 
 
 def _tail(typeflag: bytes, linkname: bytes, devmajor: int, devminor: int, prefix: bytes) -> bytes:
@@ -82,11 +76,11 @@ def _tail(typeflag: bytes, linkname: bytes, devmajor: int, devminor: int, prefix
     return b"".join(
         (
             typeflag,
-            linkname.ljust(_NAME_SIZE, b"\x00"),
+            linkname.ljust(NAME_SIZE, b"\x00"),
             _MAGIC,
             bytes(64),  # uname, gname: never looked up (numeric ownership only)
             b"%07o\x00%07o\x00" % (devmajor, devminor),
-            prefix.ljust(_PREFIX_SIZE, b"\x00"),
+            prefix.ljust(PREFIX_SIZE, b"\x00"),
             bytes(12),
         )
     )
@@ -130,7 +124,7 @@ def ustar_block(
     else:
         tail, tail_sum = _TAILS[typeflag]
     chk = sum(name) + sum(nums) + tail_sum
-    return b"%s%s%06o\x00 %s" % (name.ljust(_NAME_SIZE, b"\x00"), nums, chk, tail)
+    return b"%s%s%06o\x00 %s" % (name.ljust(NAME_SIZE, b"\x00"), nums, chk, tail)
 
 
 def file_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int) -> bytes | None:
@@ -138,7 +132,7 @@ def file_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int
     field does not fit (then :func:`header` adds PAX records). The hot path of an
     export: one call per file, the common tail precomputed."""
     if (
-        len(name) > _NAME_SIZE
+        len(name) > NAME_SIZE
         or not name.isascii()
         or not 0 <= uid <= _MAX_ID
         or not 0 <= gid <= _MAX_ID
@@ -147,13 +141,13 @@ def file_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int
     ):
         return None
     nums = b"%07o\x00%07o\x00%07o\x00%011o\x00%011o\x00" % (mode, uid, gid, size, mtime)
-    return b"%s%s%06o\x00 %s" % (name.ljust(_NAME_SIZE, b"\x00"), nums, sum(name) + sum(nums) + _REG_TAIL_SUM, _REG_TAIL)
+    return b"%s%s%06o\x00 %s" % (name.ljust(NAME_SIZE, b"\x00"), nums, sum(name) + sum(nums) + _REG_TAIL_SUM, _REG_TAIL)
 
 
 def fits_ustar(name: bytes, uid: int, gid: int, size: int, mtime: int) -> bool:
     """Whether an entry with no link name and no xattrs fits one plain ustar block."""
     return (
-        len(name) <= _NAME_SIZE
+        len(name) <= NAME_SIZE
         and name.isascii()
         and 0 <= uid <= _MAX_ID
         and 0 <= gid <= _MAX_ID
@@ -180,8 +174,8 @@ def header(
     field that ustar cannot hold."""
     if (
         not xattrs
-        and len(name) <= _NAME_SIZE
-        and len(linkname) <= _NAME_SIZE
+        and len(name) <= NAME_SIZE
+        and len(linkname) <= NAME_SIZE
         and name.isascii()
         and linkname.isascii()
         and 0 <= uid <= _MAX_ID
@@ -196,12 +190,12 @@ def header(
     split = ustar_split(name) if name.isascii() else None
     if split is None:
         records[b"path"] = name
-        short = bytes(c for c in name if c < 0x80)[:_NAME_SIZE]
+        short = bytes(c for c in name if c < 0x80)[:NAME_SIZE]
     else:
         prefix, short = split
-    if len(linkname) > _NAME_SIZE or not linkname.isascii():
+    if len(linkname) > NAME_SIZE or not linkname.isascii():
         records[b"linkpath"] = linkname
-        linkname = bytes(c for c in linkname if c < 0x80)[:_NAME_SIZE]
+        linkname = bytes(c for c in linkname if c < 0x80)[:NAME_SIZE]
     if not 0 <= uid <= _MAX_ID:
         records[b"uid"], uid = b"%d" % uid, 0
     if not 0 <= gid <= _MAX_ID:
@@ -224,10 +218,36 @@ def pax_header(name: bytes, records: dict[bytes, bytes]) -> bytes:
     Its own name is ``<dir>/PaxHeaders.0/<base>`` cut to 100 ASCII bytes, as Go names
     it; readers ignore it, but a stable name keeps the output reproducible.
     """
-    data = b"".join(pax_record(k, records[k]) for k in sorted(records))
+    data = encode_records(records)
     stripped = name.rstrip(b"/")
     cut = stripped.rfind(b"/") + 1
     xname = stripped[:cut] + b"PaxHeaders.0/" + stripped[cut:]
-    xname = bytes(c for c in xname if c < 0x80)[:_NAME_SIZE].rstrip(b"/")
+    xname = bytes(c for c in xname if c < 0x80)[:NAME_SIZE].rstrip(b"/")
     size = len(data)
     return ustar_block(xname, 0, 0, 0, size, 0, XHDTYPE, b"", 0, 0, b"") + data + padding(size)
+
+
+# -- GNU headers (image archives) --------------------------------------------------------
+
+_GNU_TAIL_PAD = bytes(32 + 32 + 8 + 8 + 155 + 12)  # uname gname devmajor devminor prefix
+
+
+def _gnu_number(value: int, width: int) -> bytes:
+    """Octal text if it fits the field, else GNU base-256 (top bit, then big-endian)."""
+    if 0 <= value < 8 ** (width - 1):
+        return b"%0*o\x00" % (width - 1, value)
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def gnu_header(name: bytes, *, size: int, mtime: int, typeflag: bytes = REGTYPE,
+               mode: int = 0o644, linkname: bytes = b"") -> bytes:
+    """One GNU-format header block, the bytes ``tarfile`` writes for ``GNU_FORMAT`` with
+    owner 0:0, no user or group names and no device: what ``docker save`` archives are
+    made of here. Sizes of 8 GiB and more go in base-256, as GNU tar and Go read them,
+    so a header rewritten with the final size keeps its length (one block, no PAX)."""
+    if len(name) > NAME_SIZE or len(linkname) > NAME_SIZE:
+        raise ValueError(f"tar member name too long for a fixed header: {name!r}")
+    head = b"%s%07o\x000000000\x000000000\x00%s%s" % (
+        name.ljust(NAME_SIZE, b"\x00"), mode & 0o7777, _gnu_number(size, 12), _gnu_number(mtime, 12))
+    tail = typeflag + linkname.ljust(NAME_SIZE, b"\x00") + GNU_MAGIC + GNU_VERSION + _GNU_TAIL_PAD
+    return b"%s%06o\x00 %s" % (head, sum(head) + sum(tail) + 8 * 0x20, tail)
