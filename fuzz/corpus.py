@@ -131,6 +131,19 @@ def cases() -> Iterator[Case]:
     yield Case("gnu-longname-chain", tar(gnu_longname(b"a" * 300), gnu_longname(b"b" * 300),
                                          gnu_longname(b"c" * 300), entry("x", b"y")), "contained")
     yield Case("gnu-longname-huge", header("././@LongLink", b"L", size_field=b"77777777777\0") + end(), "error", "")
+    # -- what follows the end, and numbers past what Linux or Go hold ------------------------
+    yield Case("trailing-record-padding", tar(entry("padded", b"x")) + bytes(9216), "contained")
+    yield Case("trailing-data-past-a-record", tar(entry("f", b"x")) + b"\0" * (2 << 20), "error",
+               "end-of-archive")
+    yield Case("pax-uid-past-32-bits", tar(pax(pax_record("uid", str(2**40))), entry("bigowner", b"x")),
+               "error", "bigowner")
+    yield Case("pax-number-100000-digits", tar(pax(pax_record("mtime", "7" * 100_000)), entry("digits", b"x")),
+               "error", "digits")
+    dev = bytearray(header("bigdev", CHR, 0))
+    dev[329:337] = b"\x80" + (2**40).to_bytes(7, "big")  # base-256 major past makedev
+    dev[148:156] = b" " * 8
+    dev[148:156] = f"{sum(dev):06o}".encode() + b"\0 "
+    yield Case("base256-device-past-32-bits", bytes(dev) + end(), "error", "bigdev")
     # -- one entry, several names (tar readers differ on which wins: refused) ------------------
     gnu_name, pax_path = gnu_longname(b"gnu-says-this"), pax(pax_record("path", "pax-says-that"))
     yield Case("gnu-longname-then-pax-path", tar(gnu_name, pax_path, entry("short", b"x")), "error", "gnu-says-this")

@@ -24,6 +24,7 @@ are accepted after the verb too, for every verb, extensions included.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import hashlib
 import importlib
@@ -40,7 +41,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lamina.errors import InvalidOption, LaminaError
+from lamina.errors import InvalidArchive, InvalidOption, LaminaError
 from lamina.ids import check_id, parse_size
 from lamina.progress import Progress, counted, human_bytes
 from lamina.streams import CountingReader
@@ -108,11 +109,12 @@ class Invocation:
     def emit(self, data: Any, text: str | Iterable[str] | None = None) -> None:
         """Print ``data`` as JSON with ``--json``, else ``text`` (a line or lines)."""
         if self.json:
-            self.stdout.write(json.dumps(data, default=_json_default).encode() + b"\n")
+            plain = json.loads(json.dumps(data, default=_json_default))
+            self.stdout.write(json.dumps(_valid_utf8(plain)).encode() + b"\n")
         elif text is not None:
             lines = [text] if isinstance(text, str) else list(text)
             if lines:
-                self.stdout.write(("\n".join(lines) + "\n").encode())
+                self.stdout.write(go_text("\n".join(lines) + "\n").encode())
         self.stdout.flush()
 
     def progress(self, label: str, total: int | None = None) -> Progress:
@@ -245,6 +247,39 @@ def _chunks(source: IO[bytes] | Iterable[bytes]) -> Iterable[bytes]:
     return source  # type: ignore[return-value]
 
 
+def _replace_per_byte(exc: UnicodeError) -> tuple[str, int]:
+    assert isinstance(exc, UnicodeDecodeError)
+    return "\ufffd" * (exc.end - exc.start), exc.end
+
+
+codecs.register_error("lamina-per-byte", _replace_per_byte)
+
+
+def go_text(text: str) -> str:
+    """``text`` as Docker prints it: a name's bytes that are not UTF-8 (held here as
+    surrogates) become U+FFFD, one per byte, which is what Go's JSON encoder sends
+    ``docker diff`` (the daemon's answer is JSON). Lossy, as Docker's is, but always
+    printable and valid UTF-8, where the raw surrogates could not be written at all."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no byte stands for
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return raw.decode("utf-8", "lamina-per-byte")
+
+
+def _valid_utf8(obj: object) -> object:
+    """Every string in a JSON value through :func:`go_text` (no lone surrogates)."""
+    if isinstance(obj, str):
+        return go_text(obj)
+    if isinstance(obj, list):
+        return [_valid_utf8(v) for v in obj]
+    if isinstance(obj, dict):
+        return {go_text(k): _valid_utf8(v) for k, v in obj.items()}
+    return obj
+
+
 def _json_default(obj: object) -> object:
     if isinstance(obj, Path):
         return str(obj)
@@ -348,7 +383,13 @@ def cmd_apply(inv: Invocation) -> int:
     args = inv.args
     check_id(args.id)  # before reading a byte of the input
     with inv.open_input(args.file, label=f"applying {args.id}") as stream:
-        size = inv.store.apply_diff(args.id, args.parent, stream)
+        try:
+            size = inv.store.apply_diff(args.id, args.parent, stream)
+        except InvalidArchive as e:
+            if e.entry is not None:
+                raise
+            # the whole input is at fault ("not a tar archive"): name it
+            raise InvalidArchive(str(e), "stdin" if args.file == "-" else args.file) from e
     inv.emit({"id": args.id, "parent": args.parent, "size": size}, str(size))
     return 0
 

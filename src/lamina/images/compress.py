@@ -76,11 +76,44 @@ def decompressed(src: IO[bytes], kind: str, what: str) -> IO[bytes]:
             import zstandard
         except ImportError as e:
             raise ImageError(f"{what}: zstd-compressed, and the zstandard package is not installed") from e
+        if not hasattr(src, "peek"):
+            src = io.BufferedReader(src)  # type: ignore[arg-type]
+        _check_zstd_window(src.peek(_ZSTD_HEADER)[:_ZSTD_HEADER], what)  # type: ignore[attr-defined]
         # read_across_frames: zstd -T writes several frames; closefd=False: the caller owns src
-        reader = zstandard.ZstdDecompressor().stream_reader(
+        reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
             src, read_size=1 << 20, read_across_frames=True, closefd=False)
         return _Guarded(reader, kind, what)  # type: ignore[return-value]
     raise ImageError(f"{what}: unknown compression {kind}")
+
+
+#: the largest window a zstd frame may ask for: libzstd's own default limit (2^27), which
+#: keeps a hostile frame from making each decompressor allocate gigabytes; ``zstd
+#: --long=27`` and every level without ``--long`` stay under it
+ZSTD_MAX_WINDOW = 1 << 27
+_ZSTD_HEADER = 18  # the longest frame header
+
+
+def _window_error(what: str, needs: int | None) -> ImageError:
+    asked = f"a {_mib(needs)} window" if needs else "a window"
+    return ImageError(f"{what}: a zstd frame needs {asked}, over the {_mib(ZSTD_MAX_WINDOW)} "
+                      "limit of this decoder (compressed with zstd --long past 27?)")
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _check_zstd_window(head: bytes, what: str) -> None:
+    """Refuse, before decoding, a first frame whose window is over the limit: libzstd
+    reports it only as 'too much memory', which reads like damage."""
+    import zstandard
+
+    try:
+        window = zstandard.get_frame_parameters(head).window_size
+    except zstandard.ZstdError:
+        return  # too short or damaged: the decoder will say so
+    if window > ZSTD_MAX_WINDOW:
+        raise _window_error(what, window)
 
 
 class _Guarded(io.RawIOBase):
@@ -101,6 +134,8 @@ class _Guarded(io.RawIOBase):
         except ImageError:
             raise
         except _DECOMPRESS_ERRORS as e:
+            if self._kind == ZSTD and "too much memory" in str(e):  # a later frame's window
+                raise _window_error(self._what, None) from e
             raise ImageError(f"{self._what}: damaged {self._kind} data ({e or type(e).__name__})") from e
 
 

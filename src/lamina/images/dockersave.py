@@ -29,8 +29,8 @@ from typing import Any
 from lamina.errors import ImageError
 from lamina.images.digest import check_digest, split_digest
 from lamina.images.refs import try_normalize
-from lamina.images.source import Source, read_json_bytes
-from lamina.images.spec import ImageSpec, LayerBlob, parse_config
+from lamina.images.source import Source, explain_missing, read_json_bytes
+from lamina.images.spec import ImageSpec, LayerBlob, load_json, parse_config
 from lamina.images.tarwriter import TarWriter
 
 MANIFEST = "manifest.json"
@@ -56,10 +56,7 @@ def _digest_in_path(path: str) -> str | None:
 
 def read_images(src: Source) -> list[ImageSpec]:
     """Every image of a docker-save archive, checked as far as can be without its layers."""
-    try:
-        manifest = json.loads(read_json_bytes(src, MANIFEST, "manifest"))
-    except ValueError as e:
-        raise ImageError(f"{src.label}: {MANIFEST} is not valid JSON ({e})") from e
+    manifest = load_json(read_json_bytes(src, MANIFEST, "manifest"), f"{src.label}: {MANIFEST}")
     if not isinstance(manifest, list) or not manifest:
         raise ImageError(f"{src.label}: {MANIFEST} lists no images")
     legacy = _legacy_names(src)
@@ -86,11 +83,13 @@ def read_images(src: Source) -> list[ImageSpec]:
         layers = []
         for i, (path, diff_id) in enumerate(zip(paths, diff_ids, strict=True), 1):
             if not src.has(path):
-                raise ImageError(f"{src.label}: layer {i} ({path}) missing from the archive")
+                raise ImageError(f"{src.label}: layer {i} ({path}) {explain_missing(src, path)}")
             layers.append(LayerBlob(path=path, diff_id=diff_id, digest=_digest_in_path(path)
                                     if _BLOB_PATH_RE.fullmatch(path) else None))
         tags = item.get("RepoTags") or []
-        names = [t for t in (try_normalize(str(x)) for x in tags) if t]
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ImageError(f"{what}: RepoTags is not a list of names ({type(tags).__name__})")
+        names = [t for t in (try_normalize(x) for x in tags) if t]
         if not names:
             top_v1 = posixpath.dirname(paths[-1])
             names = legacy.get(top_v1, [])
@@ -104,8 +103,8 @@ def _legacy_names(src: Source) -> dict[str, list[str]]:
     if not src.has(REPOSITORIES):
         return {}
     try:
-        repos = json.loads(read_json_bytes(src, REPOSITORIES, "repositories file"))
-    except ValueError:
+        repos = load_json(read_json_bytes(src, REPOSITORIES, "repositories file"), REPOSITORIES)
+    except ImageError:
         return {}  # advisory only: a damaged legacy file must not block a valid manifest
     out: dict[str, list[str]] = {}
     if isinstance(repos, dict):

@@ -25,8 +25,8 @@ from lamina.errors import ImageError
 from lamina.images.digest import check_digest, sha256_digest, split_digest
 from lamina.images.dockersave import MANIFEST, LayerWriter, SaveImage
 from lamina.images.refs import split_tag, try_normalize
-from lamina.images.source import Source, read_json_bytes
-from lamina.images.spec import ImageSpec, LayerBlob, parse_config
+from lamina.images.source import Source, explain_missing, read_json_bytes
+from lamina.images.spec import ImageSpec, LayerBlob, expect, load_json, parse_config
 from lamina.images.tarwriter import TarWriter
 
 LAYOUT_FILE = "oci-layout"
@@ -61,6 +61,7 @@ def blob_path(digest: str) -> str:
 
 def _read_blob(src: Source, desc: dict[str, Any], what: str) -> bytes:
     digest = check_digest(desc.get("digest"), f"{what} digest")
+    size = _size(desc, what)
     data = read_json_bytes(src, blob_path(digest), what)
     algorithm, _ = split_digest(digest)
     import hashlib
@@ -68,21 +69,35 @@ def _read_blob(src: Source, desc: dict[str, Any], what: str) -> bytes:
     got = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
     if got != digest:
         raise ImageError(f"{src.label}: {what} {blob_path(digest)} has digest {got}, not {digest}")
-    size = desc.get("size")
-    if isinstance(size, int) and size != len(data):
+    if size is not None and size != len(data):
         raise ImageError(f"{src.label}: {what} {blob_path(digest)} is {len(data)} bytes, "
                          f"the descriptor says {size}")
     return data
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ImageError(f"{what}: not valid JSON ({e})") from e
+    doc = load_json(data, what)
     if not isinstance(doc, dict):
         raise ImageError(f"{what}: not a JSON object")
     return doc
+
+
+def _size(desc: dict[str, Any], what: str) -> int | None:
+    """A descriptor's ``size``: a non-negative integer, or absent."""
+    size = desc.get("size")
+    if size is None:
+        return None
+    size = expect(size, int, f"the size of {what} {desc.get('digest')}")
+    if size < 0:
+        raise ImageError(f"the size of {what} {desc.get('digest')} is negative ({size})")
+    return size
+
+
+def _check_descriptor(desc: dict[str, Any], what: str) -> None:
+    """The optional fields of a descriptor have the types the spec gives them."""
+    for key, kind in (("mediaType", str), ("annotations", dict), ("platform", dict), ("urls", list)):
+        if desc.get(key) is not None:
+            expect(desc[key], kind, f"{what}: {key}")
 
 
 def _names(annotations: Any) -> list[str]:
@@ -129,11 +144,14 @@ def _pick_manifests(src: Source, index: dict[str, Any], what: str, depth: int) -
     for n, desc in enumerate(manifests, 1):
         if not isinstance(desc, dict):
             raise ImageError(f"{what}: manifest descriptor {n} is not an object")
+        _check_descriptor(desc, f"{what}: manifest descriptor {n}")
         if _is_attestation(desc):
             continue
         media = desc.get("mediaType")
         data = _read_blob(src, desc, "manifest")
         doc = _json(data, f"{src.label}: manifest {desc.get('digest')}")
+        if doc.get("mediaType") is not None:
+            expect(doc["mediaType"], str, f"{src.label}: manifest {desc.get('digest')}: mediaType")
         media = media or doc.get("mediaType") or (MT_OCI_INDEX if "manifests" in doc else MT_OCI_MANIFEST)
         names = _names(desc.get("annotations"))
         if media in _INDEX_TYPES:
@@ -175,6 +193,7 @@ def read_images(src: Source) -> list[ImageSpec]:
         config_desc = manifest.get("config")
         if not isinstance(config_desc, dict):
             raise ImageError(f"{what}: has no config descriptor")
+        _check_descriptor(config_desc, f"{what}: config descriptor")
         config = _read_blob(src, config_desc, "config")
         digest, _cfg, diff_ids = parse_config(config, f"{src.label}: config {config_desc.get('digest')}")
         descs = manifest.get("layers")
@@ -188,13 +207,13 @@ def read_images(src: Source) -> list[ImageSpec]:
         for i, (desc, diff_id) in enumerate(zip(descs, diff_ids, strict=True), 1):
             if not isinstance(desc, dict):
                 raise ImageError(f"{what}: layer {i} descriptor is not an object")
+            _check_descriptor(desc, f"{what}: layer {i} descriptor")
             ldigest = check_digest(desc.get("digest"), f"layer {i} digest in {what}")
             path = blob_path(ldigest)
             if not src.has(path):
-                raise ImageError(f"{src.label}: layer {i} ({path}) missing from the layout")
-            size = desc.get("size")
+                raise ImageError(f"{src.label}: layer {i} ({path}) {explain_missing(src, path, 'layout')}")
             layers.append(LayerBlob(path=path, diff_id=diff_id, digest=ldigest,
-                                    size=size if isinstance(size, int) else None))
+                                    size=_size(desc, f"layer {i} of {what}")))
         if digest in by_config:
             spec = by_config[digest]
             spec.names.extend(n for n in names if n not in spec.names)

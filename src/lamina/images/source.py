@@ -31,6 +31,7 @@ from typing import IO, Protocol
 
 from lamina.errors import ImageError
 from lamina.images import compress
+from lamina.streams import CountingReader
 
 #: the largest JSON document (manifest, config, index) read into memory
 MAX_JSON = 64 << 20
@@ -64,10 +65,17 @@ def clean_name(name: str) -> str | None:
     return norm
 
 
+def explain_missing(src: Source, name: str, where: str = "archive") -> str:
+    """Why ``src`` has no readable ``name`` (to follow the name in a message), as the
+    source can tell: a link that leads outside it is not "missing"."""
+    explain = getattr(src, "explain_missing", None)
+    return explain(name) if explain is not None else f"missing from the {where}"
+
+
 def read_json_bytes(src: Source, name: str, what: str) -> bytes:
     """The bytes of a small member (a JSON document), refusing absurd sizes."""
     if not src.has(name):
-        raise ImageError(f"{src.label}: {what} {name} missing from the archive")
+        raise ImageError(f"{src.label}: {what} {name} {explain_missing(src, name)}")
     size = src.size(name)
     if size > MAX_JSON:
         raise ImageError(f"{src.label}: {what} {name} is {size} bytes; refusing more than {MAX_JSON}")
@@ -110,6 +118,10 @@ class RegionReader(io.RawIOBase):
         return n
 
 
+#: the target of a link member that climbs out of the archive (a name no member has)
+_OUTSIDE = "\0outside"
+
+
 @dataclass(frozen=True)
 class _Member:
     offset: int
@@ -149,12 +161,10 @@ class TarSource:
                     base = posixpath.dirname(name)
                     target = clean_name(posixpath.join(base, info.linkname)
                                         if not info.linkname.startswith("/") else info.linkname)
-                    if target is not None:
-                        self._members[name] = _Member(0, 0, target)
+                    self._members[name] = _Member(0, 0, target if target is not None else _OUTSIDE)
                 elif info.islnk():
                     target = clean_name(info.linkname)
-                    if target is not None:
-                        self._members[name] = _Member(0, 0, target)
+                    self._members[name] = _Member(0, 0, target if target is not None else _OUTSIDE)
             end = tf.offset
         except tarfile.TarError as e:
             raise ImageError(f"{self.label}: archive is truncated or damaged after {last or 'its start'} ({e})") from e
@@ -180,16 +190,28 @@ class TarSource:
     def has(self, name: str) -> bool:
         return self._resolve(name) is not None
 
+    def explain_missing(self, name: str) -> str:
+        """Why ``name`` cannot be read: missing, or a link that climbs out of the archive."""
+        norm = clean_name(name)
+        for _ in range(_MAX_LINKS):
+            m = self._members.get(norm) if norm is not None else None
+            if m is None or m.link is None:
+                break
+            if m.link == _OUTSIDE:
+                return "is a link that leads outside the archive; refusing to follow it"
+            norm = m.link
+        return "missing from the archive"
+
     def size(self, name: str) -> int:
         m = self._resolve(name)
         if m is None:
-            raise ImageError(f"{self.label}: {name} missing from the archive")
+            raise ImageError(f"{self.label}: {name} {self.explain_missing(name)}")
         return m.size
 
     def open(self, name: str) -> IO[bytes]:
         m = self._resolve(name)
         if m is None:
-            raise ImageError(f"{self.label}: {name} missing from the archive")
+            raise ImageError(f"{self.label}: {name} {self.explain_missing(name)}")
         return RegionReader(self._fd, m.offset, m.size, f"{self.label}: {name}")  # type: ignore[return-value]
 
     def names(self) -> list[str]:
@@ -209,7 +231,7 @@ class DirSource:
             return None
         path = Path(os.path.realpath(self.root / norm))
         if path != self.root and self.root not in path.parents:
-            return None  # a symlink in the layout that leads out of it
+            return None  # a symlink in the layout that leads out of it: never read
         try:
             st = path.stat()
         except OSError:
@@ -219,16 +241,26 @@ class DirSource:
     def has(self, name: str) -> bool:
         return self._path(name) is not None
 
+    def explain_missing(self, name: str) -> str:
+        """Why ``name`` cannot be read: a symlink that leads out of the layout is there,
+        and is where it must not be, so it is not called missing."""
+        norm = clean_name(name)
+        if norm is not None:
+            path = Path(os.path.realpath(self.root / norm))
+            if path != self.root and self.root not in path.parents:
+                return f"is a symlink that leads outside the layout (to {path}); refusing to read it"
+        return "missing from the layout"
+
     def size(self, name: str) -> int:
         path = self._path(name)
         if path is None:
-            raise ImageError(f"{self.label}: {name} missing from the layout")
+            raise ImageError(f"{self.label}: {name} {self.explain_missing(name)}")
         return path.stat().st_size
 
     def open(self, name: str) -> IO[bytes]:
         path = self._path(name)
         if path is None:
-            raise ImageError(f"{self.label}: {name} missing from the layout")
+            raise ImageError(f"{self.label}: {name} {self.explain_missing(name)}")
         return open(path, "rb", buffering=0)
 
     def names(self) -> list[str]:
@@ -244,7 +276,7 @@ def _spool(src: IO[bytes], tmpdir: Path, label: str,
     """Copy ``src`` (decompressed if it is compressed) into an anonymous temp file."""
     buffered = src if hasattr(src, "peek") else io.BufferedReader(src, _SPOOL_CHUNK)  # type: ignore[arg-type]
     head = buffered.peek(compress.SNIFF_BYTES)[: compress.SNIFF_BYTES]  # type: ignore[attr-defined]
-    counted: IO[bytes] = _Counting(buffered, progress) if progress else buffered  # type: ignore[assignment]
+    counted: IO[bytes] = CountingReader(buffered, progress) if progress else buffered  # type: ignore[assignment]
     stream = compress.decompressed(counted, compress.sniff(head), label)
     tmpdir.mkdir(parents=True, exist_ok=True)
     out = tempfile.TemporaryFile(dir=tmpdir, prefix="image-load-")
@@ -260,22 +292,6 @@ def _spool(src: IO[bytes], tmpdir: Path, label: str,
         out.close()
         raise
     return out
-
-
-class _Counting(io.RawIOBase):
-    def __init__(self, src: IO[bytes], progress: Callable[[int], None]) -> None:
-        super().__init__()
-        self._src = src
-        self._progress = progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self._src.readinto(b)  # type: ignore[attr-defined]
-        if n:
-            self._progress(n)
-        return n or 0
 
 
 @contextlib.contextmanager

@@ -52,12 +52,34 @@ class ImageSpec:
         return chain_ids(self.diff_ids)
 
 
+def load_json(data: bytes, what: str) -> Any:
+    """A JSON document from an archive, or ImageError naming it.
+
+    JSON on the wire is UTF-8 (RFC 8259). A document nested deeper than the parser's
+    recursion allows (``[[[[...`` a hundred thousand times) is refused like any other
+    bad JSON, not let through as Python's RecursionError.
+    """
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ImageError(f"{what} is not valid JSON ({e})") from e
+    except RecursionError:
+        raise ImageError(f"{what} is not valid JSON (nested too deeply)") from None
+
+
+def expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """``value`` if it is of ``kind`` (bool is not an int here), else ImageError: a
+    string where a list belongs must not be read one character at a time."""
+    if isinstance(value, kind) and not (isinstance(value, bool) and bool not in
+                                         (kind if isinstance(kind, tuple) else (kind,))):
+        return value
+    names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    raise ImageError(f"{what} is a {type(value).__name__}, not a {names}")
+
+
 def parse_config(data: bytes, what: str) -> tuple[str, dict[str, Any], list[str]]:
     """Check an image config; return (its digest, the parsed JSON, its DiffIDs)."""
-    try:
-        config = json.loads(data.decode("utf-8"))  # JSON on the wire is UTF-8 (RFC 8259)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ImageError(f"{what}: config is not valid JSON ({e})") from e
+    config = load_json(data, f"{what}: config")
     if not isinstance(config, dict):
         raise ImageError(f"{what}: config is not a JSON object")
     rootfs = config.get("rootfs")
