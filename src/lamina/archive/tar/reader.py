@@ -7,11 +7,13 @@ byte for byte. Parsing 512-byte blocks with ``struct`` is also cheaper per entry
 ``tarfile``'s object machinery, and per-entry Python work is what makes applying a
 layer slow.
 
-What it reads: ustar, PAX (local ``x`` records: ``path``, ``linkpath``, ``size``,
-``mtime``, ``atime``, ``uid``, ``gid``, ``uname``, ``gname``, ``SCHILY.xattr.*``;
-global ``g`` headers are validated and surfaced as entries of type ``GLOBAL`` but not
-applied to later entries, as Go's ``archive/tar`` and so Docker do), GNU long names and
-long link names (``L``/``K``), the GNU atime field, star's prefix, base-256 numbers.
+What it reads: ustar (the prefix counts whenever the magic is ``ustar``, as in Go),
+star (a 131-byte prefix), old GNU (its atime), PAX (local ``x`` records: ``path``,
+``linkpath``, ``size``, ``mtime``, ``atime``, ``uid``, ``gid``, ``uname``, ``gname``,
+``SCHILY.xattr.*``; global ``g`` headers are validated and surfaced as entries of type
+``GLOBAL`` but not applied to later entries, as Go's ``archive/tar`` and so Docker do),
+GNU long names and long link names (``L``/``K``), base-256 numbers. Which name wins when
+several headers give one, and which conflicts are refused, is :mod:`.overrides`.
 Entry types are handed on as they are (``NUL`` and ``7`` as regular files): what an
 unknown type means is the caller's to decide (apply refuses it; the Windows importer
 follows hcsshim). GNU sparse files (type ``S`` or ``GNU.sparse.*`` records) are refused:
@@ -20,7 +22,8 @@ layer in the wild needs them.
 
 The bytes side (one buffer, data handed out as slices of it) is
 :class:`~lamina.archive.tar.buffer.BlockBuffer`; the block layout and numbers are
-:mod:`~lamina.archive.tar.format`; PAX records :mod:`~lamina.archive.tar.pax`.
+:mod:`~lamina.archive.tar.format`; PAX records :mod:`~lamina.archive.tar.pax`; the entry
+:class:`~lamina.archive.tar.entry.TarEntry`.
 
 Bounded memory: file data is handed out in slices of one reusable 1 MiB buffer; PAX and
 GNU long-name data are capped at 1 MiB, as Go caps them. Anything malformed raises
@@ -37,14 +40,13 @@ Usage::
         ...
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import IO
 
-from lamina.archive.tar import pax as paxrec
 from lamina.archive.tar.buffer import BUFFER_SIZE, BlockBuffer
+from lamina.archive.tar.entry import TarEntry
 from lamina.archive.tar.format import (
     BLK,
     BLOCK,
@@ -59,7 +61,6 @@ from lamina.archive.tar.format import (
     HEADER_ONLY,
     LNK,
     LONGLINK,
-    LONGNAME,
     MAX_ENTRY_SIZE,
     MAX_META_SIZE,
     META,
@@ -76,7 +77,7 @@ from lamina.archive.tar.format import (
     number,
     signed_sum,
 )
-from lamina.archive.tar.pax import parse_time
+from lamina.archive.tar.overrides import Overrides, apply_pax, decode
 from lamina.errors import InvalidArchive
 
 #: what may follow the end-of-archive blocks: the padding of a tar writer's last record
@@ -89,62 +90,7 @@ __all__ = [
 ]
 
 
-class TarEntry:
-    """One real entry of the archive, with every meta header already folded in.
-
-    ``name`` and ``linkname`` are the tar's bytes decoded as UTF-8 with
-    ``surrogateescape`` (so ``os.fsencode`` gives the original bytes back);
-    ``name_bytes`` is the name as raw bytes. ``type`` is the type flag's byte value
-    (``NUL`` and ``7`` already read as a regular file or directory). ``size`` is the
-    number of data bytes that follow the header (0 for types that carry none). Times are
-    in nanoseconds; ``atime_ns`` is None unless the archive gave one. ``xattrs`` holds the
-    ``SCHILY.xattr.*`` records (name -> raw value) and ``pax`` every PAX record of the
-    entry (None when there were none). ``raw`` (only when the reader records) is every
-    byte of the archive from the end of the previous entry's data up to this entry's
-    data: the previous entry's padding, meta headers and their data, and the header.
-    """
-
-    __slots__ = (
-        "name", "name_bytes", "linkname", "type", "mode", "uid", "gid", "size",
-        "mtime_ns", "atime_ns", "devmajor", "devminor", "uname", "gname", "xattrs",
-        "pax", "raw",
-    )
-
-    name: str
-    name_bytes: bytes
-    linkname: str
-    type: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    atime_ns: int | None
-    devmajor: int
-    devminor: int
-    uname: str
-    gname: str
-    xattrs: dict[str, bytes] | None
-    pax: dict[str, bytes] | None
-    raw: bytes | None
-
-    def __repr__(self) -> str:
-        return f"TarEntry({self.name!r}, type={chr(self.type)!r}, size={self.size})"
-
-
-def _decode(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape")
-
-
-def _cut(name: bytes) -> str:
-    """A name quoted for an error message, cut to stay readable."""
-    text = _decode(name)
-    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
-
-
-def _shown(value: bytes) -> str:
-    """A record value for an error message: cut, so a 100,000-digit number stays one line."""
-    return repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} bytes)"
+_decode = decode
 
 
 def _number(field: bytes, what: str, name: str) -> int:
@@ -152,12 +98,6 @@ def _number(field: bytes, what: str, name: str) -> int:
         return number(field)
     except ValueError:
         raise InvalidArchive(f"bad {what} field {field!r}", name) from None
-
-
-#: records a PAX global header may not carry: readers differ on whether they apply to the
-#: entries after it (Go: no; GNU tar and Python's tarfile: yes), and these change which
-#: file an entry is or where the next header starts
-_GLOBAL_REFUSED = ("path", "linkpath", "size")
 
 
 def _size(field: bytes, name: bytes) -> int:
@@ -205,19 +145,6 @@ def _old_format(name: bytes, magic: bytes, version: bytes,
     return name, None
 
 
-class _Meta:
-    """What the meta headers before one entry said (PAX records, GNU long names)."""
-
-    __slots__ = ("pax", "error", "long_name", "long_link")
-
-    def __init__(self) -> None:
-        self.pax: dict[str, bytes] | None = None
-        #: a malformed PAX header, raised once the entry it was for is named
-        self.error: InvalidArchive | None = None
-        self.long_name: bytes | None = None
-        self.long_link: bytes | None = None
-
-
 class TarReader(BlockBuffer):
     """Iterate over a tar stream's entries; see the module docstring.
 
@@ -260,7 +187,7 @@ class TarReader(BlockBuffer):
                 self._skip(self._pad, "padding")
             self._pad = 0
 
-        meta: _Meta | None = None
+        meta: Overrides | None = None
         while True:
             if not self._fill(BLOCK):
                 if self._end == self._pos:  # a clean end of stream without end blocks (a
@@ -297,7 +224,7 @@ class TarReader(BlockBuffer):
                 raise InvalidArchive(f"absurd size {size}", _decode(name))
             if tflag in META:
                 if meta is None:
-                    meta = _Meta()
+                    meta = Overrides()
                 if self._meta(tflag, name, size, raw, meta):
                     return self._global_entry(name, meta, raw)
                 continue
@@ -306,7 +233,7 @@ class TarReader(BlockBuffer):
         linkname = link.partition(b"\0")[0]
         pax = None
         if meta is not None:
-            name, linkname, pax = self._fold(meta, name, linkname)
+            name, linkname, pax = meta.fold(name, linkname)
         dname = self._current = name.decode("utf-8", "surrogateescape")
         if tflag == OLD_REG:
             tflag = DIR if name.endswith(b"/") else REG
@@ -340,7 +267,7 @@ class TarReader(BlockBuffer):
         entry.xattrs = None
         entry.pax = pax
         if pax is not None:
-            self._apply_pax(entry, pax)
+            apply_pax(entry, pax)
             size = entry.size if "size" in pax else size
         if entry.uid < 0 or entry.gid < 0:
             raise InvalidArchive(f"negative owner (uid {entry.uid}, gid {entry.gid})", dname)
@@ -368,15 +295,9 @@ class TarReader(BlockBuffer):
                                  f"(they begin {bytes(block[:16])!r})")
         raise InvalidArchive(why, _decode(name))
 
-    def _meta(self, tflag: int, name: bytes, size: int, raw: list[bytes], meta: _Meta) -> bool:
-        """Read one meta header's data into ``meta``; True for a PAX global header,
-        which is an entry of its own.
-
-        Where tar readers differ on which of two values wins, the entry is refused
-        rather than read Go's way (see :meth:`_fold`): a second, different header of the
-        same kind before one entry (Go takes the last, Python's tarfile the first), and
-        meta headers left pending when a global header comes (Go drops them).
-        """
+    def _meta(self, tflag: int, name: bytes, size: int, raw: list[bytes], meta: Overrides) -> bool:
+        """Read one meta header's data into ``meta`` (see :mod:`.overrides` for what is
+        refused); True for a PAX global header, which is an entry of its own."""
         dname = self._current = _decode(name)
         self._seen = True
         if size > MAX_META_SIZE:
@@ -388,147 +309,15 @@ class TarReader(BlockBuffer):
             raw.append(self._take(-size % BLOCK, what))
         else:
             self._skip(-size % BLOCK, what)
-        if tflag == LONGNAME or tflag == LONGLINK:
-            data = data.partition(b"\0")[0]
-            old = meta.long_name if tflag == LONGNAME else meta.long_link
-            if old is not None and old != data:
-                raise InvalidArchive(f"two different GNU long {'names' if tflag == LONGNAME else 'link names'} "
-                                     f"for one entry ({_cut(old)}, {_cut(data)}): tar readers "
-                                     "differ on which one wins", _decode(data))
-            if tflag == LONGNAME:
-                meta.long_name = data
-            else:
-                meta.long_link = data
-            return False
-        try:
-            records = paxrec.parse_records(data, dname)
-        except InvalidArchive as exc:
-            # Name the entry the records were for, if its header is readable.
-            meta.error = exc
-            return False
-        if tflag == GLOBAL:
-            if meta.pax is not None or meta.long_name is not None or meta.long_link is not None:
-                raise InvalidArchive("a PAX global header between an entry's meta headers and the "
-                                     "entry: tar readers differ on what they apply to", dname)
-            for key in _GLOBAL_REFUSED:
-                if key in records:
-                    raise InvalidArchive(f"a PAX global header sets {key}: tar readers differ on "
-                                         "whether it applies to later entries", dname)
-            meta.pax = records
-            return True
-        if meta.pax is not None and meta.pax != records and meta.error is None:
-            # raised at the entry, to name it
-            meta.error = InvalidArchive("two different PAX headers for one entry: tar readers "
-                                        "differ on which one wins")
-        meta.pax = records
+        if tflag == PAX:
+            meta.local(data, dname)
+        elif tflag == GLOBAL:
+            return meta.global_(data, dname)
+        else:
+            meta.gnu(tflag == LONGLINK, data)
         return False
 
-    def _fold(self, meta: _Meta, name: bytes, linkname: bytes) -> tuple[bytes, bytes, dict[str, bytes] | None]:
-        """The entry's name and link name after its meta headers, and its PAX records.
-
-        Go's order (what Docker and containerd apply): the header's fields (with the
-        ustar prefix), then PAX ``path``/``linkpath``, then GNU ``L``/``K`` on top; an
-        empty value changes nothing. Other readers (Python's tarfile, libarchive) let
-        PAX win over GNU, or take an empty value as the name. So when two overrides
-        both give a name and disagree, or one gives an empty name, the entry is refused
-        instead of read Go's way: a DiffID covers bytes, not meanings, and one tar must
-        not put one file in the container and show another to a scanner that reads it
-        differently. Tars from real writers never disagree with themselves; the
-        tar-split still reproduces whatever bytes were there.
-        """
-        pax = meta.pax
-        if meta.error is not None:
-            error = meta.error
-            message = str(error) if error.entry is None else str(error)[len(error.entry) + 2:]
-            raise InvalidArchive(message, self._shown_name(meta, name))
-        path = link = None
-        if pax is not None:
-            path = pax.get("path")
-            link = pax.get("linkpath")
-            if (path is not None and (not path or b"\0" in path)) or (
-                    link is not None and (not link or b"\0" in link)) or pax.get("size") == b"":
-                self._bad_override(meta, name, path, link)
-        long_name = meta.long_name
-        long_link = meta.long_link
-        if long_name is not None:
-            if not long_name or (path is not None and path != long_name):
-                self._bad_override(meta, name, path, link)
-            path = long_name
-        if long_link is not None:
-            if not long_link or (link is not None and link != long_link):
-                self._bad_override(meta, name, path, link)
-            link = long_link
-        return path or name, link or linkname, pax
-
-    @staticmethod
-    def _shown_name(meta: _Meta, name: bytes) -> str:
-        return _decode(meta.long_name or (meta.pax or {}).get("path") or name)
-
-    def _bad_override(self, meta: _Meta, name: bytes, path: bytes | None, link: bytes | None) -> None:
-        """Say which override of :meth:`_fold` is refused."""
-        shown = self._shown_name(meta, name)
-        for key, value in (("path", path), ("linkpath", link)):
-            if value is not None and (not value or b"\0" in value):
-                why = "is empty" if not value else "holds a NUL byte"
-                raise InvalidArchive(f"PAX {key} record {why}", shown)
-        if meta.pax is not None and meta.pax.get("size") == b"":
-            raise InvalidArchive("PAX size record is empty", shown)
-        for kind, gnu, value in (("name", meta.long_name, path), ("link name", meta.long_link, link)):
-            if gnu is None:
-                continue
-            if not gnu:
-                raise InvalidArchive(f"GNU long {kind} is empty", shown)
-            if value is not None and value != gnu:
-                raise InvalidArchive(f"GNU long {kind} {_cut(gnu)} and PAX record {_cut(value)} "
-                                     "disagree: tar readers differ on which one wins", shown)
-        raise AssertionError("no bad override found")  # pragma: no cover
-
-    def _apply_pax(self, entry: TarEntry, pax: dict[str, bytes]) -> None:
-        name = entry.name
-        for key, value in pax.items():
-            if key.startswith("SCHILY.xattr."):
-                attr = key[13:]
-                if attr:
-                    if entry.xattrs is None:
-                        entry.xattrs = {}
-                    entry.xattrs[attr] = value
-            elif key == "size":
-                if value.isdigit() and len(value) > 19:  # past 64 bits: say what it is
-                    raise InvalidArchive(f"absurd size {_shown(value)}", name)
-                entry.size = self._pax_number(value, key, name)
-                if not 0 <= entry.size <= MAX_ENTRY_SIZE:
-                    raise InvalidArchive(f"absurd size {entry.size}", name)
-            elif key == "uid":
-                entry.uid = self._pax_number(value, key, name)
-            elif key == "gid":
-                entry.gid = self._pax_number(value, key, name)
-            elif key == "mtime" or key == "atime":
-                try:
-                    ns = parse_time(value)
-                except ValueError:
-                    raise InvalidArchive(f"bad PAX {key} record {_shown(value)}", name) from None
-                if key == "mtime":
-                    entry.mtime_ns = ns
-                else:
-                    entry.atime_ns = ns
-            elif key == "uname":
-                entry.uname = _decode(value)
-            elif key == "gname":
-                entry.gname = _decode(value)
-            elif key in ("path", "linkpath"):
-                if b"\0" in value:
-                    raise InvalidArchive(f"PAX {key} record holds a NUL byte", name)
-            elif key.startswith("GNU.sparse."):
-                raise InvalidArchive("GNU sparse files are not supported", name)
-
-    @staticmethod
-    def _pax_number(value: bytes, key: str, name: str) -> int:
-        try:
-            return paxrec.parse_int(value)
-        except ValueError:
-            raise InvalidArchive(f"bad PAX {key} record {_shown(value)}", name) from None
-
-    def _global_entry(self, name: bytes, meta: _Meta, raw: list[bytes]) -> TarEntry:
+    def _global_entry(self, name: bytes, meta: Overrides, raw: list[bytes]) -> TarEntry:
         """A PAX global header, surfaced as its own entry (Go does the same)."""
         entry = TarEntry()
         entry.name = _decode(name)
