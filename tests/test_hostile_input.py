@@ -209,3 +209,20 @@ def test_docker_save_layer_linked_outside_the_archive_says_so(tmp_path: Path) ->
                 tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
     with pytest.raises(ImageError, match=r"layer 1 \(.*/layer.tar\) is a link that leads outside the archive"):
         load(MemoryStore(tmp_path / "s"), out)
+
+
+def test_deeply_nested_registry_manifest_is_a_registry_error() -> None:
+    from lamina.registry.manifests import parse_image
+    from lamina.registry.transport import RegistryError
+
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(RegistryError, match="nested too deeply"):
+        parse_image(deep, "application/vnd.oci.image.manifest.v1+json", "sha256:" + "0" * 64, "m")
+
+
+def test_deeply_nested_tar_split_record_is_invalid_archive() -> None:
+    from lamina.archive.tar.split import reassemble
+
+    deep = b"[" * 200_000 + b"]" * 200_000 + b"\n"
+    with pytest.raises(InvalidArchive, match="tar-split record 1"):
+        list(reassemble(io.BytesIO(deep), None))  # type: ignore[arg-type]

@@ -128,6 +128,8 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as e:
         raise RegistryError(f"{what}: not valid JSON ({e})") from e
+    except RecursionError:  # [[[[... a hundred thousand deep
+        raise RegistryError(f"{what}: not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise RegistryError(f"{what}: not a JSON object")
     return doc

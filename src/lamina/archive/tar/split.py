@@ -203,7 +203,7 @@ def _entries(tarsplit: IO[bytes]) -> Iterator[dict]:
 def _parse_lines(lines: list[bytes], first: int) -> Iterator[dict]:
     try:
         objs = json.loads(b"[" + b",".join(lines) + b"]")
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         objs = None
     if objs is not None and all(isinstance(o, dict) for o in objs):
         yield from objs
@@ -212,7 +212,7 @@ def _parse_lines(lines: list[bytes], first: int) -> Iterator[dict]:
     for offset, line in enumerate(lines, 1):
         try:
             obj, _ = decoder.raw_decode(line.strip().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise InvalidArchive(f"tar-split record {first + offset} is not JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise InvalidArchive(f"tar-split record {first + offset} is not a JSON object")
