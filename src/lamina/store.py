@@ -59,7 +59,8 @@ from lamina.fs.getter import DirFileGetter
 from lamina.fs.locks import FileLock, KeyLock
 from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id, parse_size
-from lamina.records import LayerRecord, LayerState, Reader, Records, Writer
+from lamina.mounts import Mounts
+from lamina.records import LayerRecord, LayerState, Records, Writer
 from lamina.streams import HashingReader, open_chunks
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class Store:
             raise DriverUnavailable(f"driver {name} cannot run here: {reason}")
         self.records = Records(self.root / "meta.db")
         self.driver: Driver = cls(DriverContext(self.root, dict(options), uid_map, gid_map))
+        self.mounts = Mounts(self.records, self.driver, self.root / "locks")
 
     def _settle_driver(self, asked: str | None) -> str:
         cfg_path = self.root / CONFIG_NAME
@@ -249,7 +251,7 @@ class Store:
     def _abandon(self, layer_id: str) -> None:
         """Undo a failed creation: driver content, refs, tar-split, record."""
         try:
-            self._release_all(layer_id)
+            self.mounts.release_all(layer_id)
             self.driver.remove(layer_id)
             self._tarsplit_path(layer_id).unlink(missing_ok=True)
         finally:
@@ -268,7 +270,7 @@ class Store:
         if parent:
             check_id(parent, "parent ID")
         with self._busy(layer_id):
-            with self.records.write() as db:
+            with self.mounts.settled(layer_id), self.records.write() as db:
                 rec = db.layer(layer_id)
                 if rec is not None and rec.state is LayerState.READY:
                     if db.children(layer_id):
@@ -312,7 +314,7 @@ class Store:
             with gzip.open(tmp, "wb", compresslevel=1) as ts, EarlyWriteback(self.root):
                 size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
                 if size is NOT_NATIVE:
-                    path = self._get(layer_id, persistent=False)
+                    path = self.mounts.get(layer_id, persistent=False, complete_only=False)
                     try:
                         size = apply_tar(path, stream, ApplyOptions(
                             uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map, tarsplit=ts))
@@ -335,27 +337,7 @@ class Store:
         ``mount``), released only by a persistent :meth:`put` or ``cleanup(unmount_all)``.
         """
         check_id(layer_id)
-        return self._get(layer_id, persistent=persistent, mount_label=mount_label, complete_only=True)
-
-    def _get(self, layer_id: str, *, persistent: bool, mount_label: str = "",
-             complete_only: bool = False) -> Path:
-        """Take a reference; ``complete_only=False`` lets apply mount its own half-made layer."""
-        pid, start = liveness.me()
-        boot = liveness.boot_id()
-        with self.records.write(durable=False) as db:
-            rec = db.layer(layer_id)
-            if rec is None or (complete_only and not rec.complete):
-                raise LayerNotFound(f"layer {layer_id} not found")
-            db.drop_refs_of_other_boots(boot, layer_id)
-            row = db.mount(layer_id)
-            if row is not None and row.boot_id == boot and db.refcount(layer_id):
-                path = Path(row.path)
-            else:
-                chain = db.chain(layer_id)
-                path = self.driver.mount(layer_id, chain, rw=rec.rw, mount_label=mount_label or rec.mount_label)
-                db.set_mount(layer_id, str(path), boot)
-            db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
-        return path
+        return self.mounts.get(layer_id, persistent=persistent, mount_label=mount_label)
 
     def put(self, layer_id: str, *, persistent: bool = False) -> bool:
         """Release one reference [Put]; the last one unmounts. False if none was held.
@@ -365,28 +347,7 @@ class Store:
         that has since restarted got.
         """
         check_id(layer_id)
-        pid, start = liveness.me()
-        with self.records.write(durable=False) as db:
-            if db.layer(layer_id) is None:
-                raise LayerNotFound(f"layer {layer_id} not found")
-            ref = db.pick_ref(layer_id, persistent=persistent, pid=pid, pid_start=start)
-            if ref is None:
-                return False
-            db.drop_ref(ref)
-            if db.refcount(layer_id) == 0:
-                self.driver.unmount(layer_id)
-                db.drop_mount(layer_id)
-        return True
-
-    def _release_all(self, layer_id: str) -> None:
-        with self.records.read() as db:
-            if not db.refcount(layer_id) and db.mount(layer_id) is None:
-                return  # nothing to release: spare a durable commit (a remove's common case)
-        with self.records.write() as db:
-            if db.refcount(layer_id) or db.mount(layer_id) is not None:
-                self.driver.unmount(layer_id)
-            db.drop_refs(layer_id)
-            db.drop_mount(layer_id)
+        return self.mounts.put(layer_id, persistent=persistent)
 
     @contextlib.contextmanager
     def mounted(self, layer_id: str, mount_label: str = "") -> Iterator[Path]:
@@ -475,7 +436,7 @@ class Store:
             if rec.rw:
                 native = self.driver.diff_size(layer_id, rec.parent)
                 size = None if native is NOT_NATIVE else int(native)
-            with self.records.write() as db:
+            with self.mounts.settled(layer_id), self.records.write() as db:
                 rec = db.layer(layer_id)
                 if rec is None or not rec.complete:
                     raise LayerNotFound(f"layer {layer_id} not found")
@@ -503,7 +464,7 @@ class Store:
         """
         check_id(layer_id)
         with self._busy(layer_id):
-            with self.records.write() as db:
+            with self.mounts.settled(layer_id), self.records.write() as db:
                 rec = db.layer(layer_id)
                 if rec is None:
                     raise LayerNotFound(f"layer {layer_id} not found")
@@ -520,7 +481,7 @@ class Store:
             self._finish_remove(layer_id, record=record)
 
     def _finish_remove(self, layer_id: str, *, record: Callable[[Writer], None] | None = None) -> None:
-        self._release_all(layer_id)
+        self.mounts.release_all(layer_id)
         self.driver.remove(layer_id)
         self._tarsplit_path(layer_id).unlink(missing_ok=True)
         with self.records.write() as db:
@@ -545,17 +506,20 @@ class Store:
             if n:
                 done.append(f"reset {n} mount reference(s) from an earlier boot")
             db.drop_mounts_of_other_boots(boot)
-            for ref in db.refs():
-                if unmount_all or (not ref.persistent and not liveness.alive(ref.pid, ref.pid_start)):
-                    db.drop_ref(ref.ref)
-                    if not unmount_all:
-                        done.append(f"released a mount reference of layer {ref.layer} held by dead process {ref.pid}")
-            for mount in db.mounts():
-                if not db.refcount(mount.layer):
-                    self.driver.unmount(mount.layer)
-                    db.drop_mount(mount.layer)
-                    done.append(f"unmounted layer {mount.layer}")
-            done += self._unmount_leaked(db)
+            refs = db.refs()
+        if unmount_all:
+            self.mounts.drop_every_reference()
+        else:
+            for ref in refs:
+                if not ref.persistent and not liveness.alive(ref.pid, ref.pid_start) and self.mounts.drop_ref(ref):
+                    done.append(f"released a mount reference of layer {ref.layer} held by dead process {ref.pid}")
+        with self.records.read() as db:
+            mounted = [m.layer for m in db.mounts()]
+        for layer_id in mounted:
+            if self.mounts.unmount_unreferenced(layer_id):
+                done.append(f"unmounted layer {layer_id}")
+        done += self._unmount_leaked()
+        with self.records.read() as db:
             pending = [(r.id, r.state) for r in db.layers() if not r.complete]
         for layer_id, state in pending:
             lock = self._lock(layer_id)
@@ -581,17 +545,22 @@ class Store:
         done += self.driver.cleanup(known)
         return done
 
-    def _unmount_leaked(self, db: Reader) -> list[str]:
+    def _unmount_leaked(self) -> list[str]:
         """Unmount views no record names: a process killed between the kernel mount and
-        the commit of its record leaves one (inside the same write transaction as the
-        caller, so no mount in progress is mistaken for a leak)."""
-        recorded = {os.path.realpath(m.path) for m in db.mounts()}
-        recorded |= {os.path.realpath(p) for p in self.driver.own_mounts()}
-        done = []
-        for point in mounts_under(self.driver.ctx.layers):
-            if point not in recorded:
-                umount(point)
-                done.append(f"unmounted leaked mount {point}")
+        the record of it leaves one. Judged while no mount is in flight (see
+        :mod:`lamina.mounts`), so a view about to be recorded is not taken for a leak."""
+        done: list[str] = []
+        with self.mounts.no_mount_in_flight() as quiet:
+            if not quiet:
+                log.info("mounts kept being made; leaked mounts are left for the next cleanup")
+                return done
+            with self.records.read() as db:
+                recorded = {os.path.realpath(m.path) for m in db.mounts()}
+            recorded |= {os.path.realpath(p) for p in self.driver.own_mounts()}
+            for point in mounts_under(self.driver.ctx.layers):
+                if point not in recorded:
+                    umount(point)
+                    done.append(f"unmounted leaked mount {point}")
         return done
 
     def _remove_orphans(self) -> list[str]:

@@ -1,0 +1,193 @@
+"""Mount references, counted across processes: the first reference mounts, the last unmounts.
+
+Why a module of its own: counting is a protocol between processes (the CLI's ``mount``
+and ``umount`` are two of them, the plugin serves Get and Put in threads), and the
+kernel's part of it (an overlay or loop mount, tens of milliseconds; an unmount that may
+wait for the filesystem) must never run inside a write transaction, where it would hold
+``BEGIN IMMEDIATE`` against every process on the store. So each change is three steps:
+
+1. **claim**, in one short transaction: check the layer, and if its view is mounted
+   already (this boot, with references) take a reference and return: the common case,
+   one transaction;
+2. **mount** (or unmount) outside any transaction;
+3. **record**, in another short transaction: the view's path and the new reference
+   (or, after an unmount, that nothing is mounted).
+
+Between the steps the records and the kernel disagree, so two locks keep anyone from
+acting on the gap:
+
+* a per-layer *mount lock* (``locks/mounts.lock``, one byte-range lock per layer) is held
+  across all three steps by whoever gets, puts or releases that layer, and by the store
+  while it decides a layer's fate from its count (``remove``, an ``apply_diff`` into an
+  existing layer: :meth:`Mounts.settled`), so the count it reads cannot change under it;
+* every kernel mount holds ``locks/mounting.lock`` shared, and the search for leaked
+  mounts (views no record names) takes it exclusively (:meth:`Mounts.no_mount_in_flight`),
+  so a mount made a moment ago and about to be recorded is never taken for a leak.
+
+A crash between the steps leaves what cleanup already knows how to mend: a view mounted
+with no record (a leaked mount), or a record with no reference (a mount with no
+reference, unmounted). A reference is only ever written together with the mount it
+stands for, so a crash can never leave a reference to nothing.
+
+References carry the boot they were taken in and the process that took them (see
+:mod:`lamina.liveness`); ``persistent`` ones (the CLI's ``mount``, dockerd's Get) belong
+to no process and are released only by a persistent put or by cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lamina import liveness
+from lamina.drivers.base import Driver
+from lamina.errors import LayerNotFound
+from lamina.fs.locks import FileLock, KeyLock
+from lamina.records import MountRef, Records
+
+
+class Mounts:
+    """The store's mount references and the driver mounts they stand for."""
+
+    def __init__(self, records: Records, driver: Driver, locks: Path) -> None:
+        self._records = records
+        self._driver = driver
+        self._layer_locks = locks / "mounts.lock"
+        self._mounting = locks / "mounting.lock"
+        self._layer_locks.touch(mode=0o600)
+
+    @contextlib.contextmanager
+    def settled(self, layer_id: str) -> Iterator[None]:
+        """Hold the layer's mount lock: no reference of it is taken or released, and no
+        view of it mounted or unmounted, until the block ends."""
+        lock = KeyLock(self._layer_locks, layer_id)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def no_mount_in_flight(self, timeout: float = 2.0) -> Iterator[bool]:
+        """Hold off new kernel mounts for the block; yields False if mounts kept going
+        for ``timeout`` seconds (then the caller must not judge the mount table)."""
+        lock = FileLock(self._mounting)
+        deadline = time.monotonic() + timeout
+        while not lock.acquire(blocking=False):
+            if time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(0.01)
+        try:
+            yield True
+        finally:
+            lock.release()
+
+    # -- get and put ----------------------------------------------------------------
+
+    def get(self, layer_id: str, *, persistent: bool, mount_label: str = "",
+            complete_only: bool = True) -> Path:
+        """Take a reference, mounting the view if it is the first; return the view.
+
+        ``complete_only=False`` lets apply mount the layer it is filling (its record
+        says creating; the caller holds the layer's lock).
+        """
+        pid, start = liveness.me()
+        boot = liveness.boot_id()
+        with self.settled(layer_id):
+            with self._records.write(durable=False) as db:  # claim
+                rec = db.layer(layer_id)
+                if rec is None or (complete_only and not rec.complete):
+                    raise LayerNotFound(f"layer {layer_id} not found")
+                db.drop_refs_of_other_boots(boot, layer_id)
+                mounted = db.mount(layer_id)
+                if mounted is not None and mounted.boot_id == boot and db.refcount(layer_id):
+                    db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
+                    return Path(mounted.path)
+                chain = db.chain(layer_id)
+            in_flight = FileLock(self._mounting)
+            in_flight.acquire(shared=True)
+            try:
+                path = self._driver.mount(layer_id, chain, rw=rec.rw,  # mount
+                                          mount_label=mount_label or rec.mount_label)
+                try:
+                    with self._records.write(durable=False) as db:  # record
+                        db.set_mount(layer_id, str(path), boot)
+                        db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
+                except BaseException:
+                    self._driver.unmount(layer_id)
+                    raise
+            finally:
+                in_flight.release()
+        return path
+
+    def put(self, layer_id: str, *, persistent: bool) -> bool:
+        """Release one reference; the last one unmounts. False if none was held.
+
+        The reference released is this process's own if it has one (or a persistent one
+        for ``persistent=True``), else the oldest: dockerd puts what a plugin process
+        that has since restarted got.
+        """
+        pid, start = liveness.me()
+        with self.settled(layer_id):
+            with self._records.write(durable=False) as db:  # claim
+                if db.layer(layer_id) is None:
+                    raise LayerNotFound(f"layer {layer_id} not found")
+                ref = db.pick_ref(layer_id, persistent=persistent, pid=pid, pid_start=start)
+                if ref is None:
+                    return False
+                db.drop_ref(ref)
+                last = db.refcount(layer_id) == 0
+            if last:
+                self._unmount(layer_id)
+        return True
+
+    def _unmount(self, layer_id: str) -> None:
+        """Unmount a view nobody references (caller holds the mount lock), then say so."""
+        self._driver.unmount(layer_id)
+        with self._records.write(durable=False) as db:
+            db.drop_mount(layer_id)
+
+    # -- releasing (removal, failures, recovery) ------------------------------------------
+
+    def release_all(self, layer_id: str) -> None:
+        """Drop every reference of a layer and unmount it (a layer being removed or
+        abandoned: nobody may keep using it)."""
+        with self.settled(layer_id):
+            with self._records.read() as db:
+                if not db.refcount(layer_id) and db.mount(layer_id) is None:
+                    return  # nothing to release: spare two durable commits (a remove's common case)
+            with self._records.write() as db:
+                mounted = bool(db.refcount(layer_id)) or db.mount(layer_id) is not None
+                db.drop_refs(layer_id)
+            if mounted:
+                self._driver.unmount(layer_id)
+            with self._records.write() as db:
+                db.drop_mount(layer_id)
+
+    def drop_ref(self, ref: MountRef) -> bool:
+        """Forget one given reference (a dead process's); False if it was gone already.
+        Its view, if that was the last reference, is for :meth:`unmount_unreferenced`."""
+        with self.settled(ref.layer), self._records.write(durable=False) as db:
+            return db.drop_ref(ref.ref)
+
+    def drop_every_reference(self) -> int:
+        """Forget every reference (dockerd's Cleanup at shutdown: nothing is in use any
+        more); the views go with :meth:`unmount_unreferenced`. Returns how many."""
+        with self._records.write(durable=False) as db:
+            refs = db.refs()
+            for ref in refs:
+                db.drop_ref(ref.ref)
+        return len(refs)
+
+    def unmount_unreferenced(self, layer_id: str) -> bool:
+        """Unmount a view recorded as mounted that no reference holds; False if it has
+        a reference (again) or no record by now."""
+        with self.settled(layer_id):
+            with self._records.read() as db:
+                if db.refcount(layer_id) or db.mount(layer_id) is None:
+                    return False
+            self._unmount(layer_id)
+        return True
