@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import StoreCorrupt
-from lamina.records import SCHEMA_VERSION, LayerState, Records
+from lamina.records import SCHEMA_VERSION, LayerState, Records, steps_after
 
 
 @pytest.fixture
@@ -19,29 +19,20 @@ def records(tmp_path: Path):
     r.close()
 
 
-def _user_version(path: Path) -> int:
-    db = sqlite3.connect(path)
-    try:
-        return int(db.execute("PRAGMA user_version").fetchone()[0])
-    finally:
-        db.close()
-
-
 def test_a_new_database_is_at_the_current_version(records: Records) -> None:
-    assert _user_version(records.path) == SCHEMA_VERSION
-    Records(records.path).close()  # reopening applies nothing and changes nothing
-    assert _user_version(records.path) == SCHEMA_VERSION
+    assert records.version == SCHEMA_VERSION
+    again = Records(records.path)  # reopening applies nothing and changes nothing
+    assert again.version == SCHEMA_VERSION
+    again.close()
 
 
-def test_a_newer_database_keeps_its_version(tmp_path: Path) -> None:
-    path = tmp_path / "meta.db"
-    Records(path).close()
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    db.commit()
-    db.close()
-    Records(path).close()
-    assert _user_version(path) == SCHEMA_VERSION + 1, "an older lamina must not downgrade it"
+def test_schema_steps_only_bring_older_databases_up() -> None:
+    everything = steps_after(0)
+    assert everything and all(s.lstrip().startswith("CREATE") for s in everything)
+    assert steps_after(SCHEMA_VERSION) == []
+    assert steps_after(SCHEMA_VERSION + 1) == [], "a newer database is left as it is"
+    if SCHEMA_VERSION > 1:
+        assert steps_after(1) == everything[len(steps_after(0)) - len(steps_after(1)):]
 
 
 def test_states_round_trip_and_only_ready_is_complete(records: Records) -> None:

@@ -104,6 +104,16 @@ _STEPS: list[list[str]] = [
 SCHEMA_VERSION = len(_STEPS)
 
 
+def steps_after(version: int) -> list[str]:
+    """The statements that bring a database at ``version`` to :data:`SCHEMA_VERSION`.
+
+    Steps are written to be no-ops where their tables exist already (a version-0 file
+    may be a store from before versions were kept). A newer lamina's database (a higher
+    version) gets nothing and keeps its version: its steps only ever add.
+    """
+    return [statement for step in _STEPS[version:] for statement in step]
+
+
 @dataclass(frozen=True)
 class LayerRecord:
     """What the store knows about one layer."""
@@ -405,18 +415,20 @@ class Records:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-                # steps are written to be no-ops where their tables exist already; a
-                # newer lamina's database (a higher version) is left as it is: its
-                # steps only ever add
-                for step in _STEPS[version:]:
-                    for statement in step:
-                        self._db.execute(statement)
+                for statement in steps_after(version):
+                    self._db.execute(statement)
                 if version < SCHEMA_VERSION:
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @property
+    def version(self) -> int:
+        """The schema version of the database (``PRAGMA user_version``)."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     @contextlib.contextmanager
     def write(self, *, durable: bool = True) -> Iterator[Writer]:
