@@ -1,33 +1,37 @@
-"""The store: layer IDs, parents, records, locks, mount counts, and crash recovery.
+"""The store: the one public face of a layer store (``lamina.open``), over its rooms.
 
-Everything a driver should not have to think about lives here, once for every driver:
-checking IDs before they touch the disk, refusing to remove a layer with children or
-mounts, counting mounts across processes, the naive (mount-and-walk) diff operations for
-drivers that have no native ones, tar-split for byte-exact diffs, and ``cleanup``.
+Everything a driver should not have to think about lives behind this facade, once for
+every driver: checking IDs before they touch the disk, refusing to remove a layer with
+children or mounts, counting mounts across processes, tar-split for byte-exact diffs,
+the naive (mount-and-walk) diff operations for drivers that have no native ones, and
+crash recovery. Each of those is a room of its own; this module checks IDs, takes the
+locks in the right order and calls them:
 
-How a layer stays whole (design §3): its record is written as ``creating`` before any
-byte of it is, under a per-layer file lock that the making process holds until the record
-says ``ready``; the layer's files are synced (one ``syncfs``) before that. A crash leaves a
-``creating`` record whose lock is free, which ``cleanup`` drops along with whatever the
-driver had made. Removal is the same in reverse: ``removing`` first, then the driver
-deletes, then the record goes. Only ``ready`` layers are visible to ``exists``, ``ls``
-and every operation.
+===========================  ==========================================================
+:mod:`lamina.records`        every SQL statement, behind typed operations
+:mod:`lamina.lifecycle`      making and removing layers crash-safely (record first)
+:mod:`lamina.worklocks`      the per-layer lock of long work, and pins of readers
+:mod:`lamina.mounts`         mount references counted across processes
+:mod:`lamina.tarsplits`      the tar-split of every imported layer
+:mod:`lamina.recovery`       scan and repair: ``cleanup`` and ``lamina check``
+===========================  ==========================================================
+
+Lock order, outermost first: a layer's work lock, its mount lock, a records
+transaction. Nothing takes them the other way round, and no kernel mount, unmount or
+long work ever runs inside a transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import gzip
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from lamina import liveness
+from lamina import recovery
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.changes import changes_dirs, changes_size
@@ -50,18 +54,18 @@ from lamina.errors import (
     LayerExists,
     LayerHasChildren,
     LayerNotFound,
-    NoSpace,
-    ParentNotFound,
     StoreCorrupt,
 )
 from lamina.fs.durable import EarlyWriteback, atomic_write, syncfs
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.locks import FileLock, KeyLock
-from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id, parse_size
+from lamina.lifecycle import Lifecycle, raise_no_space
 from lamina.mounts import Mounts
 from lamina.records import LayerRecord, LayerState, Records, Writer
 from lamina.streams import HashingReader, open_chunks
+from lamina.tarsplits import TarSplits
+from lamina.worklocks import WorkLocks
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,7 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         for sub in ("layers", "tmp", "locks", "tarsplit"):
             (self.root / sub).mkdir(exist_ok=True, mode=0o700)
-        (self.root / "locks" / "layers.lock").touch(mode=0o600)  # per-layer range locks
+        self.work_locks = WorkLocks(self.root / "locks")
         name = self._settle_driver(driver)
         cls = driver_class(name)
         reason = cls.unavailable_reason(self.root)
@@ -112,6 +116,8 @@ class Store:
         self.records = Records(self.root / "meta.db")
         self.driver: Driver = cls(DriverContext(self.root, dict(options), uid_map, gid_map))
         self.mounts = Mounts(self.records, self.driver, self.root / "locks")
+        self.tarsplits = TarSplits(self.root)
+        self.lifecycle = Lifecycle(self.root, self.records, self.driver, self.mounts, self.tarsplits)
 
     def _settle_driver(self, asked: str | None) -> str:
         cfg_path = self.root / CONFIG_NAME
@@ -137,20 +143,6 @@ class Store:
 
     # -- small helpers ----------------------------------------------------------------
 
-    def _lock(self, layer_id: str) -> KeyLock:
-        return KeyLock(self.root / "locks" / "layers.lock", layer_id)
-
-    @contextlib.contextmanager
-    def _busy(self, layer_id: str) -> Iterator[None]:
-        """Hold the per-layer lock for long work; fail at once if another process has it."""
-        lock = self._lock(layer_id)
-        if not lock.acquire(blocking=False):
-            raise LayerBusy(f"layer {layer_id} is in use by another operation (reading or changing it)")
-        try:
-            yield
-        finally:
-            lock.release()
-
     def _ready(self, layer_id: str) -> LayerRecord:
         check_id(layer_id)
         with self.records.read() as db:
@@ -158,9 +150,6 @@ class Store:
         if rec is None or not rec.complete:
             raise LayerNotFound(f"layer {layer_id} not found")
         return rec
-
-    def _tarsplit_path(self, layer_id: str) -> Path:
-        return self.root / "tarsplit" / f"{layer_id}.json.gz"
 
     # -- making layers ------------------------------------------------------------------
 
@@ -194,16 +183,10 @@ class Store:
         if parent:
             check_id(parent, "parent ID")
         opts = self._create_options(size, storage_opt, mount_label)
-        with self._busy(layer_id):
-            self._begin_layer(layer_id, parent, rw, opts, record=record)
-            try:
-                self.driver.create(layer_id, parent or None, rw=rw, opts=opts)
-                syncfs(self.root)
-            except BaseException as e:
-                self._abandon(layer_id)
-                _raise_no_space(layer_id, e)
-                raise
-            self._commit(layer_id, size=0 if parent is None else None)
+        with self.work_locks.busy(layer_id):
+            self.lifecycle.begin(layer_id, parent, rw=rw, opts=opts, record=record)
+            self.lifecycle.build(layer_id, parent, rw=rw, opts=opts)
+            self.lifecycle.commit(layer_id, size=0 if parent is None else None)
 
     @staticmethod
     def _create_options(size: str | int | None, storage_opt: dict[str, str] | None,
@@ -213,50 +196,6 @@ class Store:
             size = sopt["size"]
         limit = parse_size(size) if size not in (None, "", 0) else None
         return CreateOptions(size=limit or None, mount_label=mount_label, storage_opt=sopt)
-
-    def _begin_layer(self, layer_id: str, parent: str | None, rw: bool, opts: CreateOptions, *,
-                     record: Callable[[Writer], None] | None = None) -> None:
-        """Write the ``creating`` record (caller holds the layer lock)."""
-        check_id(layer_id)
-        if parent:
-            check_id(parent, "parent ID")
-        stale = False
-        with self.records.write() as db:
-            old = db.layer(layer_id)
-            if old is not None:
-                if old.state is LayerState.READY:
-                    raise LayerExists(f"layer {layer_id} already exists")
-                if old.state is LayerState.REMOVING:
-                    raise LayerBusy(f"layer {layer_id} is being removed")
-                stale = True  # CREATING and we hold its lock: a crashed earlier attempt
-            if parent:
-                prec = db.layer(parent)
-                if prec is None or not prec.complete:
-                    raise ParentNotFound(f"parent layer {parent} of {layer_id} not found")
-            if stale:
-                db.delete_layer(layer_id)
-            db.insert_layer(layer_id, parent or None, rw=rw, mount_label=opts.mount_label,
-                            size_limit=opts.size)
-            if record is not None:
-                record(db)
-        if stale:
-            log.info("dropping the remains of an interrupted creation of %s", layer_id)
-            self.driver.remove(layer_id)
-
-    def _commit(self, layer_id: str, *, size: int | None, tarsplit: bool = False,
-                diff_id: str | None = None) -> None:
-        with self.records.write() as db:
-            db.mark_ready(layer_id, size=size, has_tarsplit=tarsplit, diff_id=diff_id)
-
-    def _abandon(self, layer_id: str) -> None:
-        """Undo a failed creation: driver content, refs, tar-split, record."""
-        try:
-            self.mounts.release_all(layer_id)
-            self.driver.remove(layer_id)
-            self._tarsplit_path(layer_id).unlink(missing_ok=True)
-        finally:
-            with self.records.write() as db:
-                db.delete_layer(layer_id, unless_ready=True)
 
     def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
         """Fill layer ``layer_id`` from an uncompressed layer tar; return the bytes applied.
@@ -269,27 +208,10 @@ class Store:
         check_id(layer_id)
         if parent:
             check_id(parent, "parent ID")
-        with self._busy(layer_id):
-            with self.mounts.settled(layer_id), self.records.write() as db:
-                rec = db.layer(layer_id)
-                if rec is not None and rec.state is LayerState.READY:
-                    if db.children(layer_id):
-                        raise LayerHasChildren(f"layer {layer_id} has children; cannot apply a diff into it")
-                    if rec.mount_count:
-                        raise LayerBusy(f"layer {layer_id} is mounted; cannot apply a diff into it")
-                    # from here on the layer is half-made until the apply finishes
-                    db.set_state(layer_id, LayerState.CREATING)
-                    existed = True
-                else:
-                    existed = False
-            if not existed:
-                self._begin_layer(layer_id, parent, False, CreateOptions())
-                try:
-                    self.driver.create(layer_id, parent or None, rw=False, opts=CreateOptions())
-                except BaseException as e:
-                    self._abandon(layer_id)
-                    _raise_no_space(layer_id, e)
-                    raise
+        with self.work_locks.busy(layer_id):
+            if not self.lifecycle.reopen(layer_id):
+                self.lifecycle.begin(layer_id, parent, rw=False, opts=CreateOptions())
+                self.lifecycle.build(layer_id, parent, rw=False, opts=CreateOptions(), sync=False)
             hashed = HashingReader(stream)
             try:
                 size = self._apply_into(layer_id, hashed)
@@ -297,10 +219,10 @@ class Store:
                 diff_id = hashed.digest()
             except BaseException as e:
                 hashed.close()
-                self._abandon(layer_id)
-                _raise_no_space(layer_id, e)
+                self.lifecycle.abandon(layer_id)
+                raise_no_space(layer_id, e)
                 raise
-            self._commit(layer_id, size=size, tarsplit=True, diff_id=diff_id)
+            self.lifecycle.commit(layer_id, size=size, has_tarsplit=True, diff_id=diff_id)
             return size
 
     def _apply_into(self, layer_id: str, stream: HashingReader) -> int:
@@ -308,23 +230,17 @@ class Store:
             rec = db.layer(layer_id)
             assert rec is not None
             chain = db.chain(layer_id)
-        final = self._tarsplit_path(layer_id)
-        tmp = self.root / "tmp" / f"{layer_id}~tarsplit"
-        try:
-            with gzip.open(tmp, "wb", compresslevel=1) as ts, EarlyWriteback(self.root):
-                size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
-                if size is NOT_NATIVE:
-                    path = self.mounts.get(layer_id, persistent=False, complete_only=False)
-                    try:
-                        size = apply_tar(path, stream, ApplyOptions(
-                            uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map, tarsplit=ts))
-                    finally:
-                        self.put(layer_id)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self.tarsplits.recording(layer_id) as ts, EarlyWriteback(self.root):
+            size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
+            if size is NOT_NATIVE:
+                path = self.mounts.get(layer_id, persistent=False, complete_only=False)
+                try:
+                    size = apply_tar(path, stream, ApplyOptions(
+                        uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map, tarsplit=ts))
+                finally:
+                    self.put(layer_id)
         syncfs(self.root)
-        os.replace(tmp, final)
+        self.tarsplits.keep(layer_id)
         return int(size)
 
     # -- mounting -----------------------------------------------------------------------
@@ -430,7 +346,7 @@ class Store:
         atomically with it: a crash leaves both or neither.
         """
         check_id(layer_id)
-        with self._busy(layer_id):
+        with self.work_locks.busy(layer_id):
             rec = self._ready(layer_id)
             size = None
             if rec.rw:
@@ -463,31 +379,9 @@ class Store:
         name for the layer); after a crash, cleanup finishes the removal without it.
         """
         check_id(layer_id)
-        with self._busy(layer_id):
-            with self.mounts.settled(layer_id), self.records.write() as db:
-                rec = db.layer(layer_id)
-                if rec is None:
-                    raise LayerNotFound(f"layer {layer_id} not found")
-                kids = db.children(layer_id)
-                if kids:
-                    more = f" and {len(kids) - 3} more" if len(kids) > 3 else ""
-                    raise LayerHasChildren(
-                        f"layer {layer_id} has children ({', '.join(kids[:3])}{more}); remove them first")
-                db.drop_refs_of_other_boots(liveness.boot_id(), layer_id)
-                count = db.refcount(layer_id)
-                if count and rec.complete:
-                    raise LayerBusy(f"layer {layer_id} is mounted ({count} reference{'s' * (count > 1)}); unmount it first")
-                db.set_state(layer_id, LayerState.REMOVING)
-            self._finish_remove(layer_id, record=record)
-
-    def _finish_remove(self, layer_id: str, *, record: Callable[[Writer], None] | None = None) -> None:
-        self.mounts.release_all(layer_id)
-        self.driver.remove(layer_id)
-        self._tarsplit_path(layer_id).unlink(missing_ok=True)
-        with self.records.write() as db:
-            db.delete_layer(layer_id)
-            if record is not None:
-                record(db)
+        with self.work_locks.busy(layer_id):
+            self.lifecycle.mark_removing(layer_id)
+            self.lifecycle.finish_remove(layer_id, record=record)
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -496,113 +390,11 @@ class Store:
 
         Drops half-made layers whose maker is gone, finishes interrupted removals,
         releases references of dead processes and of earlier boots (unmounting where
-        that was the last), removes orphan files, and lets the driver tidy its own.
-        With ``unmount_all`` every mount is released (dockerd's Cleanup at shutdown).
+        that was the last), unmounts leaks, removes orphan files, and lets the driver
+        tidy its own: every repairable problem :func:`lamina.recovery.scan` finds. With
+        ``unmount_all`` every mount is released (dockerd's Cleanup at shutdown).
         """
-        done: list[str] = []
-        boot = liveness.boot_id()
-        with self.records.write() as db:
-            n = db.drop_refs_of_other_boots(boot)
-            if n:
-                done.append(f"reset {n} mount reference(s) from an earlier boot")
-            db.drop_mounts_of_other_boots(boot)
-            refs = db.refs()
-        if unmount_all:
-            self.mounts.drop_every_reference()
-        else:
-            for ref in refs:
-                if not ref.persistent and not liveness.alive(ref.pid, ref.pid_start) and self.mounts.drop_ref(ref):
-                    done.append(f"released a mount reference of layer {ref.layer} held by dead process {ref.pid}")
-        with self.records.read() as db:
-            mounted = [m.layer for m in db.mounts()]
-        for layer_id in mounted:
-            if self.mounts.unmount_unreferenced(layer_id):
-                done.append(f"unmounted layer {layer_id}")
-        done += self._unmount_leaked()
-        with self.records.read() as db:
-            pending = [(r.id, r.state) for r in db.layers() if not r.complete]
-        for layer_id, state in pending:
-            lock = self._lock(layer_id)
-            if not lock.acquire(blocking=False):
-                continue  # its process is still at work
-            try:
-                if state is LayerState.CREATING:
-                    self._abandon(layer_id)
-                    done.append(f"dropped half-made layer {layer_id}")
-                else:
-                    self._finish_remove(layer_id)
-                    done.append(f"finished removing layer {layer_id}")
-            except OSError as e:
-                # e.g. a child process of the dead maker still writing into it: what is
-                # left is an orphan that the next cleanup removes; the rest goes on now
-                done.append(f"could not yet remove all of layer {layer_id} ({e.strerror or e}); "
-                            "run cleanup again")
-            finally:
-                lock.release()
-        done += self._remove_orphans()
-        with self.records.read() as db:
-            known = {r.id for r in db.layers()}
-        done += self.driver.cleanup(known)
-        return done
-
-    def _unmount_leaked(self) -> list[str]:
-        """Unmount views no record names: a process killed between the kernel mount and
-        the record of it leaves one. Judged while no mount is in flight (see
-        :mod:`lamina.mounts`), so a view about to be recorded is not taken for a leak."""
-        done: list[str] = []
-        with self.mounts.no_mount_in_flight() as quiet:
-            if not quiet:
-                log.info("mounts kept being made; leaked mounts are left for the next cleanup")
-                return done
-            with self.records.read() as db:
-                recorded = {os.path.realpath(m.path) for m in db.mounts()}
-            recorded |= {os.path.realpath(p) for p in self.driver.own_mounts()}
-            for point in mounts_under(self.driver.ctx.layers):
-                if point not in recorded:
-                    umount(point)
-                    done.append(f"unmounted leaked mount {point}")
-        return done
-
-    def _remove_orphans(self) -> list[str]:
-        done = []
-        with self.records.read() as db:
-            records = db.layers()
-        # a parent named by a record is never an orphan, even if its own record is lost:
-        # its content is part of the child's chain
-        known = {r.id for r in records} | {r.parent for r in records if r.parent}
-        for entry in sorted((self.root / "tmp").iterdir()):
-            owner = entry.name.split("~", 1)[0]
-            lock = self._lock(owner)
-            if owner in known and not lock.acquire(blocking=False):
-                continue
-            if lock.held:
-                lock.release()
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            done.append(f"removed leftover {entry.relative_to(self.root)}")
-        for entry in sorted(self.driver.ctx.layers.iterdir()):
-            name = entry.name
-            if name in known or "~" in name or name.endswith("-removing"):
-                continue  # a layer, or a driver's own work in progress (its cleanup's job)
-            try:
-                check_id(name)
-            except LaminaError:
-                continue
-            lock = self._lock(name)
-            if not lock.acquire(blocking=False):
-                continue
-            try:
-                self.driver.remove(name)
-            finally:
-                lock.release()
-            done.append(f"removed orphan layer directory {name}")
-        for entry in sorted((self.root / "tarsplit").iterdir()):
-            if entry.name.removesuffix(".json.gz") not in known:
-                entry.unlink(missing_ok=True)
-                done.append(f"removed orphan tar-split {entry.name}")
-        return done
+        return recovery.cleanup(self, unmount_all=unmount_all)
 
     # -- diffs ------------------------------------------------------------------------------
 
@@ -632,7 +424,7 @@ class Store:
             for lid in layer_ids:
                 if lid is None:
                     continue
-                lock = self._lock(lid)
+                lock = self.work_locks.lock(lid)
                 if not lock.acquire(shared=True, blocking=False):
                     raise LayerBusy(f"layer {lid} is being changed or removed by another operation")
                 locks.append(lock)
@@ -686,7 +478,7 @@ class Store:
         if rec.has_tarsplit and not rec.rw and against == rec.parent:
             getter = self.diff_getter(layer_id)
             try:
-                ts = gzip.open(self._tarsplit_path(layer_id), "rb")
+                ts = self.tarsplits.open(layer_id)
             except BaseException:
                 getter.close()
                 raise
@@ -765,14 +557,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _raise_no_space(layer_id: str, exc: BaseException) -> None:
-    """Turn running out of space into one typed line naming the layer (the half-made layer
-    is already gone when this is called)."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        detail = exc.strerror if isinstance(exc, NoSpace) else os.strerror(exc.errno).lower()
-        raise NoSpace(f"layer {layer_id}: {detail}; the layer was not kept", exc.errno) from None
 
 
 class _ClosingGetter(FileGetter):
