@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from lamina.errors import (
+    DiffIDMismatch,
     InvalidArchive,
     LayerExists,
     LayerHasChildren,
@@ -217,14 +218,18 @@ class _Hashing:
         self.raw = raw
         self.hash = hashlib.sha256()
 
+        self.seen = bytearray()
+
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
         self.hash.update(data)
+        self.seen += data
         return data
 
 
 class MemoryStore:
-    """The slice of :class:`lamina.store.Store` that images use, in memory.
+    """The slice of :class:`lamina.store.Store` that images use, in memory: it satisfies
+    :class:`lamina.layerstore.LayerStore`, as the real store does.
 
     ``apply_diff`` reads the tar with :mod:`tarfile` in stream mode, so like the real
     apply it stops at the end-of-archive marker and leaves the rest of the stream unread,
@@ -239,6 +244,8 @@ class MemoryStore:
         self.recs: dict[str, _Rec] = {}
         self.files: dict[str, dict[str, bytes]] = {}
         self.applied: list[str] = []
+        #: each applied layer's tar as it came, which diff gives back (as tar-split does)
+        self.tars: dict[str, bytes] = {}
 
     def exists(self, lid: str) -> bool:
         return lid in self.recs
@@ -256,7 +263,8 @@ class MemoryStore:
             raise LayerExists(lid)
         self.recs[lid] = _Rec(lid, parent, rw=True)
 
-    def apply_diff(self, lid: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, lid: str, parent: str | None, stream: IO[bytes], *,
+                   expected_diff_id: str | None = None) -> int:
         if lid in self.recs:
             raise LayerExists(lid)
         if parent and parent not in self.recs:
@@ -274,9 +282,12 @@ class MemoryStore:
                 pass
         except tarfile.TarError as e:
             raise InvalidArchive(f"bad tar: {e}") from e
-        self.recs[lid] = _Rec(lid, parent, size=sum(len(v) for v in files.values()),
-                              diff_id="sha256:" + hashed.hash.hexdigest())
+        diff_id = "sha256:" + hashed.hash.hexdigest()
+        if expected_diff_id is not None and diff_id != expected_diff_id:
+            raise DiffIDMismatch(lid, expected_diff_id, diff_id)
+        self.recs[lid] = _Rec(lid, parent, size=sum(len(v) for v in files.values()), diff_id=diff_id)
         self.files[lid] = files
+        self.tars[lid] = bytes(hashed.seen)
         self.applied.append(lid)
         return self.recs[lid].size
 
@@ -287,3 +298,9 @@ class MemoryStore:
             raise LayerHasChildren(lid)
         del self.recs[lid]
         self.files.pop(lid, None)
+        self.tars.pop(lid, None)
+
+    def diff(self, lid: str, parent: str | None = None) -> IO[bytes]:
+        if lid not in self.tars:
+            raise LayerNotFound(f"layer {lid} not found")
+        return io.BytesIO(self.tars[lid])

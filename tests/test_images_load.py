@@ -25,7 +25,7 @@ from images_support import (
     oci_layout,
     sha,
 )
-from lamina.errors import ImageError
+from lamina.errors import DiffIDMismatch, ImageError
 from lamina.images import (
     ImageInUse,
     ImageNotFound,
@@ -138,14 +138,29 @@ def test_loading_a_name_moves_it(store: MemoryStore, tmp_path: Path) -> None:
     assert recs == {old.id: [], new.id: ["app:1"]}
 
 
-def test_a_leftover_layer_with_the_wrong_content_is_replaced(store: MemoryStore, tmp_path: Path) -> None:
+def test_a_load_never_leaves_a_layer_with_the_wrong_content(store: MemoryStore, tmp_path: Path) -> None:
+    """Each layer is applied against the DiffID its config names, so a wrong tar raises
+    before the layer exists: no load, whole or killed, leaves a chain ID over other
+    content (which the loader used to find and replace on the next load)."""
     img = _image("app:1", layer_tar({"a": b"1"}))
     ids = _ids(img)
-    # what a load killed between apply and verify leaves: the chain ID, other content
-    store.apply_diff(ids[0], None, io.BytesIO(layer_tar({"evil": b"x"})))
+    wrong = layer_tar({"evil": b"x"})
+    with pytest.raises(DiffIDMismatch, match=f"layer {ids[0]}: DiffID mismatch: expected "):
+        store.apply_diff(ids[0], None, io.BytesIO(wrong), expected_diff_id=sha(img.layers[0]))
+    assert not store.exists(ids[0])
     result = load(store, docker_save(tmp_path / "a.tar", [img]))
     assert result.layers_loaded == 2
     assert store.files[ids[0]] == {"etc/os": b"base\n", "bin/sh": b"#!sh\n" * 1000}
+
+
+def test_a_wrong_layer_made_by_hand_is_an_error(store: MemoryStore, tmp_path: Path) -> None:
+    img = _image("app:1", layer_tar({"a": b"1"}))
+    ids = _ids(img)
+    store.apply_diff(ids[0], None, io.BytesIO(layer_tar({"evil": b"x"})))  # no DiffID asked
+    with pytest.raises(ImageError, match=f"layer 1 .*: layer {ids[0]} exists in the store with DiffID"
+                                         ".*not made by a load; remove it and load again"):
+        load(store, docker_save(tmp_path / "a.tar", [img]))
+    assert set(store.recs) == {ids[0]}, "the loader does not remove what it did not make"
 
 
 def test_a_wrong_layer_in_use_is_an_error(store: MemoryStore, tmp_path: Path) -> None:

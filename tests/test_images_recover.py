@@ -100,9 +100,9 @@ _STALLED_LOAD = textwrap.dedent("""
             self.given += len(data)
             return data
 
-    def apply_diff(lid, parent, stream):
+    def apply_diff(lid, parent, stream, **kw):
         calls.append(lid)
-        return real(lid, parent, Stall(stream) if len(calls) == 2 else stream)
+        return real(lid, parent, Stall(stream) if len(calls) == 2 else stream, **kw)
 
     store.apply_diff = apply_diff
     load(store, archive)
@@ -247,9 +247,9 @@ def test_each_layer_is_journalled_before_it_is_made(tmp_path: Path) -> None:
     seen: list[tuple[str, list[list[str]]]] = []
     real = mem.apply_diff
 
-    def apply_diff(lid: str, parent: str | None, stream):  # type: ignore[no-untyped-def]
+    def apply_diff(lid: str, parent: str | None, stream, **kw):  # type: ignore[no-untyped-def]
         seen.append((lid, [j.layers for j in read_journals(mem.root / "images")]))
-        return real(lid, parent, stream)
+        return real(lid, parent, stream, **kw)
 
     mem.apply_diff = apply_diff  # type: ignore[method-assign]
     load(mem, docker_save(tmp_path / "a.tar", [img]))  # type: ignore[arg-type]

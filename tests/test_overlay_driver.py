@@ -27,7 +27,7 @@ import pytest
 
 from conftest import REPO, require_loop, require_overlay, require_tool, skip_or_fail
 from lamina.archive.change import Change, ChangeKind
-from lamina.drivers.base import NOT_NATIVE, CreateOptions, DriverContext
+from lamina.drivers.base import CreateOptions, DriverContext
 from lamina.drivers.overlay import ChainTooDeep, OverlayDriver, probe
 from lamina.errors import InvalidOption, UnsupportedFilesystem
 from lamina.fs.mount import is_mountpoint, mounts_under, umount
@@ -180,13 +180,13 @@ def test_native_only_against_the_direct_parent(driver: OverlayDriver) -> None:
     driver.create("a", None, rw=False, opts=RO)
     driver.create("b", "a", rw=False, opts=RO)
     driver.create("c", "b", rw=False, opts=RO)
-    assert driver.changes("c", "a") is NOT_NATIVE
-    assert driver.changes("c", None) is NOT_NATIVE
-    assert driver.diff("c", "a") is NOT_NATIVE
-    assert driver.diff_size("b", None) is NOT_NATIVE
+    assert driver.changes("c", "a") is None
+    assert driver.changes("c", None) is None
+    assert driver.diff("c", "a") is None
+    assert driver.diff_size("b", None) is None
     assert driver.changes("c", "b") == []
     assert driver.changes("a", None) == []
-    assert driver.apply_diff("c", "a", ["c", "b", "a"], io.BytesIO()) is NOT_NATIVE
+    assert driver.apply_diff("c", "a", ["c", "b", "a"], io.BytesIO()) is None
 
 
 def test_apply_and_diff_round_trip_overlay_whiteouts(driver: OverlayDriver, root: Path) -> None:
@@ -216,7 +216,7 @@ def test_apply_into_a_mounted_layer_is_not_native(driver: OverlayDriver) -> None
     driver.create("base", None, rw=False, opts=RO)
     driver.create("child", "base", rw=False, opts=RO)
     mount(driver, "child")
-    assert driver.apply_diff("child", "base", ["child", "base"], io.BytesIO()) is NOT_NATIVE
+    assert driver.apply_diff("child", "base", ["child", "base"], io.BytesIO()) is None
     driver.unmount("child")
 
 

@@ -57,6 +57,16 @@ class InvalidArchive(LaminaError):
         super().__init__(f"{entry}: {message}" if entry is not None else message)
 
 
+class DiffIDMismatch(LaminaError):
+    """A layer tar hashed to another DiffID than the one it was applied against; the
+    layer was not kept. ``expected`` and ``actual`` are the two digests."""
+
+    def __init__(self, layer_id: str, expected: str, actual: str) -> None:
+        self.layer_id, self.expected, self.actual = layer_id, expected, actual
+        super().__init__(f"layer {layer_id}: DiffID mismatch: expected {expected}, the tar is {actual}; "
+                         "the layer was not kept")
+
+
 class QuotaExceeded(LaminaError, OSError):
     """A write went past a read-write layer's size limit."""
 

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lamina.errors import StoreCorrupt
+from lamina.errors import LayerNotFound, StoreCorrupt
 
 
 class LayerState(enum.StrEnum):
@@ -454,6 +454,15 @@ class Records:
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
+
+    def ready(self, layer_id: str) -> LayerRecord:
+        """The record of a complete layer; LayerNotFound if there is none (a layer still
+        being made or being removed is not there)."""
+        with self.read() as db:
+            rec = db.layer(layer_id)
+        if rec is None or not rec.complete:
+            raise LayerNotFound(f"layer {layer_id} not found")
+        return rec
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Reader]:

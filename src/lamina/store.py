@@ -13,6 +13,7 @@ locks in the right order and calls them:
 :mod:`lamina.worklocks`      the per-layer lock of long work, and pins of readers
 :mod:`lamina.mounts`         mount references counted across processes
 :mod:`lamina.tarsplits`      the tar-split of every imported layer
+:mod:`lamina.naive`          mount-and-walk diffs for drivers without native ones
 :mod:`lamina.recovery`       scan and repair: ``cleanup`` and ``lamina check``
 ===========================  ==========================================================
 
@@ -24,7 +25,6 @@ long work ever runs inside a transaction.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -32,45 +32,39 @@ from pathlib import Path
 from typing import IO
 
 from lamina import recovery
-from lamina.archive.apply import ApplyOptions, apply_tar
-from lamina.archive.change import Change, ChangeKind
-from lamina.archive.changes import changes_dirs, changes_size
-from lamina.archive.export import tar_changes, tar_tree
-from lamina.archive.tar.split import reassemble
+from lamina.archive.change import Change
+from lamina.diffs import Diffs
 from lamina.drivers.base import (
-    NOT_NATIVE,
+    Capabilities,
     CreateOptions,
     Driver,
     DriverContext,
     FileGetter,
     MountSpec,
 )
-from lamina.drivers.registry import default_driver, driver_class
+from lamina.drivers.registry import driver_class
 from lamina.errors import (
-    DriverMismatch,
+    DiffIDMismatch,
     DriverUnavailable,
     LaminaError,
     LayerBusy,
     LayerExists,
     LayerHasChildren,
     LayerNotFound,
-    StoreCorrupt,
 )
-from lamina.fs.durable import EarlyWriteback, atomic_write, syncfs
-from lamina.fs.getter import DirFileGetter
-from lamina.fs.locks import FileLock, KeyLock
+from lamina.fs.durable import EarlyWriteback, syncfs
 from lamina.ids import check_id, parse_size
 from lamina.lifecycle import Lifecycle, raise_no_space
 from lamina.mounts import Mounts
+from lamina.naive import Naive
 from lamina.records import LayerRecord, LayerState, Records, Writer
-from lamina.streams import HashingReader, open_chunks
+from lamina.storeconfig import settle_driver
+from lamina.streams import HashingReader
 from lamina.tarsplits import TarSplits
 from lamina.worklocks import WorkLocks
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "lamina.json"
 
 
 def default_root() -> Path:
@@ -108,7 +102,7 @@ class Store:
         for sub in ("layers", "tmp", "locks", "tarsplit"):
             (self.root / sub).mkdir(exist_ok=True, mode=0o700)
         self.work_locks = WorkLocks(self.root / "locks")
-        name = self._settle_driver(driver)
+        name = settle_driver(self.root, driver)
         cls = driver_class(name)
         reason = cls.unavailable_reason(self.root)
         if reason:
@@ -118,38 +112,15 @@ class Store:
         self.mounts = Mounts(self.records, self.driver, self.root / "locks")
         self.tarsplits = TarSplits(self.root)
         self.lifecycle = Lifecycle(self.root, self.records, self.driver, self.mounts, self.tarsplits)
-
-    def _settle_driver(self, asked: str | None) -> str:
-        cfg_path = self.root / CONFIG_NAME
-        lock = FileLock(self.root / "locks" / ".config.lock")
-        with lock:
-            if cfg_path.exists():
-                try:
-                    cfg = json.loads(cfg_path.read_text())
-                    recorded = cfg["driver"]
-                except (ValueError, KeyError) as e:
-                    raise StoreCorrupt(f"{cfg_path}: unreadable store configuration ({e})") from e
-                if cfg.get("format", 0) > FORMAT_VERSION:
-                    raise StoreCorrupt(f"{cfg_path}: store format {cfg['format']} is newer than this lamina")
-                if asked and asked != recorded:
-                    raise DriverMismatch(
-                        f"store {self.root} was made with driver {recorded}, not {asked}"
-                    )
-                return str(recorded)
-            name = asked or default_driver(self.root)
-            driver_class(name)  # unknown names fail before anything is recorded
-            atomic_write(cfg_path, json.dumps({"format": FORMAT_VERSION, "driver": name}).encode() + b"\n")
-            return name
+        self.native = Capabilities.of(self.driver)
+        self.naive = Naive(self.mounts, self.driver.ctx)
+        self.diffs = Diffs(self.records, self.work_locks, self.tarsplits, self.native, self.naive)
 
     # -- small helpers ----------------------------------------------------------------
 
     def _ready(self, layer_id: str) -> LayerRecord:
         check_id(layer_id)
-        with self.records.read() as db:
-            rec = db.layer(layer_id)
-        if rec is None or not rec.complete:
-            raise LayerNotFound(f"layer {layer_id} not found")
-        return rec
+        return self.records.ready(layer_id)
 
     # -- making layers ------------------------------------------------------------------
 
@@ -197,13 +168,16 @@ class Store:
         limit = parse_size(size) if size not in (None, "", 0) else None
         return CreateOptions(size=limit or None, mount_label=mount_label, storage_opt=sopt)
 
-    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes]) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, stream: IO[bytes], *,
+                   expected_diff_id: str | None = None) -> int:
         """Fill layer ``layer_id`` from an uncompressed layer tar; return the bytes applied.
 
         If the layer does not exist it is made (read-only, over ``parent``); if it exists
         (Docker calls Create first) it must be empty of children and mounts. Either way a
         failure or crash leaves no layer behind. The tar's headers are kept (tar-split) so
-        that :meth:`diff` gives back the same bytes.
+        that :meth:`diff` gives back the same bytes. The DiffID (sha256 of the whole
+        stream) is recorded; with ``expected_diff_id`` a tar that hashes otherwise raises
+        :class:`DiffIDMismatch` before the layer is ever ready, and is not kept.
         """
         check_id(layer_id)
         if parent:
@@ -217,6 +191,8 @@ class Store:
                 size = self._apply_into(layer_id, hashed)
                 hashed.drain()
                 diff_id = hashed.digest()
+                if expected_diff_id is not None and diff_id != expected_diff_id:
+                    raise DiffIDMismatch(layer_id, expected_diff_id, diff_id)
             except BaseException as e:
                 hashed.close()
                 self.lifecycle.abandon(layer_id)
@@ -231,14 +207,11 @@ class Store:
             assert rec is not None
             chain = db.chain(layer_id)
         with self.tarsplits.recording(layer_id) as ts, EarlyWriteback(self.root):
-            size = self.driver.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
-            if size is NOT_NATIVE:
-                path = self.mounts.get(layer_id, persistent=False, complete_only=False)
-                try:
-                    size = apply_tar(path, stream, ApplyOptions(
-                        uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map, tarsplit=ts))
-                finally:
-                    self.put(layer_id)
+            size = None
+            if self.native.apply is not None:
+                size = self.native.apply.apply_diff(layer_id, rec.parent, chain, stream, tarsplit=ts)
+            if size is None:
+                size = self.naive.apply(layer_id, stream, ts)
         syncfs(self.root)
         self.tarsplits.keep(layer_id)
         return int(size)
@@ -323,18 +296,16 @@ class Store:
         rec = self._ready(layer_id)
         with self.records.read() as db:
             chain = db.chain(layer_id)
-        specs = self.driver.mount_specs(layer_id, chain, writable=rec.rw)
-        if specs is NOT_NATIVE:
+        if self.native.mount_specs is None:
             raise DriverUnavailable(f"driver {self.driver.name} cannot describe its mounts for another program")
-        return list(specs)
+        return list(self.native.mount_specs.mount_specs(layer_id, chain, writable=rec.rw))
 
     def disk_usage(self, layer_id: str) -> tuple[int, int]:
         """(bytes, inodes) the layer's own content takes on disk, as ``du`` counts."""
         self._ready(layer_id)
-        usage = self.driver.disk_usage(layer_id)
-        if usage is NOT_NATIVE:
+        if self.native.usage is None:
             raise DriverUnavailable(f"driver {self.driver.name} cannot measure a layer's disk usage")
-        return usage
+        return self.native.usage.disk_usage(layer_id)
 
     def seal(self, layer_id: str, *, then: Callable[[Writer], None] | None = None) -> None:
         """Make a read-write layer read-only, its content as it is, nothing copied.
@@ -350,8 +321,7 @@ class Store:
             rec = self._ready(layer_id)
             size = None
             if rec.rw:
-                native = self.driver.diff_size(layer_id, rec.parent)
-                size = None if native is NOT_NATIVE else int(native)
+                size = self.diffs.native_diff_size(layer_id, rec.parent)
             with self.mounts.settled(layer_id), self.records.write() as db:
                 rec = db.layer(layer_id)
                 if rec is None or not rec.complete:
@@ -396,59 +366,7 @@ class Store:
         """
         return recovery.cleanup(self, unmount_all=unmount_all)
 
-    # -- diffs ------------------------------------------------------------------------------
-
-    def _resolve_parent(self, rec: LayerRecord, parent: str | None) -> str | None:
-        """None → the recorded parent; "" → nothing; else that (complete) layer."""
-        if parent is None:
-            return rec.parent
-        if parent == "":
-            return None
-        self._ready(parent)
-        return parent
-
-    def _pin(self, *layer_ids: str | None) -> Callable[[], None]:
-        """Keep layers from being removed or re-applied while they are read.
-
-        Readers take the per-layer lock shared; ``remove`` and ``apply_diff`` take it
-        exclusively, so they fail with LayerBusy instead of deleting files a diff is
-        reading. Returns the function that lets go.
-        """
-        locks: list[KeyLock] = []
-
-        def release() -> None:
-            for lock in locks:
-                lock.release()
-
-        try:
-            for lid in layer_ids:
-                if lid is None:
-                    continue
-                lock = self.work_locks.lock(lid)
-                if not lock.acquire(shared=True, blocking=False):
-                    raise LayerBusy(f"layer {lid} is being changed or removed by another operation")
-                locks.append(lock)
-                self._ready(lid)  # it cannot go away now; make sure it had not already
-        except BaseException:
-            release()
-            raise
-        return release
-
-    def _pin_against(self, layer_id: str, parent: str | None) -> tuple[LayerRecord, str | None, Callable[[], None]]:
-        """Resolve ``parent`` (see :meth:`_resolve_parent`) and pin both layers; returns
-        the layer's record, the resolved parent and the function that unpins."""
-        rec = self._ready(layer_id)
-        against = self._resolve_parent(rec, parent)
-        return rec, against, self._pin(layer_id, against)
-
-    @contextlib.contextmanager
-    def _pinned(self, layer_id: str, parent: str | None) -> Iterator[str | None]:
-        """:meth:`_pin_against` for the length of a block; yields the resolved parent."""
-        _, against, unpin = self._pin_against(layer_id, parent)
-        try:
-            yield against
-        finally:
-            unpin()
+    # -- reading content --------------------------------------------------------------------
 
     def diff(self, layer_id: str, parent: str | None = None) -> IO[bytes]:
         """The layer's changes against ``parent`` as an uncompressed tar [Diff].
@@ -457,95 +375,23 @@ class Store:
         unchanged layer made by :meth:`apply_diff`, the bytes are those it was made from.
         Close the stream: that releases the mounts and locks it holds.
         """
-        rec, against, unpin = self._pin_against(layer_id, parent)
-        try:
-            chunks, release = self._diff_chunks(rec, against)
-        except BaseException:
-            unpin()
-            raise
-
-        def done() -> None:
-            try:
-                if release is not None:
-                    release()
-            finally:
-                unpin()
-
-        return open_chunks(chunks, done)
-
-    def _diff_chunks(self, rec: LayerRecord, against: str | None) -> tuple[Iterator[bytes], Callable[[], None] | None]:
-        layer_id = rec.id
-        if rec.has_tarsplit and not rec.rw and against == rec.parent:
-            getter = self.diff_getter(layer_id)
-            try:
-                ts = self.tarsplits.open(layer_id)
-            except BaseException:
-                getter.close()
-                raise
-
-            def done() -> None:
-                try:
-                    ts.close()
-                finally:
-                    getter.close()
-
-            return reassemble(ts, getter), done
-        native = self.driver.diff(layer_id, against)
-        if native is not NOT_NATIVE:
-            return native, None
-        path = self.get(layer_id)
-        try:
-            if against is None:
-                chunks = tar_tree(path, uid_map=self.driver.ctx.uid_map, gid_map=self.driver.ctx.gid_map)
-            else:
-                with self.mounted(against) as ppath:
-                    changes = changes_dirs(path, ppath)
-                chunks = tar_changes(path, changes, uid_map=self.driver.ctx.uid_map,
-                                     gid_map=self.driver.ctx.gid_map)
-        except BaseException:
-            self.put(layer_id)
-            raise
-        return chunks, lambda: self.put(layer_id)
+        check_id(layer_id)
+        return self.diffs.diff(layer_id, parent)
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         """What changed in the layer against ``parent``, sorted by path [Changes]."""
-        with self._pinned(layer_id, parent) as against:
-            return self._changes(layer_id, against)
-
-    def _changes(self, layer_id: str, against: str | None) -> list[Change]:
-        """:meth:`changes` for layers already pinned, with the parent resolved."""
-        native = self.driver.changes(layer_id, against)
-        if native is not NOT_NATIVE:
-            return sorted(native)
-        with self.mounted(layer_id) as path:
-            if against is None:
-                return changes_dirs(path, None)
-            with self.mounted(against) as ppath:
-                return changes_dirs(path, ppath)
+        check_id(layer_id)
+        return self.diffs.changes(layer_id, parent)
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         """Bytes of regular-file content changed against ``parent`` [DiffSize]."""
-        with self._pinned(layer_id, parent) as against:
-            native = self.driver.diff_size(layer_id, against)
-            if native is not NOT_NATIVE:
-                return int(native)
-            changes = self._changes(layer_id, against)
-            with self.mounted(layer_id) as path:
-                return changes_size(path, [c for c in changes if c.kind != ChangeKind.DELETE])
+        check_id(layer_id)
+        return self.diffs.diff_size(layer_id, parent)
 
     def diff_getter(self, layer_id: str) -> FileGetter:
         """Open the layer's files by tar name [DiffGetter]; close it when done."""
-        self._ready(layer_id)
-        unpin = self._pin(layer_id)
-        try:
-            native = self.driver.diff_getter(layer_id)
-            if native is NOT_NATIVE:
-                path = self.get(layer_id)
-                return DirFileGetter(path, on_close=lambda: (self.put(layer_id), unpin()))
-        except BaseException:
-            unpin()
-            raise
-        return _ClosingGetter(native, unpin)
+        check_id(layer_id)
+        return self.diffs.file_getter(layer_id)
 
     def close(self) -> None:
         """Release this process's handles; mounts and persistent references stay."""
@@ -557,25 +403,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _ClosingGetter(FileGetter):
-    """A driver's getter that also lets go of the store's pin when closed."""
-
-    def __init__(self, inner: FileGetter, on_close: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_close: Callable[[], None] | None = on_close
-
-    def get(self, name: str) -> IO[bytes]:
-        return self._inner.get(name)
-
-    def close(self) -> None:
-        try:
-            self._inner.close()
-        finally:
-            cb, self._on_close = self._on_close, None
-            if cb is not None:
-                cb()
 
 
 __all__ = ["Store", "open", "default_root", "LaminaError"]

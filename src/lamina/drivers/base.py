@@ -5,13 +5,13 @@ The lifecycle
 A user imports an image of two layers. The store checks the IDs, writes a record that
 says layer ``A`` is *creating*, and asks the driver to ``create("A", None, rw=False)``:
 the driver makes ``layers/A/`` in whatever shape it likes. The store then feeds the first
-layer tar to :meth:`Driver.apply_diff`; a driver that can unpack straight into its own
-layout does so and returns the size, otherwise it returns ``NotImplemented`` and the
-store mounts the layer and lets the archive engine unpack into the mounted view. Only
-when that has finished and been synced does the store mark ``A`` *ready*. A crash
-before then leaves a *half-made* layer (a creating record whose maker is gone), which
-:meth:`Store.cleanup` finds and removes with :meth:`Driver.remove`. The second layer ``B`` is made the same way with parent
-``A``.
+layer tar: a driver that can unpack straight into its own layout (it is a
+:class:`NativeApply`) does so and returns the size; otherwise (or if it declines, with
+``None``) the store mounts the layer and lets the archive engine unpack into the mounted
+view. Only when that has finished and been synced does the store mark ``A`` *ready*. A
+crash before then leaves a *half-made* layer (a creating record whose maker is gone),
+which :meth:`Store.cleanup` finds and removes with :meth:`Driver.remove`. The second
+layer ``B`` is made the same way with parent ``A``.
 
 The user then runs a container: ``create("C", "B", rw=True, size=...)`` makes a
 read-write layer, and ``mount("C", ["C", "B", "A"], rw=True)`` returns one directory that
@@ -19,8 +19,9 @@ shows the union of the chain, nearest layer first. The store counts references a
 processes and calls ``mount`` only for the first and ``unmount`` only for the last, so a
 driver never sees a second mount of the same layer. The container writes; the user asks
 for changes and a diff. A driver that can answer from its own layout (overlay reads its
-upper directory) does so; the others return ``NotImplemented`` and the store compares the
-mounted layer against its mounted parent with the archive engine.
+upper directory: a :class:`NativeDiff`, :class:`NativeChanges`, :class:`NativeDiffSize`)
+does so; for the others, and where a driver declines, the store compares the mounted
+layer against its mounted parent with the archive engine (:mod:`lamina.naive`).
 
 At the end the store refuses to remove a layer that has children or is mounted, and
 otherwise calls :meth:`Driver.remove`, which must tolerate a half-made layer: it is also
@@ -43,6 +44,13 @@ What the store guarantees a driver
 IDs are valid (:func:`lamina.ids.check_id`); ``create`` is never called for an existing
 ID and its parent is complete; calls that change one layer are serialised per layer by
 the store's locks; ``mount``/``unmount`` calls are paired and never nested per layer.
+
+What a driver may do beyond the contract
+----------------------------------------
+Each optional operation is a small :class:`typing.Protocol` below; a driver has the
+capability if it has the method (the store asks once, with ``isinstance``). A method may
+still decline for particular arguments by returning ``None`` (overlay's native diff only
+describes a layer against its own parent); the store then does it the naive way.
 """
 
 from __future__ import annotations
@@ -51,14 +59,10 @@ import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, ClassVar, Protocol, runtime_checkable
 
 from lamina.archive.change import Change
 from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
-
-#: What a driver returns from an optional native operation it cannot do for these
-#: arguments; the store then falls back to the naive, mount-and-walk way.
-NOT_NATIVE: Any = NotImplemented
 
 
 @dataclass(frozen=True)
@@ -163,55 +167,6 @@ class Driver(abc.ABC):
         """Whether the view of ``layer_id`` is mounted now (for cleanup and check)."""
         return False
 
-    def mount_specs(self, layer_id: str, chain: Sequence[str], *, writable: bool) -> list[MountSpec] | Any:
-        """The mounts that show ``chain``'s union (nearest first), for another program to
-        perform, or ``NOT_NATIVE`` if the driver cannot describe its view that way.
-        ``writable`` asks for a view whose writes land in ``layer_id`` (a read-write
-        layer); otherwise the view must be read-only. Nothing is mounted here."""
-        return NOT_NATIVE
-
-    def disk_usage(self, layer_id: str) -> tuple[int, int] | Any:
-        """(bytes of disk, inodes) the layer's own content takes, as ``du`` counts them
-        (allocated blocks, hard links once), or ``NOT_NATIVE``."""
-        return NOT_NATIVE
-
-    # -- native diff operations (optional) ----------------------------------------
-
-    def apply_diff(
-        self,
-        layer_id: str,
-        parent: str | None,
-        chain: Sequence[str],
-        stream: IO[bytes],
-        tarsplit: IO[bytes] | None = None,
-    ) -> int:
-        """Unpack a layer tar into the new, empty layer ``layer_id`` without mounting.
-
-        Return the size applied (sum of regular-file sizes in the tar), or
-        ``NOT_NATIVE`` to let the store mount the layer and unpack into the view.
-        ``chain`` is the new layer's chain (for hardlinks into lower layers). When
-        ``tarsplit`` is given, the tar's headers and padding are recorded into it
-        (:mod:`lamina.archive.tar.split`) so that the exact tar can be rebuilt later.
-        """
-        return NOT_NATIVE
-
-    def diff(self, layer_id: str, parent: str | None) -> Iterator[bytes] | Any:
-        """The layer's changes against ``parent`` as tar chunks, or ``NOT_NATIVE``."""
-        return NOT_NATIVE
-
-    def changes(self, layer_id: str, parent: str | None) -> list[Change] | Any:
-        """The layer's changes against ``parent``, or ``NOT_NATIVE``."""
-        return NOT_NATIVE
-
-    def diff_size(self, layer_id: str, parent: str | None) -> int | Any:
-        """Bytes of regular-file content changed against ``parent``, or ``NOT_NATIVE``."""
-        return NOT_NATIVE
-
-    def diff_getter(self, layer_id: str) -> FileGetter | Any:
-        """A getter for the layer's own files by tar name, or ``NOT_NATIVE`` (the store
-        then mounts the layer and opens files in the view)."""
-        return NOT_NATIVE
-
     # -- information and housekeeping ---------------------------------------------
 
     def status(self) -> list[tuple[str, str]]:
@@ -231,4 +186,97 @@ class Driver(abc.ABC):
         """Release process resources (open fds); the store's mounts stay."""
 
 
-__all__ = ["NOT_NATIVE", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountSpec"]
+# -- optional capabilities -------------------------------------------------------------
+
+
+@runtime_checkable
+class NativeApply(Protocol):
+    """Unpacks a layer tar into its own layout, without mounting (vfs, overlay)."""
+
+    def apply_diff(self, layer_id: str, parent: str | None, chain: Sequence[str], stream: IO[bytes],
+                   tarsplit: IO[bytes] | None = None) -> int | None:
+        """Unpack a layer tar into the new, empty layer ``layer_id``; return the size
+        applied (sum of regular-file sizes in the tar), or None to let the store mount
+        the layer and unpack into the view. ``chain`` is the new layer's chain (for
+        hardlinks into lower layers). When ``tarsplit`` is given, the tar's headers and
+        padding are recorded into it (:mod:`lamina.archive.tar.split`)."""
+
+
+@runtime_checkable
+class NativeDiff(Protocol):
+    """Writes a layer's changes as a tar from its own layout (overlay's upper dir)."""
+
+    def diff(self, layer_id: str, parent: str | None) -> Iterator[bytes] | None:
+        """The layer's changes against ``parent`` as tar chunks, or None."""
+
+
+@runtime_checkable
+class NativeChanges(Protocol):
+    """Lists a layer's changes from its own layout."""
+
+    def changes(self, layer_id: str, parent: str | None) -> list[Change] | None:
+        """The layer's changes against ``parent``, or None."""
+
+
+@runtime_checkable
+class NativeDiffSize(Protocol):
+    """Sizes a layer's changes from its own layout."""
+
+    def diff_size(self, layer_id: str, parent: str | None) -> int | None:
+        """Bytes of regular-file content changed against ``parent``, or None."""
+
+
+@runtime_checkable
+class NativeFileGetter(Protocol):
+    """Opens a layer's own files by tar name without mounting (for tar-split replay)."""
+
+    def diff_getter(self, layer_id: str) -> FileGetter:
+        """A getter for the layer's own files (the store mounts the view for drivers
+        without one)."""
+
+
+@runtime_checkable
+class MountDescriber(Protocol):
+    """Describes its views as mounts for another program to perform (containerd)."""
+
+    def mount_specs(self, layer_id: str, chain: Sequence[str], *, writable: bool) -> list[MountSpec]:
+        """The mounts that show ``chain``'s union (nearest first). ``writable`` asks for
+        a view whose writes land in ``layer_id`` (a read-write layer); otherwise the
+        view must be read-only. Nothing is mounted here."""
+
+
+@runtime_checkable
+class UsageMeter(Protocol):
+    """Measures the disk a layer's own content takes."""
+
+    def disk_usage(self, layer_id: str) -> tuple[int, int]:
+        """(bytes of disk, inodes), as ``du`` counts them (allocated blocks, hard links
+        once)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one driver can do beyond the contract, asked once (``isinstance`` on a
+    runtime-checkable Protocol looks at every method, too slow for every call)."""
+
+    apply: NativeApply | None
+    diff: NativeDiff | None
+    changes: NativeChanges | None
+    diff_size: NativeDiffSize | None
+    files: NativeFileGetter | None
+    mount_specs: MountDescriber | None
+    usage: UsageMeter | None
+
+    @classmethod
+    def of(cls, driver: Driver) -> Capabilities:
+        def cap(proto: type) -> object:
+            return driver if isinstance(driver, proto) else None
+
+        return cls(apply=cap(NativeApply), diff=cap(NativeDiff), changes=cap(NativeChanges),  # type: ignore[arg-type]
+                   diff_size=cap(NativeDiffSize), files=cap(NativeFileGetter),  # type: ignore[arg-type]
+                   mount_specs=cap(MountDescriber), usage=cap(UsageMeter))  # type: ignore[arg-type]
+
+
+__all__ = ["Capabilities", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountDescriber",
+           "MountSpec", "NativeApply", "NativeChanges", "NativeDiff", "NativeDiffSize", "NativeFileGetter",
+           "UsageMeter"]

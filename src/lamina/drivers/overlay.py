@@ -57,16 +57,16 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 from lamina.archive.apply import ApplyOptions, apply_tar
+from lamina.archive.change import Change
 from lamina.archive.changes import changes_overlay, tree_size
 from lamina.archive.export import tar_tree
 from lamina.drivers.base import (
-    NOT_NATIVE,
     CreateOptions,
     Driver,
     DriverContext,
@@ -712,9 +712,9 @@ class OverlayDriver(Driver):
         return own is not False and own == (parent or None)
 
     def apply_diff(self, layer_id: str, parent: str | None, chain: Sequence[str],
-                   stream: IO[bytes], tarsplit: IO[bytes] | None = None) -> int:
+                   stream: IO[bytes], tarsplit: IO[bytes] | None = None) -> int | None:
         if list(chain[1:2]) != ([parent] if parent else []) or self.is_mounted(layer_id):
-            return NOT_NATIVE
+            return None
         opts = ApplyOptions(
             whiteouts="overlay" if len(chain) > 1 else "delete",
             opaque_xattr=self.opaque_xattr,
@@ -724,22 +724,22 @@ class OverlayDriver(Driver):
         )
         return apply_tar(self._upper(layer_id), stream, opts)
 
-    def diff(self, layer_id: str, parent: str | None) -> Any:
+    def diff(self, layer_id: str, parent: str | None) -> Iterator[bytes] | None:
         if not self._native_against(layer_id, parent):
-            return NOT_NATIVE
+            return None
         return tar_tree(self._upper(layer_id), whiteouts="overlay" if parent else "none",
                         opaque_xattr=self.opaque_xattr,
                         uid_map=self.ctx.uid_map, gid_map=self.ctx.gid_map)
 
-    def changes(self, layer_id: str, parent: str | None) -> Any:
+    def changes(self, layer_id: str, parent: str | None) -> list[Change] | None:
         if not self._native_against(layer_id, parent):
-            return NOT_NATIVE
+            return None
         lowers = [self._upper(p) for p in (self._lower_ids(layer_id) or [])]
         return changes_overlay(self._upper(layer_id), lowers, opaque_xattr=self.opaque_xattr)
 
-    def diff_size(self, layer_id: str, parent: str | None) -> Any:
+    def diff_size(self, layer_id: str, parent: str | None) -> int | None:
         if not self._native_against(layer_id, parent):
-            return NOT_NATIVE
+            return None
         return tree_size(self._upper(layer_id))
 
     def diff_getter(self, layer_id: str) -> FileGetter:

@@ -25,7 +25,7 @@ from lamina.images.remove import ImageInUse, RemoveResult, remove_images
 from lamina.images.save import SaveResult, save
 
 if TYPE_CHECKING:
-    from lamina.store import Store
+    from lamina.layerstore import LayerStore
 
 __all__ = [
     "ImageInUse", "ImageNotFound", "ImageRecord", "LoadResult", "RemoveResult", "SaveResult",
@@ -34,17 +34,17 @@ __all__ = [
 ]
 
 
-def images(store: Store) -> list[ImageRecord]:
+def images(store: LayerStore) -> list[ImageRecord]:
     """Every image in the store, newest load first."""
     return ImageRecords(store.root).all()
 
 
-def resolve_image(store: Store, ref: str) -> ImageRecord:
+def resolve_image(store: LayerStore, ref: str) -> ImageRecord:
     """The image named ``ref`` (name, ID or unique ID prefix); ImageNotFound if none."""
     return ImageRecords(store.root).resolve(ref)
 
 
-def resolve_image_top(store: Store, ref: str) -> str:
+def resolve_image_top(store: LayerStore, ref: str) -> str:
     """The layer ID a container on image ``ref`` goes on: the image's top layer.
 
     ``create-rw ID --image NAME`` uses this as the parent of the new layer.
@@ -52,7 +52,7 @@ def resolve_image_top(store: Store, ref: str) -> str:
     return resolve_image(store, ref).top_layer
 
 
-def inspect(store: Store, ref: str) -> dict[str, Any]:
+def inspect(store: LayerStore, ref: str) -> dict[str, Any]:
     """What ``image inspect`` shows: IDs, names, layers, sizes and the parsed config."""
     rec = resolve_image(store, ref)
     config = rec.config_json()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
-from lamina.errors import ImageError, LaminaError, LayerNotFound
+from lamina.errors import DiffIDMismatch, ImageError, LaminaError, LayerNotFound
 from lamina.images import compress, dockersave, oci
 from lamina.images.digest import layer_id, split_digest
 from lamina.images.journal import LoadJournal
@@ -42,7 +42,7 @@ from lamina.images.spec import ImageSpec, LayerBlob
 from lamina.streams import CountingReader, HashingReader
 
 if TYPE_CHECKING:
-    from lamina.store import Store
+    from lamina.layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def read_archive(src: Source) -> list[ImageSpec]:
                      "in the archive")
 
 
-def load(store: Store, path: str | Path | None, *, stdin: IO[bytes] | None = None,
+def load(store: LayerStore, path: str | Path | None, *, stdin: IO[bytes] | None = None,
          progress: ProgressSink | None = None, tag: str | None = None) -> LoadResult:
     """Load every image of the archive at ``path`` (``-``/None: ``stdin``) into ``store``.
 
@@ -102,7 +102,7 @@ def load(store: Store, path: str | Path | None, *, stdin: IO[bytes] | None = Non
         return load_specs(store, src, specs, progress=progress, records=records)
 
 
-def load_specs(store: Store, src: Source, specs: list[ImageSpec], *,
+def load_specs(store: LayerStore, src: Source, specs: list[ImageSpec], *,
                progress: ProgressSink | None = None,
                records: ImageRecords | None = None) -> LoadResult:
     """Load ``specs`` (images already read and checked) whose blobs ``src`` holds.
@@ -135,7 +135,7 @@ def load_specs(store: Store, src: Source, specs: list[ImageSpec], *,
     return result
 
 
-def _unowned(store: Store, records: ImageRecords, layers: list[str]) -> list[str]:
+def _unowned(store: LayerStore, records: ImageRecords, layers: list[str]) -> list[str]:
     """The layers of ``layers`` still in the store that no image record names."""
     if not layers:
         return []
@@ -143,7 +143,7 @@ def _unowned(store: Store, records: ImageRecords, layers: list[str]) -> list[str
     return [lid for lid in layers if lid not in owned and store.exists(lid)]
 
 
-def _bytes_to_read(store: Store, src: Source, specs: list[ImageSpec]) -> int:
+def _bytes_to_read(store: LayerStore, src: Source, specs: list[ImageSpec]) -> int:
     total = 0
     seen: set[str] = set()
     for spec in specs:
@@ -155,7 +155,7 @@ def _bytes_to_read(store: Store, src: Source, specs: list[ImageSpec]) -> int:
     return total
 
 
-def _load_image(store: Store, records: ImageRecords, src: Source, spec: ImageSpec,
+def _load_image(store: LayerStore, records: ImageRecords, src: Source, spec: ImageSpec,
                 progress: ProgressSink | None, result: LoadResult, journal: LoadJournal,
                 prefix: str) -> ImageRecord:
     chains = spec.chain_ids
@@ -186,14 +186,14 @@ def _load_image(store: Store, records: ImageRecords, src: Source, spec: ImageSpe
     return rec
 
 
-def _reusable(store: Store, records: ImageRecords, lid: str, parent: str | None, diff_id: str,
+def _reusable(store: LayerStore, records: ImageRecords, lid: str, parent: str | None, diff_id: str,
               what: str) -> bool:
     """Whether the layer already named ``lid`` is this image's layer and can be reused.
 
     It must be a read-only layer on the expected parent holding the expected DiffID (the
-    store records the DiffID of every applied tar). A layer that fails the DiffID test
-    is what a load killed between applying and verifying leaves behind: if nothing uses
-    it, it is removed here (False: load it again); if something does, that is an error.
+    store records the DiffID of every applied tar, and a load applies each layer against
+    the DiffID its config names, so a load never leaves a layer with other content
+    under a chain ID: one made so by hand is an error, never silently replaced).
     """
     rec = store.layer(lid)
     if rec.rw or (rec.parent or None) != parent:
@@ -203,16 +203,12 @@ def _reusable(store: Store, records: ImageRecords, lid: str, parent: str | None,
     if held is None or held == diff_id:
         return True
     used = store.children(lid) or any(lid in r.layer_ids for r in records.all())
-    if used:
-        raise ImageError(f"{what}: layer {lid} exists in the store with DiffID {held}, not {diff_id}, "
-                         "and is in use; remove what uses it and load again")
-    log.warning("layer %s holds DiffID %s, not %s (an interrupted load?): loading it again",
-                lid, held, diff_id)
-    store.remove(lid)
-    return False
+    advice = ("and is in use; remove what uses it and load again" if used else
+              "and was not made by a load; remove it and load again")
+    raise ImageError(f"{what}: layer {lid} exists in the store with DiffID {held}, not {diff_id}, {advice}")
 
 
-def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: str | None,
+def _apply_layer(store: LayerStore, src: Source, blob: LayerBlob, lid: str, parent: str | None,
                  what: str, progress: ProgressSink | None, made: list[str],
                  journal: LoadJournal) -> int:
     """Stream one blob into layer ``lid``, verifying both digests; return its size.
@@ -244,7 +240,13 @@ def _apply_layer(store: Store, src: Source, blob: LayerBlob, lid: str, parent: s
         made.append(lid)
         try:
             try:
-                store.apply_diff(lid, parent, stream)
+                store.apply_diff(lid, parent, stream, expected_diff_id=blob.diff_id)
+            except DiffIDMismatch as e:
+                # the store kept nothing; a wrong blob digest explains it better, if wrong
+                if outer is not None:
+                    outer.drain()
+                _verify(blob, outer.digest() if outer is not None else e.actual, e.actual, kind, what)
+                raise ImageError(f"{what}: {e}") from e
             except LaminaError as e:
                 # a damaged blob often breaks the tar first; the digest says why, if it can
                 _explain_failure(src, blob, outer, kind, what)
@@ -291,7 +293,7 @@ def _verify(blob: LayerBlob, blob_digest: str | None, diff_id: str | None, kind:
                          f"the layer{extra} is {diff_id}")
 
 
-def _undo(store: Store, made: list[str]) -> None:
+def _undo(store: LayerStore, made: list[str]) -> None:
     """Remove the layers this load made for a failed image, top first."""
     for lid in reversed(made):
         try:

@@ -24,12 +24,12 @@ from lamina.images.journal import JournalFile, read_journals, stale_temps
 from lamina.images.records import ImageRecords
 
 if TYPE_CHECKING:
-    from lamina.store import Store
+    from lamina.layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 
 
-def recover(store: Store) -> list[str]:
+def recover(store: LayerStore) -> list[str]:
     """Undo the loads that died half-way; one line per thing done (``lamina cleanup``).
 
     Looks first without the lock: with no journal of a dead load there is nothing to do,
@@ -47,7 +47,7 @@ def _anything_dead(images_dir: Path) -> bool:
     return any(not j.owner_alive() for j in read_journals(images_dir)) or bool(stale_temps(images_dir))
 
 
-def recover_locked(store: Store, records: ImageRecords) -> list[str]:
+def recover_locked(store: LayerStore, records: ImageRecords) -> list[str]:
     """:func:`recover` for a caller that already holds the images lock (a load)."""
     done: list[str] = []
     for tmp in stale_temps(records.dir):
@@ -67,7 +67,7 @@ def recover_locked(store: Store, records: ImageRecords) -> list[str]:
     return done
 
 
-def _drop(store: Store, journal: JournalFile, owned: set[str]) -> list[str]:
+def _drop(store: LayerStore, journal: JournalFile, owned: set[str]) -> list[str]:
     """Remove the journal's layers that no image owns, last made first (children first)."""
     done: list[str] = []
     what = f"of an interrupted image load (pid {journal.pid})"

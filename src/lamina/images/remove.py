@@ -22,7 +22,7 @@ from lamina.images.records import ImageRecord, ImageRecords
 from lamina.images.refs import try_normalize
 
 if TYPE_CHECKING:
-    from lamina.store import Store
+    from lamina.layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class RemoveResult:
     layers_kept: list[str] = field(default_factory=list)
 
 
-def _users(store: Store, rec: ImageRecord, image_layers: set[str]) -> list[str]:
+def _users(store: LayerStore, rec: ImageRecord, image_layers: set[str]) -> list[str]:
     """Layers built on ``rec``'s chain that belong to no image (containers, mostly)."""
     own = set(rec.layer_ids)
     out = []
@@ -51,7 +51,7 @@ def _users(store: Store, rec: ImageRecord, image_layers: set[str]) -> list[str]:
     return out
 
 
-def remove_images(store: Store, refs: list[str], *, force: bool = False) -> RemoveResult:
+def remove_images(store: LayerStore, refs: list[str], *, force: bool = False) -> RemoveResult:
     """Remove the images (or names) ``refs``; see the module doc."""
     records = ImageRecords(store.root)
     result = RemoveResult()
@@ -78,7 +78,7 @@ def remove_images(store: Store, refs: list[str], *, force: bool = False) -> Remo
     return result
 
 
-def _collect(store: Store, rec: ImageRecord, in_use: set[str], result: RemoveResult) -> None:
+def _collect(store: LayerStore, rec: ImageRecord, in_use: set[str], result: RemoveResult) -> None:
     chain = list(reversed(rec.layer_ids))
     for n, lid in enumerate(chain):
         if lid in in_use:

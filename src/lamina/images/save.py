@@ -31,7 +31,7 @@ from lamina.images.refs import try_normalize
 from lamina.images.tarwriter import TarWriter
 
 if TYPE_CHECKING:
-    from lamina.store import Store
+    from lamina.layerstore import LayerStore
 
 FORMATS = ("docker", "oci")
 _CHUNK = 1 << 20
@@ -44,7 +44,7 @@ class SaveResult:
     bytes: int = 0
 
 
-def select(store: Store, refs: list[str]) -> list[SaveImage]:
+def select(store: LayerStore, refs: list[str]) -> list[SaveImage]:
     """The images ``refs`` name, merged by ID; a name given keeps only that name."""
     records = ImageRecords(store.root)
     chosen: dict[str, SaveImage] = {}
@@ -65,7 +65,7 @@ def select(store: Store, refs: list[str]) -> list[SaveImage]:
     return list(chosen.values())
 
 
-def _diff_chunks(store: Store, lid: str, progress: ProgressSink | None) -> Iterator[bytes]:
+def _diff_chunks(store: LayerStore, lid: str, progress: ProgressSink | None) -> Iterator[bytes]:
     """The layer's diff as chunks; a damaged layer is an error naming it."""
     stream = store.diff(lid)
     try:
@@ -89,7 +89,7 @@ def _check(lid: str, diff_id: str, got: str) -> None:
                          "(the layer was changed, or made without tar-split)")
 
 
-def write_archive(store: Store, images: list[SaveImage], out: IO[bytes], fmt: str = "docker",
+def write_archive(store: LayerStore, images: list[SaveImage], out: IO[bytes], fmt: str = "docker",
                   progress: ProgressSink | None = None) -> SaveResult:
     """Write ``images`` to ``out`` in ``fmt`` ("docker" or "oci")."""
     if fmt not in FORMATS:
@@ -117,7 +117,7 @@ def write_archive(store: Store, images: list[SaveImage], out: IO[bytes], fmt: st
     return result
 
 
-def save(store: Store, refs: list[str], output: str | Path | None, *, fmt: str = "docker",
+def save(store: LayerStore, refs: list[str], output: str | Path | None, *, fmt: str = "docker",
          stdout: IO[bytes] | None = None, progress: ProgressSink | None = None) -> SaveResult:
     """Save the images ``refs`` name to ``output`` (None or ``-``: ``stdout``)."""
     if not refs:
