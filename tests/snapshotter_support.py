@@ -28,8 +28,8 @@ from pathlib import Path
 import grpc
 
 import lamina
-from lamina.drivers.overlay import _in_directory
 from lamina.fs.mount import MS_BIND, MS_RDONLY, mount, umount
+from lamina.fs.overlayfs import in_directory
 from lamina.snapshotter.proto import snapshots_pb2 as pb
 from lamina.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lamina.snapshotter.server import SnapshotterServer
@@ -194,7 +194,7 @@ def mount_one(m: Mount, target: Path) -> None:
         mount(m.source, target, fstype, flags, text)
 
     if chdir:
-        _in_directory(Path(chdir), do)
+        in_directory(Path(chdir), do)
     else:
         do()
     if flags & (MS_BIND | MS_RDONLY) == MS_BIND | MS_RDONLY:

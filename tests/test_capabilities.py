@@ -77,3 +77,12 @@ def test_the_store_and_the_in_memory_fake_are_both_layer_stores(tmp_path: Path) 
         assert not isinstance(object(), LayerStore)
     finally:
         store.close()
+
+
+def test_the_registry_names_the_drivers_of_each_content_model() -> None:
+    """The conformance suite runs every registered driver of the Linux model."""
+    from lamina.drivers import registry
+
+    assert registry.names() == list(registry.DRIVERS)
+    assert registry.names("linux") == ["overlay", "vfs"]
+    assert registry.names("windows") == ["windowsfilter"]

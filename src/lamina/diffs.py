@@ -36,8 +36,10 @@ class Diffs:
     """The store's read operations on layer content (IDs already checked)."""
 
     def __init__(self, records: Records, work_locks: WorkLocks, tarsplits: TarSplits,
-                 native: Capabilities, naive: Naive) -> None:
+                 native: Capabilities, naive: Naive, *, own_chain: bool = False) -> None:
         self._records = records
+        #: the driver's diffs ignore the parent asked for (Driver.exports_against_own_chain)
+        self._own_chain = own_chain
         self._locks = work_locks
         self._tarsplits = tarsplits
         self._native = native
@@ -109,7 +111,7 @@ class Diffs:
 
     def _diff_chunks(self, rec: LayerRecord, against: str | None) -> tuple[Iterator[bytes], Callable[[], None] | None]:
         layer_id = rec.id
-        if rec.has_tarsplit and not rec.rw and against == rec.parent:
+        if rec.has_tarsplit and not rec.rw and (against == rec.parent or self._own_chain):
             getter = self.file_getter(layer_id)
             try:
                 ts = self._tarsplits.open(layer_id)

@@ -114,7 +114,8 @@ class Store:
         self.lifecycle = Lifecycle(self.root, self.records, self.driver, self.mounts, self.tarsplits)
         self.native = Capabilities.of(self.driver)
         self.naive = Naive(self.mounts, self.driver.ctx)
-        self.diffs = Diffs(self.records, self.work_locks, self.tarsplits, self.native, self.naive)
+        self.diffs = Diffs(self.records, self.work_locks, self.tarsplits, self.native, self.naive,
+                           own_chain=self.driver.exports_against_own_chain)
 
     # -- small helpers ----------------------------------------------------------------
 

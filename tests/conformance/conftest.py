@@ -1,12 +1,10 @@
-"""Fixtures of the conformance suite: one ``store`` per test, for every driver.
+"""Fixtures of the conformance suite: one ``store`` per test, for every store factory.
 
 Why one parametrized fixture: the contract is the same for every driver (containerd's
 shared snapshotter suite, moby's graphtest), so each test is written once against the
-store and runs once per driver. A new driver joins by adding its name to ``DRIVERS``.
-
-windowsfilter is left out on purpose: its layers hold ``Files/``, ``Hives/`` and
-``UtilityVM/`` and its tars carry Windows PAX records, so graphtest's trees (modes,
-setuid, lchown) do not describe its content model; it has a suite of its own.
+store and runs once per factory (:mod:`.suite`): one per driver of the Linux content
+model in the driver registry. A new driver joins by being registered; windowsfilter,
+of the Windows model, has a suite of its own.
 
 A driver that cannot run here is skipped with its own reason (``unavailable_reason``),
 and a driver whose module does not exist yet is skipped too; under
@@ -25,8 +23,11 @@ import lamina
 from conftest import skip_or_fail
 from lamina.drivers.base import Driver
 
-#: every driver that shares the Linux content model (see the module docstring)
-DRIVERS = ["vfs", "overlay"]
+from .suite import StoreFactory, conformance_params, registry_factories
+
+#: every registered driver that shares the Linux content model (see .suite)
+FACTORIES = registry_factories()
+DRIVERS = [f.driver for f in FACTORIES]
 
 
 def driver_class(name: str) -> type[Driver]:
@@ -55,9 +56,14 @@ def require_driver(name: str, root: Path) -> None:
         skip_or_fail(f"driver {name!r} unavailable here: {reason}")
 
 
-@pytest.fixture(params=DRIVERS)
-def driver_name(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(params=conformance_params(FACTORIES))
+def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
     return request.param
+
+
+@pytest.fixture
+def driver_name(store_factory: StoreFactory) -> str:
+    return store_factory.driver
 
 
 @pytest.fixture
@@ -70,10 +76,12 @@ def store_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(driver_name: str, store_root: Path) -> Iterator[lamina.store.Store]:
-    """A fresh store with the parametrized driver; mounts are released afterwards."""
-    require_driver(driver_name, store_root)
-    s = lamina.open(root=store_root, driver=driver_name)
+def store(store_factory: StoreFactory, store_root: Path) -> Iterator[lamina.store.Store]:
+    """A fresh store from the parametrized factory; mounts are released afterwards."""
+    reason = store_factory.unavailable_reason(store_root)
+    if reason:
+        skip_or_fail(f"driver {store_factory.name!r} unavailable here: {reason}")
+    s = store_factory(store_root)
     try:
         yield s
     finally:

@@ -131,3 +131,21 @@ def test_cli_win_inspect(tmp_path: Path) -> None:
         assert r.returncode == 1 and len(r.stderr.decode().strip().splitlines()) == 1, r.stderr
     finally:
         run_cli("cleanup", root=root)
+
+
+def test_the_store_keeps_the_one_tar_split_and_replays_it_for_any_parent(store: lamina.store.Store) -> None:
+    """A Windows layer is exported against its own chain, so its tar comes back the same
+    whatever parent is asked for; the only copy of its tar-split is the store's."""
+    from lamina.drivers.windowsfilter_meta import TAR_RECORD
+
+    store.apply_diff("base", None, io.BytesIO(base_tar()))
+    t = LayerTar.diff_layer()
+    t.file("Files/new.txt", b"new", meta=Meta(0x20, sd=SYSTEM_FILE_SD))
+    data = t.bytes()
+    store.apply_diff("top", "base", io.BytesIO(data))
+    for parent in (None, ""):
+        with store.diff("top", parent) as f:
+            assert f.read() == data, parent
+    for lid in ("base", "top"):
+        assert store.tarsplits.exists(lid)
+        assert not (store.driver.layer_dir(lid) / TAR_RECORD).exists()

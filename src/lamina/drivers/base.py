@@ -114,6 +114,14 @@ class Driver(abc.ABC):
 
     #: the name users pass to ``--driver`` and that the store records
     name: ClassVar[str]
+    #: what a layer's files are: "linux" (POSIX modes, owners, xattrs, whiteouts: the
+    #: moby graphtest trees) or "windows" (``Files/``, ``Hives/``, Windows PAX records);
+    #: the shared conformance suite runs every registered driver of the Linux model
+    content_model: ClassVar[str] = "linux"
+    #: whether a diff is always of the layer against its own parent, whatever parent is
+    #: asked for (a Windows layer is exported against its own chain), so the store
+    #: replays an imported layer's tar-split for any parent
+    exports_against_own_chain: ClassVar[bool] = False
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx

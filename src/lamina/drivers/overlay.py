@@ -40,25 +40,19 @@ Why these choices:
   (:attr:`OverlayDriver.opaque_xattr`, also used by apply and export).
 * Size limits on any filesystem: project quotas where the backing filesystem has them,
   else a sparse ext4 image on a loop device (:mod:`lamina.fs.quota`).
+
+What the kernel can do, and the mounting itself, are in :mod:`lamina.fs.overlayfs`,
+shared with windowsfilter; this module is the overlay2 layout on top of it.
 """
 
 from __future__ import annotations
 
 import base64
-import ctypes
-import ctypes.util
-import errno
 import json
 import logging
 import os
-import platform
 import shutil
-import subprocess
-import tempfile
-import threading
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,286 +75,29 @@ from lamina.errors import (
     QuotaNotSupported,
     UnsupportedFilesystem,
 )
-from lamina.fs import newmount, quota
-from lamina.fs.backingfs import NO_UPPER, backing_fs, existing_ancestor, supports_d_type
+from lamina.fs import quota, staging
+from lamina.fs.backingfs import NO_UPPER, existing_ancestor
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.mount import MS_BIND, MS_RDONLY, is_mountpoint, mount, mounts_under, umount
+from lamina.fs.overlayfs import (
+    KERNEL_MAX_LOWERS,
+    features_key,
+    mount_overlay,
+    overlay_in_kernel,
+    probe,
+    userns_overlay_reason,
+)
 from lamina.fs.usage import disk_usage
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-CLONE_FS = 0x200
 MS_REMOUNT = 32
 
-#: overlayfs's OVL_MAX_STACK: lower directories one mount may have
-KERNEL_MAX_LOWERS = 500
 LINK_LEN = 26
 #: bytes of the one-page mount(2) option string kept for everything but the lowers: the
 #: fixed options plus relative upperdir/workdir paths of a 128-character layer ID in a
 #: sized layer come to about 370
 OPTION_HEADROOM = 384
-#: bump when Features gains a field, so old cache files are ignored
-_FEATURES_VERSION = 1
-
-
-# -- what the kernel and the backing filesystem can do ------------------------------------
-
-
-@dataclass
-class Features:
-    """What the probes found for one store root on this kernel, in this namespace."""
-
-    backing_fs: str
-    d_type: bool
-    #: running as root of a user namespace: mounts need ``userxattr``
-    userxattr: bool
-    #: the kernel takes ``lowerdir+`` through fsconfig (deep chains)
-    lowerdir_plus: bool
-    #: extra (key, value) mount options every mount gets, e.g. ("index", "off")
-    options: list[tuple[str, str]]
-    #: "project" or "loop", or "" when sizes cannot be limited
-    quota: str
-    quota_reason: str
-    #: why an overlay mount on this filesystem fails, "" when it works
-    mount_error: str
-
-    @property
-    def opaque_xattr(self) -> str:
-        return "user.overlay.opaque" if self.userxattr else "trusted.overlay.opaque"
-
-
-def overlay_in_kernel() -> bool:
-    try:
-        with open("/proc/filesystems") as f:
-            return any(line.split()[-1:] == ["overlay"] for line in f)
-    except OSError:
-        return False
-
-
-def in_user_namespace() -> bool:
-    """True inside a user namespace other than the initial one (rootless)."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            rows = [line.split() for line in f if line.strip()]
-    except OSError:
-        return False
-    return rows != [["0", "0", "4294967295"]]
-
-
-def _kernel_options(userxattr: bool) -> list[tuple[str, str]]:
-    """Options that keep the upper directory self-contained, where the kernel has them.
-
-    With ``userxattr`` the kernel itself turns redirects and metacopy off, and refuses
-    the options ("conflicting options"), so only ``index`` is given then.
-    """
-    params = Path("/sys/module/overlay/parameters")
-    keys = ("index",) if userxattr else ("index", "redirect_dir", "metacopy")
-    return [(key, "off") for key in keys if (params / key).exists()]
-
-
-def _features_key() -> dict[str, str]:
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = ""
-    try:
-        userns = os.readlink("/proc/self/ns/user")
-    except OSError:
-        userns = ""
-    return {"kernel": platform.release(), "boot": boot, "userns": userns,
-            "euid": str(os.geteuid()), "version": str(_FEATURES_VERSION)}
-
-
-#: probes already made by this process: (root, key) -> Features
-_PROBED: dict[tuple[str, str], Features] = {}
-
-
-def probe(root: Path, *, use_cache: bool = True) -> Features:
-    """Find out what overlay can do for a store at ``root``: once per process, and once
-    per kernel and boot in ``root/overlay/features.json`` when the store exists (each
-    CLI command is a new process; a probe mounts and unmounts)."""
-    cache = root / "overlay" / "features.json"
-    key = _features_key()
-    memo = (str(root), json.dumps(key, sort_keys=True))
-    if not use_cache:
-        return _probe_now(root)
-    feats = _PROBED.get(memo)
-    saved_ok = False
-    if feats is None or cache.parent.is_dir():
-        try:
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                data = saved["features"]
-                data["options"] = [tuple(o) for o in data["options"]]
-                feats, saved_ok = feats or Features(**data), True
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    if feats is None:
-        feats = _probe_now(root)
-    _PROBED[memo] = feats
-    if not saved_ok and cache.parent.is_dir():
-        tmp = cache.with_name(f".features.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "features": asdict(feats)}))
-        os.replace(tmp, cache)
-    return replace(feats)
-
-
-def _probe_now(root: Path) -> Features:
-    where = existing_ancestor(root)
-    fs = backing_fs(where)
-    userxattr = in_user_namespace()
-    feats = Features(
-        backing_fs=fs, d_type=True, userxattr=userxattr, lowerdir_plus=False,
-        options=_kernel_options(userxattr), quota="", quota_reason="", mount_error="",
-    )
-    try:
-        feats.d_type = supports_d_type(where)
-    except OSError as e:
-        feats.mount_error = f"cannot probe {where}: {e.strerror}"
-        return feats
-    feats.lowerdir_plus = newmount.supports_key("overlay", "lowerdir+", str(where))
-    feats.mount_error = _probe_mount(where, feats)
-    feats.quota, feats.quota_reason = _probe_quota(where, userxattr)
-    return feats
-
-
-def _probe_mount(where: Path, feats: Features) -> str:
-    """Mount a tiny overlay (lower, upper, work) beside the store; "" if it works."""
-    try:
-        d = Path(tempfile.mkdtemp(prefix=".overlay-probe-", dir=where))
-    except OSError as e:
-        return f"cannot write in {where}: {e.strerror}"
-    try:
-        for name in ("lower1", "lower2", "upper", "work", "merged"):
-            (d / name).mkdir()
-        try:
-            _mount_overlay(d / "merged", [d / "lower1", d / "lower2"], d / "upper", d / "work",
-                           feats=feats, readonly=False)
-        except OSError as e:
-            return (e.strerror or str(e)).replace(f"{d}/", "")
-        umount(d / "merged")
-        return ""
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _probe_quota(where: Path, userns: bool) -> tuple[str, str]:
-    if userns:
-        return "", "size limits need root outside a user namespace"
-    reason = quota.project_quota_reason(where)
-    if reason is None:
-        return "project", ""
-    loop_reason = quota.loop_image_reason()
-    if loop_reason is None:
-        return "loop", ""
-    return "", f"{reason}; {loop_reason}"
-
-
-def userns_overlay_reason() -> str | None:
-    """Whether overlay can be mounted inside a fresh user namespace (rootless use), by
-    trying it in a child under util-linux ``unshare``; None if it can."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return "cannot tell: util-linux unshare is missing"
-    with tempfile.TemporaryDirectory(prefix="lamina-userns-") as d:
-        for name in ("lower", "upper", "work", "merged"):
-            os.mkdir(os.path.join(d, name))
-        script = ("mount -t overlay overlay -o lowerdir=lower,upperdir=upper,workdir=work,"
-                  "userxattr merged")
-        done = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                              cwd=d, capture_output=True, text=True)
-    if done.returncode == 0:
-        return None
-    return (done.stderr.strip().splitlines() or ["overlay mount refused"])[-1]
-
-
-# -- mounting ------------------------------------------------------------------------------
-
-
-def _mount_overlay(target: Path, lowers: Sequence[Path], upper: Path | None, work: Path | None,
-                   *, feats: Features, readonly: bool, legacy_from: Path | None = None,
-                   short_lowers: Sequence[str] = ()) -> None:
-    """Mount an overlay at ``target``; ``lowers`` nearest first.
-
-    With the new mount API each lower is its own ``lowerdir+``; else one mount(2) option
-    string, retried with ``short_lowers`` (paths relative to ``legacy_from``) when the
-    absolute one does not fit in a page.
-
-    With ``lowerdir+`` the short names are used too, whenever given: the kernel shows
-    each lower as it was passed in ``/proc/self/mountinfo``, and 500 absolute layer paths
-    make a line past the 64 KiB that runc (and other readers) accept, which breaks every
-    container start on the host while the mount exists.
-    """
-    if feats.lowerdir_plus:
-        relative = legacy_from is not None and len(short_lowers) == len(lowers)
-        options: list[tuple[str, str | os.PathLike[str]]] = list(feats.options)
-        options += [("lowerdir+", p) for p in (short_lowers if relative else lowers)]
-        if upper is not None and work is not None:
-            options += [("upperdir", upper), ("workdir", work)]
-        flags = (["userxattr"] if feats.userxattr else []) + (["ro"] if readonly else [])
-
-        def do_mount() -> None:
-            newmount.mount_fs("overlay", target, source="overlay", flags=flags, options=options,
-                              attrs=newmount.MOUNT_ATTR_RDONLY if readonly else 0)
-
-        if relative:
-            assert legacy_from is not None
-            _in_directory(legacy_from, do_mount)
-        else:
-            do_mount()
-        return
-    data = _legacy_options(feats, [str(p) for p in lowers], upper, work)
-    limit = os.sysconf("SC_PAGE_SIZE") - 1
-    if len(data) <= limit:
-        mount("overlay", target, "overlay", MS_RDONLY if readonly else 0, data)
-        return
-    if legacy_from is None or not short_lowers:
-        raise OSError(errno.E2BIG, f"overlay options for {target} exceed one page ({len(data)} bytes)")
-    assert upper is not None and work is not None
-    rel = _legacy_options(feats, list(short_lowers), os.path.relpath(upper, legacy_from),
-                          os.path.relpath(work, legacy_from))
-    if len(rel) > limit:
-        raise OSError(errno.E2BIG, f"overlay options for {target} exceed one page even with short links")
-    _in_directory(legacy_from, lambda: mount("overlay", target, "overlay",
-                                             MS_RDONLY if readonly else 0, rel))
-
-
-def _legacy_options(feats: Features, lowers: list[str], upper: Any, work: Any) -> str:
-    opts = [f"{k}={v}" for k, v in feats.options] + (["userxattr"] if feats.userxattr else [])
-    opts.append("lowerdir=" + ":".join(_escape(p) for p in lowers))
-    if upper is not None:
-        opts += [f"upperdir={_escape(str(upper))}", f"workdir={_escape(str(work))}"]
-    return ",".join(opts)
-
-
-def _escape(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-
-
-def _in_directory(directory: Path, action: Any) -> None:
-    """Run ``action`` with ``directory`` as the working directory of one thread only.
-
-    A thread that unshares CLONE_FS has its own cwd, so relative mount paths resolve
-    there without moving the cwd of the rest of the process (Docker's mountFrom).
-    """
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            if _libc.unshare(CLONE_FS) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(CLONE_FS): {os.strerror(err)}")
-            os.chdir(directory)
-            action()
-        except BaseException as e:  # re-raised in the caller's thread
-            failure.append(e)
-
-    t = threading.Thread(target=run, name="overlay-mount")
-    t.start()
-    t.join()
-    if failure:
-        raise failure[0]
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -522,7 +259,7 @@ class OverlayDriver(Driver):
                     f"directories; this kernel mounts at most {self.max_depth}"
                     + ("" if self.features.lowerdir_plus else
                        " with one mount(2) page (the new mount API, Linux 6.8+, allows 500)"))
-        work = self.ctx.tmp / f"{layer_id}~creating"
+        work = staging.creating(self.ctx.tmp, layer_id)
         self._discard(work)
         work.mkdir()
         os.chmod(work, 0o711)
@@ -574,7 +311,7 @@ class OverlayDriver(Driver):
 
     def remove(self, layer_id: str) -> None:
         d = self.layer_dir(layer_id)
-        self._discard(self.ctx.tmp / f"{layer_id}~creating")
+        self._discard(staging.creating(self.ctx.tmp, layer_id))
         if not d.exists():
             return
         short = self._link(layer_id)
@@ -590,7 +327,7 @@ class OverlayDriver(Driver):
                 self._projects().release(d)
             except OSError as e:
                 log.warning("layer %s: could not drop its project quota: %s", layer_id, e)
-        doomed = self.ctx.tmp / f"{layer_id}~removing-{uuid.uuid4().hex[:8]}"
+        doomed = staging.removing(self.ctx.tmp, layer_id)
         for point in mounts_under(d):
             umount(point)
         os.rename(d, doomed)
@@ -636,7 +373,7 @@ class OverlayDriver(Driver):
                                f"mounts at most {self.max_depth}")
         merged.mkdir(mode=0o700, exist_ok=True)
         try:
-            _mount_overlay(
+            mount_overlay(
                 merged, [self._upper(p) for p in parents], upper, upper.parent / "work",
                 feats=self.features, readonly=committed,
                 legacy_from=self.ctx.root, short_lowers=self._lowers(layer_id),
@@ -777,7 +514,7 @@ class OverlayDriver(Driver):
 
     def _rootless_reason(self) -> str:
         cache = self.ctx.root / "overlay" / "rootless.json"
-        key = _features_key()
+        key = features_key()
         try:
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
@@ -808,9 +545,9 @@ class OverlayDriver(Driver):
                 self._discard(entry)
                 done.append(f"removed overlay layer directory {entry.name} that no record names")
         for entry in sorted(self.ctx.tmp.iterdir()) if self.ctx.tmp.is_dir() else []:
-            # a "~creating" dir whose layer still has a record may be in use right now
-            owner, _, what = entry.name.partition("~")
-            if what.startswith("removing") or (what == "creating" and owner not in known):
+            # a creating dir whose layer still has a record may be in use right now
+            owner, what = staging.owner(entry.name), staging.kind(entry.name)
+            if what == "removing" or (what == "creating" and owner not in known):
                 if mounts_under(entry):
                     self._discard(entry)
                     done.append(f"unmounted and removed leftover tmp/{entry.name}")
@@ -827,7 +564,7 @@ class OverlayDriver(Driver):
             except OSError:
                 current = None
             owner = Path(current).parts[2] if current and current.startswith("../layers/") else ""
-            if owner in known and (self.ctx.tmp / f"{owner}~creating").exists():
+            if owner in known and staging.creating(self.ctx.tmp, owner).exists():
                 continue  # a layer being made right now: its link comes before its dir
             if target is None or current != target:
                 entry.unlink()

@@ -35,6 +35,12 @@ def driver_class(name: str) -> type[Driver]:
     return cls
 
 
+def names(content_model: str | None = None) -> list[str]:
+    """Every registered driver, in order of preference; with ``content_model`` only the
+    drivers whose layers hold that kind of content (see ``Driver.content_model``)."""
+    return [n for n in DRIVERS if content_model is None or driver_class(n).content_model == content_model]
+
+
 def unavailable_reason(name: str, root: Path) -> str | None:
     """Why driver ``name`` cannot run for ``root`` here, or None when it can."""
     try:

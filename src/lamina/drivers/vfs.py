@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -17,6 +16,7 @@ from typing import IO
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.drivers.base import CreateOptions, Driver, FileGetter, MountSpec
 from lamina.errors import QuotaNotSupported
+from lamina.fs import staging
 from lamina.fs.copy import copy_tree
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.mount import fs_type
@@ -33,7 +33,7 @@ class VfsDriver(Driver):
             raise QuotaNotSupported(
                 f"layer {layer_id}: the vfs driver cannot limit a layer's size; use the overlay driver"
             )
-        work = self.ctx.tmp / f"{layer_id}~creating"
+        work = staging.creating(self.ctx.tmp, layer_id)
         if work.exists():
             shutil.rmtree(work)
         if parent is None:
@@ -45,14 +45,14 @@ class VfsDriver(Driver):
 
     def remove(self, layer_id: str) -> None:
         target = self.layer_dir(layer_id)
-        doomed = self.ctx.tmp / f"{layer_id}~removing-{uuid.uuid4().hex[:8]}"
+        doomed = staging.removing(self.ctx.tmp, layer_id)
         try:
             os.rename(target, doomed)
         except FileNotFoundError:
             pass
         else:
             _rmtree(doomed)
-        leftover = self.ctx.tmp / f"{layer_id}~creating"
+        leftover = staging.creating(self.ctx.tmp, layer_id)
         if leftover.exists():
             _rmtree(leftover)
 
@@ -70,14 +70,8 @@ class VfsDriver(Driver):
         """The whole tree: a vfs layer holds a full copy (``native`` counts it so too)."""
         return disk_usage(self.layer_dir(layer_id))
 
-    def apply_diff(
-        self,
-        layer_id: str,
-        parent: str | None,
-        chain: Sequence[str],
-        stream: IO[bytes],
-        tarsplit: IO[bytes] | None = None,
-    ) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, chain: Sequence[str], stream: IO[bytes],
+                   tarsplit: IO[bytes] | None = None) -> int:
         # the layer dir already holds a copy of the parent: unpack straight into it
         opts = ApplyOptions(
             whiteouts="delete",

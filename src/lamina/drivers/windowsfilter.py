@@ -16,7 +16,8 @@ filter driver, ``sandbox.vhdx``) is done with Linux's own tools:
 ``<id>/layerID``           an alternate ID to use instead (``layerId`` read too: the
                            seed writes that spelling and NTFS does not care)
 ``<id>/bcd*.bak``          the BCD files as imported (a UVM import mutates them)
-``<id>/tar-split.json.gz`` the imported tar's tar-split, for a byte-exact ``diff``
+``<id>/tar-split.json.gz`` the import child's tar-split, there only until the import
+                           returns: the store keeps the one copy (``tarsplit/``)
 ``<id>/sandbox.img``       a read-write layer's sized ext4 image (the ``sandbox.vhdx``
                            analogue), mounted at ``<id>/sandbox/`` with ``upper/``
                            and ``work/`` inside
@@ -61,10 +62,12 @@ from lamina.errors import (
     StoreCorrupt,
     UnsupportedFilesystem,
 )
-from lamina.fs import newmount, quota
+from lamina.fs import quota
 from lamina.fs.backingfs import backing_fs, supports_d_type
 from lamina.fs.durable import atomic_write
-from lamina.fs.mount import MS_RDONLY, is_mountpoint, mount, mounts_under, overlay_options, umount
+from lamina.fs.mount import is_mountpoint, mounts_under, umount
+from lamina.fs.overlayfs import mount_overlay, probe
+from lamina.fs.staging import REMOVING_SUFFIX
 from lamina.ids import check_id, parse_size
 
 log = logging.getLogger(__name__)
@@ -77,13 +80,7 @@ VIEW = "mnt"
 LAYER_CHAIN = "layerchain.json"
 #: the file resolveID reads, and the spelling setID writes (the seed's own mismatch)
 LAYER_ID_NAMES = ("layerID", "layerId")
-REMOVING_SUFFIX = "-removing"
-#: overlay features that would put metadata-only or redirected files in the upper dir,
-#: which a Windows diff cannot express: all off
-_OVERLAY_EXTRA = ("redirect_dir=off", "index=off", "metacopy=off")
 NOREEXEC_ENV = "LAMINA_WINDOWSFILTER_NOREEXEC"
-#: mount(2) copies at most one page of option data; leave room for the terminator
-_MOUNT_DATA_MAX = 4000
 
 def parse_storage_opt(storage_opt: dict[str, str]) -> int:
     """The seed's parseStorageOpt: keys case-blind, ``size`` in RAMInBytes units,
@@ -113,6 +110,8 @@ class WindowsFilterDriver(Driver):
     """Windows layers in the seed's layout; see the module docstring."""
 
     name = "windowsfilter"
+    content_model = "windows"
+    exports_against_own_chain = True
 
     @classmethod
     def unavailable_reason(cls, root: Path) -> str | None:
@@ -139,6 +138,8 @@ class WindowsFilterDriver(Driver):
         self.sandbox_size = parse_storage_opt(ctx.options) or DEFAULT_SANDBOX_SIZE
         self._empty = ctx.root / self.name / "empty"
         self._empty.mkdir(parents=True, exist_ok=True)
+        #: what overlayfs can do here, probed as for the overlay driver (cached beside _empty)
+        self._overlay = probe(ctx.root, cache_dir=ctx.root / self.name)
 
     # -- the seed's helpers --------------------------------------------------------------
 
@@ -309,14 +310,22 @@ class WindowsFilterDriver(Driver):
             sandbox.mkdir(mode=0o700, exist_ok=True)
             quota.mount_image(image, sandbox)
             try:
-                _mount_overlay(view, lowers or [str(self._empty)], sandbox / "upper", sandbox / "work")
+                self._mount_view(view, lowers or [str(self._empty)], sandbox / "upper", sandbox / "work")
             except BaseException:
                 quota.unmount_image(sandbox)
                 raise
         else:
             # a lowerdir-only overlay needs two lowers; the empty one makes up the count
-            _mount_overlay(view, [*lowers, str(self._empty)], readonly=True)
+            self._mount_view(view, [*lowers, str(self._empty)])
         return view
+
+    def _mount_view(self, view: Path, lowers: Sequence[str], upper: Path | None = None,
+                    work: Path | None = None) -> None:
+        """Overlayfs at ``view`` as the overlay driver mounts it (:mod:`lamina.fs.overlayfs`):
+        redirects, metacopy and the index off, which a Windows diff could not express;
+        chains past one page of options through ``lowerdir+``. Read-only with no upper."""
+        mount_overlay(view, [Path(p) for p in lowers], upper, work, feats=self._overlay,
+                      readonly=upper is None)
 
     def unmount(self, layer_id: str) -> None:
         folder = self.dir(self.resolve_id(layer_id))
@@ -345,14 +354,8 @@ class WindowsFilterDriver(Driver):
 
     # -- import ------------------------------------------------------------------------------
 
-    def apply_diff(
-        self,
-        layer_id: str,
-        parent: str | None,
-        chain: Sequence[str],
-        stream: IO[bytes],
-        tarsplit: IO[bytes] | None = None,
-    ) -> int:
+    def apply_diff(self, layer_id: str, parent: str | None, chain: Sequence[str], stream: IO[bytes],
+                   tarsplit: IO[bytes] | None = None) -> int:
         """Import a Windows layer tar (the seed's ApplyDiff: the chain is the parent and
         the parent's chain, written after the import succeeds)."""
         parents: list[str] = []
@@ -361,9 +364,13 @@ class WindowsFilterDriver(Driver):
             parents = [str(self.dir(rpid)), *self.get_layer_chain(rpid)]
         size = self.import_layer(layer_id, stream, parents)
         self.set_layer_chain(layer_id, parents)
+        # the import child records the tar-split beside the files; the store keeps the one
+        # copy (lamina.tarsplits), so it leaves the layer folder here
+        record_path = self.dir(layer_id) / TAR_RECORD
         if tarsplit is not None:
-            with gzip.open(self.dir(layer_id) / TAR_RECORD, "rb") as record:
+            with gzip.open(record_path, "rb") as record:
                 shutil.copyfileobj(record, tarsplit, 1 << 20)
+        record_path.unlink()
         return size
 
     def import_layer(self, layer_id: str, stream: IO[bytes], parents: Sequence[str]) -> int:
@@ -412,23 +419,15 @@ class WindowsFilterDriver(Driver):
         """The layer as a Windows layer tar. ``parent`` is not used, as in the seed: a
         Windows layer is always exported against its own chain.
 
-        An imported layer is rebuilt from its tar-split (same bytes); a sandbox and a
-        layer never imported are written as hcsshim's exporter writes a diff layer.
+        A sandbox, and a layer whose tar the store cannot replay, are written as
+        hcsshim's exporter writes a diff layer; an imported layer is rebuilt by the store
+        from its tar-split (same bytes), whatever parent is asked for
+        (:attr:`exports_against_own_chain`).
         """
         rid = self.resolve_id(layer_id)
-        folder = self.dir(rid)
-        if (folder / SANDBOX_IMAGE).exists():
+        if (self.dir(rid) / SANDBOX_IMAGE).exists():
             return self._export_sandbox(rid)
-        if (folder / TAR_RECORD).exists():
-            return self._reassemble(rid)
         return write_tar(self._layer_items(rid), read_meta)
-
-    def _reassemble(self, rid: str) -> Iterator[bytes]:
-        from lamina.archive.tar.split import reassemble
-
-        getter = self.diff_getter(rid)
-        with gzip.open(self.dir(rid) / TAR_RECORD, "rb") as record:
-            yield from reassemble(record, getter)
 
     def _export_sandbox(self, rid: str) -> Iterator[bytes]:
         with self._sandbox_upper(rid) as upper:
@@ -539,22 +538,6 @@ class WindowsFilterDriver(Driver):
 def _ignore_missing(func: object, path: str, exc_info: tuple) -> None:  # type: ignore[type-arg]
     if not isinstance(exc_info[1], FileNotFoundError):
         raise exc_info[1]
-
-
-def _mount_overlay(view: Path, lowers: Sequence[str], upper: Path | None = None,
-                   work: Path | None = None, *, readonly: bool = False) -> None:
-    """Mount overlayfs at ``view``; chains whose option string would not fit in the page
-    mount(2) takes go through fsconfig, one ``lowerdir+`` per layer."""
-    options = overlay_options(lowers, upper, work, extra=_OVERLAY_EXTRA)
-    if len(options) < _MOUNT_DATA_MAX:
-        mount("overlay", view, "overlay", MS_RDONLY if readonly else 0, options)
-        return
-    pairs: list[tuple[str, str | os.PathLike[str]]] = [("lowerdir+", p) for p in lowers]
-    if upper is not None and work is not None:
-        pairs += [("upperdir", upper), ("workdir", work)]
-    pairs += [tuple(o.split("=", 1)) for o in _OVERLAY_EXTRA]  # type: ignore[misc]
-    newmount.mount_fs("overlay", view, source="overlay", options=pairs,
-                      attrs=newmount.MOUNT_ATTR_RDONLY if readonly else 0)
 
 
 def _filesystem_problem(folder: Path) -> str | None:

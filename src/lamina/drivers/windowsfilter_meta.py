@@ -30,7 +30,8 @@ XATTR_NAME = "trusted.lamina.win"
 ATIME = "atime"
 CTIME = "ctime"
 LINKPATH = "linkpath"
-#: the layer folder file holding an imported tar's tar-split (Docker's format, gzipped)
+#: where the import child leaves an imported tar's tar-split (Docker's format, gzipped)
+#: for the driver to hand to the store, which keeps it
 TAR_RECORD = "tar-split.json.gz"
 
 

@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -88,26 +87,6 @@ def _unescape(field: bytes) -> str:
             out.append(field[i])
             i += 1
     return os.fsdecode(bytes(out))
-
-
-def overlay_options(
-    lowers: Sequence[str | Path],
-    upper: str | Path | None = None,
-    work: str | Path | None = None,
-    extra: Sequence[str] = (),
-) -> str:
-    """The option string for an overlay mount; lowers nearest first."""
-    opts = list(extra)
-    opts.append("lowerdir=" + ":".join(_escape_lower(str(p)) for p in lowers))
-    if upper is not None:
-        opts.append(f"upperdir={upper}")
-        opts.append(f"workdir={work}")
-    return ",".join(opts)
-
-
-def _escape_lower(path: str) -> str:
-    # overlayfs splits lowerdir on ':' and the option string on ','; escape both
-    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
 def fs_type(path: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""Work in progress on disk: the names it goes by, and how it is thrown away.
+"""Work in progress on disk: the names it goes by.
 
 A layer is built where nobody looks for layers and renamed into place when whole; it is
 deleted by renaming it out of the way first and removing the tree after. Both leave
@@ -16,13 +16,8 @@ whether the work is still going on.
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from pathlib import Path
-from typing import Any
-
-from lamina.fs.mount import mounts_under, umount
 
 SEP = "~"
 #: what windowsfilter (as Docker's Windows driver) renames a layer folder to before deleting it
@@ -59,36 +54,3 @@ def kind(name: str) -> str:
 def in_progress(name: str) -> bool:
     """Whether an entry of ``layers/`` is a driver's work in progress, not a layer."""
     return SEP in name or name.endswith(REMOVING_SUFFIX)
-
-
-def force_rmtree(path: Path) -> None:
-    """Remove a tree even where modes forbid it (a layer may hold 0000 directories;
-    overlay's ``work/work`` is mode 000); what is already gone is fine."""
-
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700, follow_symlinks=False)
-        except OSError:
-            pass
-        try:
-            func(p)
-        except FileNotFoundError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
-
-
-def unmount_all_under(path: Path) -> None:
-    """Unmount every mount at or below ``path``, deepest first."""
-    for point in mounts_under(path):
-        umount(point)
-
-
-def discard(path: Path) -> None:
-    """Delete a directory that may hold mounts (a view, a sized image): unmount them
-    first, so the delete never reaches through a mount into what it shows."""
-    if not os.path.lexists(path):
-        return
-    unmount_all_under(path)
-    force_rmtree(path)
