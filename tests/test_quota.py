@@ -14,6 +14,7 @@ import errno
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,23 @@ def test_image_holds_its_size_and_not_more(tidy: Path) -> None:
     quota.mount_image(image, point)  # as after a reboot: the content is still there
     assert (point / "small").stat().st_size == 25 * MIB
     quota.unmount_image(point)
+
+
+def test_concurrent_mounts_of_one_image_attach_it_once(tidy: Path) -> None:
+    """Threads (or processes) that all find an image unmounted mount it once between
+    them: two loop devices on one image would be two filesystems writing one file."""
+    require_loop()
+    image, point = tidy / "img", tidy / "mnt"
+    point.mkdir()
+    quota.create_image(image, point, 16 * MIB)
+    quota.unmount_image(point, image)
+    assert detached(image)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: quota.mount_image(image, point), range(8)))
+    assert mounts_under(point) == [os.path.realpath(point)], "mounted once, not stacked"
+    assert len(loop_devices_of(image)) == 1
+    quota.unmount_image(point, image)
+    assert detached(image)
 
 
 def test_sized_layer_write_past_the_limit_fails_and_the_store_is_unaffected(tidy: Path) -> None:

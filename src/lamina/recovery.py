@@ -376,4 +376,32 @@ def cleanup(store: Store, *, unmount_all: bool = False) -> list[str]:
     with store.records.read() as db:
         known = {r.id for r in db.layers()}
     done += store.driver.cleanup(known)
+    if unmount_all:
+        done += release_own_mounts(store)
+    return done
+
+
+def release_own_mounts(store: Store) -> list[str]:
+    """At the end of use, what the driver keeps mounted by itself goes too (overlay's
+    size-limit images and their loop devices), for every layer held idle: no view of it
+    or of a layer built on it is mounted, nobody is at work on it. New mounts wait
+    meanwhile; the driver mounts what it needs again when a layer is next used."""
+    done: list[str] = []
+    with store.mounts.no_mount_in_flight() as quiet:
+        if not quiet:
+            log.info("mounts kept being made; the driver's own mounts stay until next time")
+            return done
+        with store.records.read() as db:
+            records = {r.id: r for r in db.layers()}
+            mounted = {m.layer for m in db.mounts()}
+        in_use: set[str] = set()
+        for lid in mounted | {lid for lid in records if not store.work_locks.is_idle(lid)}:
+            cur: str | None = lid
+            while cur is not None and cur not in in_use:  # a view shows its whole chain
+                in_use.add(cur)
+                cur = records[cur].parent if cur in records else None
+        for lid in sorted(set(records) - in_use):
+            with store.work_locks.idle(lid) as free:
+                if free:
+                    done += store.driver.release_own_mounts(lid)
     return done

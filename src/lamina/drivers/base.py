@@ -171,6 +171,14 @@ class Driver(abc.ABC):
         filesystem image under a read-write layer), so ``check`` does not call them leaked."""
         return set()
 
+    def release_own_mounts(self, layer_id: str) -> list[str]:
+        """Unmount what the driver keeps mounted by itself for ``layer_id`` (its part of
+        :meth:`own_mounts`), to be mounted again when the layer is next used; one line
+        per thing released. The store calls it at the end of use (``cleanup`` with
+        ``unmount_all``) for a layer it holds idle: no view of it, or of a layer built on
+        it, is mounted, and nobody is at work on it."""
+        return []
+
     def is_mounted(self, layer_id: str) -> bool:
         """Whether the view of ``layer_id`` is mounted now (for cleanup and check)."""
         return False

@@ -189,7 +189,8 @@ class OverlayDriver(Driver):
         return self._upper(layer_id).parent / "work"
 
     def own_mounts(self) -> set[str]:
-        """The sized images under read-write layers with a size limit stay mounted."""
+        """The sized images under read-write layers with a size limit: mounted while the
+        layer is in use, and on demand (:meth:`_upper`) until released."""
         return {str(img.parent / "sized") for img in self.ctx.layers.glob("*/size.img")}
 
     def _ensure_image(self, d: Path) -> None:
@@ -200,6 +201,16 @@ class OverlayDriver(Driver):
         except FileNotFoundError:
             sized.mkdir()
         quota.mount_image(d / "size.img", sized)
+
+    def release_own_mounts(self, layer_id: str) -> list[str]:
+        """Unmount a sized layer's image (and with it its loop device); the next use of
+        the layer mounts it again (:meth:`_upper`)."""
+        d = self.layer_dir(layer_id)
+        sized = d / "sized"
+        if not (d / "size.img").exists() or not is_mountpoint(sized) or is_mountpoint(d / "merged"):
+            return []
+        quota.unmount_image(sized, d / "size.img")
+        return [f"released the size-limit image of layer {layer_id}"]
 
     def _link(self, layer_id: str) -> str:
         try:

@@ -327,6 +327,14 @@ class WindowsFilterDriver(Driver):
         mount_overlay(view, [Path(p) for p in lowers], upper, work, feats=self._overlay,
                       readonly=upper is None)
 
+    def release_own_mounts(self, layer_id: str) -> list[str]:
+        """A sandbox image left mounted with no view over it (an export that died)."""
+        folder = self.dir(self.resolve_id(layer_id))
+        if not is_mountpoint(folder / SANDBOX_MOUNT) or is_mountpoint(folder / VIEW):
+            return []
+        quota.unmount_image(folder / SANDBOX_MOUNT, folder / SANDBOX_IMAGE)
+        return [f"released the sandbox image of layer {layer_id}"]
+
     def unmount(self, layer_id: str) -> None:
         folder = self.dir(self.resolve_id(layer_id))
         umount(folder / VIEW)

@@ -314,21 +314,31 @@ def _set_autoclear(device: str) -> None:
 
 
 def mount_image(image: Path, mountpoint: Path) -> None:
-    """Mount the ext4 image at ``mountpoint`` through a loop device (idempotent)."""
-    if is_mountpoint(mountpoint):
-        return
-    device = attach_loop(image)
-    try:
-        mount(device, mountpoint, "ext4", 0, "")
-    except OSError:
+    """Mount the ext4 image at ``mountpoint`` through a loop device (idempotent).
+
+    One mounter at a time per image, across threads and processes (an flock on the
+    image): two that both saw it unmounted would attach it twice, and two loop devices
+    on one image are two filesystems writing one file."""
+    with locked(image):
+        if is_mountpoint(mountpoint):
+            return
+        device = attach_loop(image)
+        try:
+            mount(device, mountpoint, "ext4", 0, "")
+        except OSError:
+            _set_autoclear(device)
+            raise
         _set_autoclear(device)
-        raise
-    _set_autoclear(device)
 
 
-def unmount_image(mountpoint: Path) -> None:
-    """Unmount an image; its loop device goes with the last reference."""
-    umount(mountpoint)
+def unmount_image(mountpoint: Path, image: Path | None = None) -> None:
+    """Unmount an image; its loop device goes with the last reference. With ``image``,
+    under the image's lock, so no mount of it runs at the same time."""
+    if image is None:
+        umount(mountpoint)
+        return
+    with locked(image):
+        umount(mountpoint)
 
 
 def _mkfs(image: Path, size: int, root_owner: tuple[int, int]) -> None:
