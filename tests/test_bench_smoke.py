@@ -77,3 +77,21 @@ def test_bench_containerd_quick_prints_ratios(tmp_path: Path) -> None:
     assert len(re.findall(r"^rpc lamina .* p50 +\d+\.\d+ ms", out, re.M)) == 4, out
     summary = re.search(r"^summary: (.*)$", out, re.M)
     assert summary and "import=" in summary.group(1), out
+
+
+def test_bench_docker_quick_times_plugin_calls() -> None:
+    """bench_docker.py --quick: Exists and Get+Put over the plugin's socket against a
+    bare aiohttp handler, each with its ratio, target and ok/OVER (no dockerd needed)."""
+    from conftest import require_root
+
+    require_root()  # the plugin's socket lives in /run/docker/plugins
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_docker.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert re.search(r"bare aiohttp \{\} handler: \d+\.\d+ ms", out), out
+    assert re.search(r"Exists\s+p50\s+\d+\.\d+ ms\s+ratio\s+\d+\.\d+x .*target <= 0\.15 ms: (ok|OVER)$", out, re.M), out
+    assert re.search(r"Get \+ Put\s+p50\s+\d+\.\d+ ms\s+ratio\s+\d+\.\d+x .*target <= 0\.3 ms: (ok|OVER)$", out, re.M), out
+    summary = re.search(r"^summary: (.*)$", out, re.M)
+    assert summary and "exists=" in summary.group(1) and "get_put=" in summary.group(1), out

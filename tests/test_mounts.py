@@ -133,3 +133,46 @@ def test_a_process_killed_between_mount_and_record_leaves_a_leak_cleanup_mends(
     assert check(store)[0] == []
     with store.mounted("ctr") as view:
         assert view.is_dir()
+
+
+def test_try_get_and_try_put_never_wait_and_never_mount(store: Store) -> None:
+    """The plugin counts references of a mounted view on its event loop: try_get and
+    try_put do what get and put would, or say None where those would mount, unmount or
+    wait for a lock."""
+    from lamina.errors import LayerNotFound
+
+    assert store.try_get("ctr") is None, "not mounted: the first get mounts, elsewhere"
+    with pytest.raises(LayerNotFound):
+        store.try_get("nope")
+    path = store.get("ctr")
+    assert store.try_get("ctr") == path
+    assert store.layer("ctr").mount_count == 2
+    assert store.try_put("ctr") is True
+    assert store.try_put("ctr") is None, "the last reference: its put unmounts, elsewhere"
+    assert store.layer("ctr").mount_count == 1
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold(block: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            with block():
+                held.set()
+                release.wait(30)
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert held.wait(30)
+        return t
+
+    for block in (lambda: store.mounts.settled("ctr"), lambda: store.records.write()):
+        held.clear()
+        release.clear()
+        t = hold(block)
+        try:
+            assert store.try_get("ctr") is None and store.try_put("ctr") is None
+        finally:
+            release.set()
+            t.join()
+    assert store.layer("ctr").mount_count == 1
+    assert store.put("ctr")
+    assert store.try_put("ctr") is False, "nothing held"

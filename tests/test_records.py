@@ -100,3 +100,37 @@ def test_readonly_records_see_but_cannot_change(records: Records) -> None:
             db.set_state("a", LayerState.READY)
     finally:
         watcher.close()
+
+
+def test_each_thread_reads_on_its_own_connection_and_ended_threads_let_go(records: Records) -> None:
+    """A read never queues behind another thread's write (WAL readers do not wait), and
+    the connections of threads that have ended are closed, not kept."""
+    import threading
+
+    with records.write() as db:
+        db.insert_layer("a", None, rw=False)
+        db.mark_ready("a", size=0, has_tarsplit=False, diff_id=None)
+    seen: list[object] = []
+    started, done = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with records.write():
+            started.set()
+            done.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert started.wait(30)
+    try:
+        reader = threading.Thread(target=lambda: seen.append(records.ready("a").id))
+        reader.start()
+        reader.join(5)
+        assert seen == ["a"], "a read waited for another thread's write"
+    finally:
+        done.set()
+        t.join()
+    for _ in range(20):
+        th = threading.Thread(target=lambda: records.ready("a"))
+        th.start()
+        th.join()
+    assert len(records._readers) <= 2, "connections of ended threads are closed"

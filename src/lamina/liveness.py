@@ -34,10 +34,18 @@ def process_start(pid: int) -> str:
     return rest[19].decode() if len(rest) > 19 else ""
 
 
+#: (pid, start) of this process, read once per process: a process's own start time never
+#: changes, and get/put ask for it on every call (a fork gets its own, keyed by pid)
+_ME: tuple[int, str] | None = None
+
+
 def me() -> tuple[int, str]:
     """This process's identity for a reference."""
+    global _ME
     pid = os.getpid()
-    return pid, process_start(pid)
+    if _ME is None or _ME[0] != pid:
+        _ME = (pid, process_start(pid))
+    return _ME
 
 
 def alive(pid: int, start: str) -> bool:

@@ -44,8 +44,8 @@ from pathlib import Path
 from lamina import liveness
 from lamina.drivers.base import Driver
 from lamina.errors import LayerNotFound
-from lamina.fs.locks import FileLock, KeyLock
-from lamina.records import MountRef, Records
+from lamina.fs.locks import FileLock, KeyLockTable
+from lamina.records import LayerState, MountRef, Records
 
 
 class Mounts:
@@ -54,20 +54,16 @@ class Mounts:
     def __init__(self, records: Records, driver: Driver, locks: Path) -> None:
         self._records = records
         self._driver = driver
-        self._layer_locks = locks / "mounts.lock"
+        (locks / "mounts.lock").touch(mode=0o600)
+        self._layer_locks = KeyLockTable(locks / "mounts.lock")
         self._mounting = locks / "mounting.lock"
-        self._layer_locks.touch(mode=0o600)
+        #: the Path of each view path seen, so the common get makes no new object
+        self._paths: dict[str, Path] = {}
 
-    @contextlib.contextmanager
-    def settled(self, layer_id: str) -> Iterator[None]:
+    def settled(self, layer_id: str) -> contextlib.AbstractContextManager[None]:
         """Hold the layer's mount lock: no reference of it is taken or released, and no
         view of it mounted or unmounted, until the block ends."""
-        lock = KeyLock(self._layer_locks, layer_id)
-        lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
+        return self._layer_locks.held(layer_id)
 
     @contextlib.contextmanager
     def no_mount_in_flight(self, timeout: float = 2.0) -> Iterator[bool]:
@@ -98,20 +94,21 @@ class Mounts:
         boot = liveness.boot_id()
         with self.settled(layer_id):
             with self._records.write(durable=False) as db:  # claim
-                rec = db.layer(layer_id)
-                if rec is None or (complete_only and not rec.complete):
+                claim = db.mount_claim(layer_id)
+                if claim is None or (complete_only and claim.state is not LayerState.READY):
                     raise LayerNotFound(f"layer {layer_id} not found")
-                db.drop_refs_of_other_boots(boot, layer_id)
-                mounted = db.mount(layer_id)
-                if mounted is not None and mounted.boot_id == boot and db.refcount(layer_id):
+                if claim.path is not None and claim.boot_id == boot and claim.refs:
+                    # mounted in this boot: no reference of an earlier one is left for it
+                    # (the get that mounted it dropped them)
                     db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
-                    return Path(mounted.path)
+                    return self._path(claim.path)
+                db.drop_refs_of_other_boots(boot, layer_id)
                 chain = db.chain(layer_id)
             in_flight = FileLock(self._mounting)
             in_flight.acquire(shared=True)
             try:
-                path = self._driver.mount(layer_id, chain, rw=rec.rw,  # mount
-                                          mount_label=mount_label or rec.mount_label)
+                path = self._driver.mount(layer_id, chain, rw=claim.rw,  # mount
+                                          mount_label=mount_label or claim.mount_label)
                 try:
                     with self._records.write(durable=False) as db:  # record
                         db.set_mount(layer_id, str(path), boot)
@@ -123,6 +120,47 @@ class Mounts:
                 in_flight.release()
         return path
 
+    def try_get(self, layer_id: str, *, persistent: bool) -> Path | None:
+        """:meth:`get` of a view that is mounted already, never waiting and never
+        mounting: None where it would have to (the view is not mounted, someone holds the
+        layer's mount lock or the records); the caller then calls :meth:`get`."""
+        pid, start = liveness.me()
+        boot = liveness.boot_id()
+        with self._layer_locks.try_held(layer_id) as got:
+            if not got:
+                return None
+            with self._records.try_write(durable=False) as db:
+                if db is None:
+                    return None
+                claim = db.mount_claim(layer_id)
+                if claim is None or claim.state is not LayerState.READY:
+                    raise LayerNotFound(f"layer {layer_id} not found")
+                if claim.path is None or claim.boot_id != boot or not claim.refs:
+                    return None
+                db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
+                return self._path(claim.path)
+
+    def try_put(self, layer_id: str, *, persistent: bool) -> bool | None:
+        """:meth:`put` of a reference that is not the last, never waiting and never
+        unmounting: None where it would have to; the caller then calls :meth:`put`."""
+        pid, start = liveness.me()
+        with self._layer_locks.try_held(layer_id) as got:
+            if not got:
+                return None
+            with self._records.try_write(durable=False) as db:
+                if db is None:
+                    return None
+                choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
+                if choice is None:
+                    raise LayerNotFound(f"layer {layer_id} not found")
+                ref, count = choice
+                if ref is None:
+                    return False
+                if count == 1:
+                    return None  # the last: its put unmounts
+                db.drop_ref(ref)
+                return True
+
     def put(self, layer_id: str, *, persistent: bool) -> bool:
         """Release one reference; the last one unmounts. False if none was held.
 
@@ -133,16 +171,23 @@ class Mounts:
         pid, start = liveness.me()
         with self.settled(layer_id):
             with self._records.write(durable=False) as db:  # claim
-                if db.layer(layer_id) is None:
+                choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
+                if choice is None:
                     raise LayerNotFound(f"layer {layer_id} not found")
-                ref = db.pick_ref(layer_id, persistent=persistent, pid=pid, pid_start=start)
+                ref, count = choice
                 if ref is None:
                     return False
                 db.drop_ref(ref)
-                last = db.refcount(layer_id) == 0
+                last = count == 1
             if last:
                 self._unmount(layer_id)
         return True
+
+    def _path(self, text: str) -> Path:
+        path = self._paths.get(text)
+        if path is None:
+            path = self._paths[text] = Path(text)
+        return path
 
     def _unmount(self, layer_id: str) -> None:
         """Unmount a view nobody references (caller holds the mount lock), then say so."""

@@ -194,6 +194,19 @@ _SNAPSHOT_COLUMNS = ("SELECT key, layer, kind, parent, labels, created_ns, updat
                      " FROM snapshots")
 _READY_LAYER = f"layer IN (SELECT id FROM layers WHERE state = '{LayerState.READY.value}')"
 
+@dataclass(frozen=True)
+class MountClaim:
+    """What a get needs to know of a layer, read in one query: its state and kind, where
+    its view is mounted (if recorded) and in which boot, and how many references it has."""
+
+    state: LayerState
+    rw: bool
+    mount_label: str
+    path: str | None
+    boot_id: str | None
+    refs: int
+
+
 _LAYER_COLUMNS = ("SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
                   " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id) FROM layers")
 
@@ -247,6 +260,17 @@ class Reader:
     def mount(self, layer_id: str) -> MountRecord | None:
         row = self._db.execute("SELECT id, path, boot_id FROM mounts WHERE id = ?", (layer_id,)).fetchone()
         return MountRecord(*row) if row else None
+
+    def mount_claim(self, layer_id: str) -> MountClaim | None:
+        """The layer as a get sees it (None: no record), in one query: get sits on every
+        container start."""
+        row = self._db.execute(
+            "SELECT l.state, l.rw, l.mount_label, m.path, m.boot_id,"
+            " (SELECT COUNT(*) FROM refs WHERE refs.id = l.id)"
+            " FROM layers l LEFT JOIN mounts m ON m.id = l.id WHERE l.id = ?", (layer_id,)).fetchone()
+        if row is None:
+            return None
+        return MountClaim(LayerState(row[0]), bool(row[1]), row[2], row[3], row[4], row[5])
 
     def mounts(self) -> list[MountRecord]:
         return [MountRecord(*r) for r in self._db.execute("SELECT id, path, boot_id FROM mounts ORDER BY id")]
@@ -319,15 +343,21 @@ class Writer(Reader):
     def pick_ref(self, layer_id: str, *, persistent: bool, pid: int, pid_start: str) -> int | None:
         """The reference a put releases: with ``persistent`` a persistent one first, else
         this process's own first, then other non-persistent ones, oldest first."""
-        if persistent:
-            row = self._db.execute("SELECT ref FROM refs WHERE id = ? ORDER BY persistent DESC, ref LIMIT 1",
-                                   (layer_id,)).fetchone()
-        else:
-            row = self._db.execute(
-                "SELECT ref FROM refs WHERE id = ? ORDER BY"
-                " (persistent = 0 AND pid = ? AND pid_start = ?) DESC, persistent, ref LIMIT 1",
-                (layer_id, pid, pid_start)).fetchone()
+        row = self._db.execute(f"SELECT ref FROM refs WHERE id = ?1 {_put_order(persistent)} LIMIT 1",
+                               _put_params(layer_id, persistent, pid, pid_start)).fetchone()
         return int(row[0]) if row else None
+
+    def put_choice(self, layer_id: str, *, persistent: bool, pid: int,
+                   pid_start: str) -> tuple[int | None, int] | None:
+        """For a put, in one query: (the reference :meth:`pick_ref` would pick, how many
+        references the layer has), or None if the layer has no record."""
+        row = self._db.execute(
+            f"SELECT (SELECT ref FROM refs WHERE id = ?1 {_put_order(persistent)} LIMIT 1),"
+            " (SELECT COUNT(*) FROM refs WHERE id = ?1) FROM layers WHERE id = ?1",
+            _put_params(layer_id, persistent, pid, pid_start)).fetchone()
+        if row is None:
+            return None
+        return (None if row[0] is None else int(row[0])), int(row[1])
 
     def drop_ref(self, ref: int) -> bool:
         """Release one reference; False if it was already gone."""
@@ -390,8 +420,25 @@ class Writer(Reader):
         return gone
 
 
+def _put_order(persistent: bool) -> str:
+    """ORDER BY of the reference a put picks (parameters ?2 pid, ?3 pid_start)."""
+    if persistent:
+        return "ORDER BY persistent DESC, ref"
+    return "ORDER BY (persistent = 0 AND pid = ?2 AND pid_start = ?3) DESC, persistent, ref"
+
+
+def _put_params(layer_id: str, persistent: bool, pid: int, pid_start: str) -> tuple[object, ...]:
+    return (layer_id,) if persistent else (layer_id, pid, pid_start)
+
+
 class Records:
     """Thread-safe access to ``meta.db``: :meth:`read` and :meth:`write` blocks.
+
+    Writes go through one connection, one thread at a time (an RLock queues the
+    threads of this process fairly; SQLite's own lock, with its sleeping busy handler,
+    is left to what other processes do). Reads use a connection of their own per
+    thread: in WAL mode a reader never waits for a writer, so a read never queues behind
+    another thread's write either (dockerd's Exists while a Get mounts).
 
     ``readonly=True`` opens an existing database for watching only (the crash harness
     reads states the API hides while a victim works): no schema step, no writes.
@@ -399,16 +446,28 @@ class Records:
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
+        self._readonly = readonly
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._readers_lock = threading.Lock()
+        self._db = self._connect()
+        #: the connection's PRAGMA synchronous, switched only when a write asks otherwise
+        self._durable = True
         if readonly:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5,
-                                       isolation_level=None, check_same_thread=False)
             return
-        self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=60000")
         self._upgrade()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._readonly:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5,
+                                 isolation_level=None, check_same_thread=False)
+        else:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=60000")
+        return db
 
     def _upgrade(self) -> None:
         with self._lock:
@@ -440,20 +499,48 @@ class Records:
         every container start.
         """
         with self._lock:
-            if not durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")
+            if durable != self._durable:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield Writer(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def try_write(self, *, durable: bool = True) -> Iterator[Writer | None]:
+        """:meth:`write`, or None at once where it would wait: for another thread's
+        transaction or another process's lock. For callers that must not block (the
+        plugin's event loop); they do the work the waiting way when given None. Not for
+        use inside another write of the same thread."""
+        if not self._lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            if durable != self._durable:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
+            self._db.execute("PRAGMA busy_timeout=0")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield Writer(self._db)
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                else:
-                    self._db.execute("COMMIT")
+            except sqlite3.OperationalError:  # SQLITE_BUSY: another process writes
+                yield None
+                return
             finally:
-                if not durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA busy_timeout=60000")
+            try:
+                yield Writer(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+        finally:
+            self._lock.release()
 
     def ready(self, layer_id: str) -> LayerRecord:
         """The record of a complete layer; LayerNotFound if there is none (a layer still
@@ -466,16 +553,29 @@ class Records:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Reader]:
-        """A consistent snapshot for reading several rows."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield Reader(self._db)
-            finally:
-                self._db.execute("COMMIT")
+        """A consistent snapshot for reading several rows, on this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            me = threading.current_thread()
+            with self._readers_lock:  # not the writers' lock: a read never waits for a write
+                # the connections of threads that have ended go (a pool's threads stay)
+                for thread, old in [r for r in self._readers if not r[0].is_alive()]:
+                    old.close()
+                    self._readers.remove((thread, old))
+                self._readers.append((me, db))
+            self._local.db = db
+        db.execute("BEGIN")
+        try:
+            yield Reader(db)
+        finally:
+            db.execute("COMMIT")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            for _, db in self._readers:
+                db.close()
+            self._readers.clear()
             self._db.close()
 
 

@@ -239,6 +239,19 @@ class Store:
         check_id(layer_id)
         return self.mounts.put(layer_id, persistent=persistent)
 
+    def try_get(self, layer_id: str, *, persistent: bool = False) -> Path | None:
+        """:meth:`get` if it can be done at once, else None (then call :meth:`get`): the
+        view is mounted already and nobody else is counting references of the layer.
+        For the plugin's event loop, which must not wait for a mount or a lock."""
+        check_id(layer_id)
+        return self.mounts.try_get(layer_id, persistent=persistent)
+
+    def try_put(self, layer_id: str, *, persistent: bool = False) -> bool | None:
+        """:meth:`put` if it can be done at once (not the last reference, nobody else
+        counting), else None (then call :meth:`put`)."""
+        check_id(layer_id)
+        return self.mounts.try_put(layer_id, persistent=persistent)
+
     @contextlib.contextmanager
     def mounted(self, layer_id: str, mount_label: str = "") -> Iterator[Path]:
         """``with store.mounted(id) as path:`` pairs :meth:`get` and :meth:`put`."""

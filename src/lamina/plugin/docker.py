@@ -292,20 +292,30 @@ class DockerPlugin:
     async def get(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Get")
         async with self._locks.using(req.id):
-            path = await self._run(self.store.get, req.id, req.mount_label, persistent=True)
+            # a view mounted already is counted on the loop (no hop to a worker); a first
+            # mount, or a wait for another process, goes to the pool
+            path = self.store.try_get(req.id, persistent=True)
+            if path is None:
+                path = await self._run(self.store.get, req.id, req.mount_label, persistent=True)
         return wire.directory(str(path))
 
     async def put(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Put")
         async with self._locks.using(req.id):
-            if not await self._run(self.store.put, req.id, persistent=True):
+            done = self.store.try_put(req.id, persistent=True)  # as for Get: unmounts go to the pool
+            if done is None:
+                done = await self._run(self.store.put, req.id, persistent=True)
+            if not done:
                 log.debug("Put %s: no reference was held", req.id)
         return wire.ok()
 
     async def exists(self, body: dict[str, Any]) -> dict[str, Any]:
         req = wire.LayerRequest.parse(body, "Exists")
         try:
-            found = await self._run(self.store.exists, req.id)
+            # on the loop, not in the pool: one indexed read of the loop thread's own
+            # records connection, which never waits for a writer (WAL), costs less than
+            # the hop to a worker and back
+            found = self.store.exists(req.id)
         except LaminaError:
             found = False
         return wire.exists(found)

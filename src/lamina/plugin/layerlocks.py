@@ -53,15 +53,19 @@ class LayerLocks:
     async def using(self, layer_id: str) -> AsyncIterator[None]:
         """Shared: many requests may use a layer at once, none while it changes."""
         state = self._state(layer_id)
-        async with state.changed:
-            await state.changed.wait_for(lambda: not state.writing and not state.writers_waiting)
+        if state.writing or state.writers_waiting:
+            async with state.changed:
+                await state.changed.wait_for(lambda: not state.writing and not state.writers_waiting)
+                state.readers += 1
+        else:  # the common case, settled without the condition: nothing awaits in between
             state.readers += 1
         try:
             yield
         finally:
-            async with state.changed:
-                state.readers -= 1
-                state.changed.notify_all()
+            state.readers -= 1
+            if state.writers_waiting:  # only a writer waits for readers to go
+                async with state.changed:
+                    state.changed.notify_all()
             self._forget_if_idle(layer_id, state)
 
     @contextlib.asynccontextmanager
