@@ -20,15 +20,15 @@ from lamina.images.save import FORMATS
 from lamina.progress import human_bytes
 
 if TYPE_CHECKING:
-    from lamina.cli import Invocation
+    from lamina.cli.invocation import Invocation
 
 
 def cmd_load(inv: Invocation) -> int:
-    from lamina.cli import UsageError, _is_tty
+    from lamina.cli.output import UsageError, is_tty
 
     args = inv.args
     source = args.input or args.file or "-"
-    if source == "-" and _is_tty(inv.stdin):
+    if source == "-" and is_tty(inv.stdin):
         raise UsageError("refusing to read an image archive from a terminal: pipe one in or name a file")
     with inv.progress("loading") as bar:
         result = load_images(inv.store, source, stdin=inv.stdin, progress=bar, tag=args.tag)
@@ -46,7 +46,7 @@ def cmd_load(inv: Invocation) -> int:
 
 
 def cmd_save(inv: Invocation) -> int:
-    from lamina.cli import check_not_terminal
+    from lamina.cli.output import check_not_terminal
 
     args = inv.args
     to_stdout = args.output in (None, "-")
@@ -83,9 +83,9 @@ def cmd_ls(inv: Invocation) -> int:
         data.append({"id": rec.id, "names": rec.names, "top_layer": rec.top_layer,
                      "layers": len(rec.chain_ids), "size": size, "created": config.get("created"),
                      "loaded": _dt.datetime.fromtimestamp(rec.loaded, _dt.UTC).isoformat()})
-    from lamina.cli import _table
+    from lamina.cli.output import table
 
-    text = _table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], rows) if rows else []
+    text = table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], rows) if rows else []
     inv.emit(data, text)
     return 0
 

@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lamina.cli import Invocation, parse_options
+from lamina.cli.invocation import Invocation, parse_options
 
 #: where dockerd looks first for plugin "lamina" (pkg/plugins/discovery.go)
 DEFAULT_SOCKET = Path("/run/docker/plugins/lamina.sock")

@@ -18,7 +18,7 @@ from lamina.registry.push import COMPRESSIONS, FORMATS, PushEvents, push
 from lamina.registry.transport import ClientOptions
 
 if TYPE_CHECKING:
-    from lamina.cli import Invocation
+    from lamina.cli.invocation import Invocation
 
 
 class _PullBars(PullEvents):
@@ -85,7 +85,7 @@ class _PushBars(PushEvents):
 
 
 def _options(inv: Invocation) -> ClientOptions:
-    from lamina.cli import UsageError
+    from lamina.cli.output import UsageError
 
     args = inv.args
     creds = None

@@ -16,7 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lamina.cli import Invocation
+from lamina.cli.invocation import Invocation
 
 DEFAULT_SOCKET = Path("/run/lamina/containerd-snapshotter.sock")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lamina.cli import Invocation
+from lamina.cli.invocation import Invocation
 
 
 def register(sub: argparse._SubParsersAction) -> None:
