@@ -74,7 +74,7 @@ stress: system-deps venv
 	PYTHONPATH=. $(PY) fuzz/fuzz_apply.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 	  -artifact_prefix=fuzz/findings/ fuzz/findings/corpus
 	@echo "== a million empty tar entries (bounded time and memory)"
-	LAMINA_FLOOD_ENTRIES=1000000 $(PY) -m pytest -q tests/test_hostile_corpus.py -k many_empty_entries
+	LAMINA_FLOOD_ENTRIES=1000000 $(PY) -m pytest -q tests/integration/test_hostile_corpus.py -k many_empty_entries
 	@rc=0; LAMINA_TEST_SLOW=1 $(PY) -m pytest -m slow $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make stress: no tests marked slow"; exit 0; fi; \
 	exit $$rc

@@ -26,7 +26,7 @@ spread (``--runs`` takes the best of several within one run).
     python bench/bench_registry.py [--runs 2] [--quick] [--driver overlay]
 
 ``--quick``: a small synthetic image, one run, no fresh filesystems: a smoke run whose
-numbers mean little (tests/test_bench_smoke.py). Needs root, dockerd, docker-registry and
+numbers mean little (tests/stress/test_bench_smoke.py). Needs root, dockerd, docker-registry and
 skopeo; without them it says so and exits 0.
 """
 

@@ -19,7 +19,7 @@ releasing them, like a crashed client. Then the harness checks that:
   included) finds nothing wrong.
 
 Full run: ``python -m stress.concurrency --procs 8 --seconds 60`` (``make stress``); the
-test suite runs 4 processes for 10 s (tests/test_stress_short.py).
+test suite runs 4 processes for 10 s (tests/stress/test_stress_short.py).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ asserts:
   left without an image record, and no load journal is left.
 
 Full run: ``python -m stress.crash --points 200`` (``make stress``); the test suite runs
-``--points 10`` on small inputs (tests/test_stress_short.py).
+``--points 10`` on small inputs (tests/stress/test_stress_short.py).
 """
 
 from __future__ import annotations

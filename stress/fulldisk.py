@@ -14,7 +14,7 @@ ENOSPC. Then:
 
 A second round does the same with inodes instead of blocks (a filesystem made with few
 inodes, layers of many empty files). Needs root and loop devices; run
-``python -m stress.fulldisk`` (``make stress``); tests/test_fulldisk.py runs it.
+``python -m stress.fulldisk`` (``make stress``); tests/stress/test_fulldisk.py runs it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ own factory to :func:`conformance_params` in a conftest of its own.
 Only drivers of the Linux content model are the suite's: windowsfilter's layers hold
 ``Files/``, ``Hives/`` and ``UtilityVM/`` and its tars carry Windows PAX records, so
 graphtest's trees (modes, setuid, lchown) do not describe its content; it has a suite
-of its own (``tests/windows``).
+of its own (``tests/integration/windows``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The snapshotter face on its own: filters, error codes, usage, records, recovery,
 readiness. (containerd's own suite is tests/conformance/test_snapshotter_suite.py; a
-real containerd is tests/test_snapshotter_containerd.py.)"""
+real containerd is tests/integration/test_snapshotter_containerd.py.)"""
 
 from __future__ import annotations
 

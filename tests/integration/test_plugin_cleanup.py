@@ -17,7 +17,7 @@ import pytest
 from conftest import require_loop, require_overlay
 from lamina.fs.mount import mounts_under
 from lamina.plugin.docker import DockerPlugin
-from test_plugin_protocol import Dockerd, ThreadServer
+from plugin_client import Dockerd, ThreadServer
 
 BASE = "d" * 64
 SIZED = "e" * 64

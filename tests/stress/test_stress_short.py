@@ -6,7 +6,7 @@
 * concurrency (stress/concurrency.py): 4 processes of mixed operations on one store for
   10 s, on vfs and on overlay.
 
-The full disk harness has its own tests (tests/test_fulldisk.py).
+The full disk harness has its own tests (tests/stress/test_fulldisk.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import require_overlay
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from stress import concurrency, crash  # noqa: E402
 
 POINTS = 10

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import require_loop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from stress import fulldisk  # noqa: E402
 
 
