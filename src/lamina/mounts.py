@@ -45,7 +45,7 @@ from lamina import liveness
 from lamina.drivers.base import Driver
 from lamina.errors import LayerNotFound
 from lamina.fs.locks import FileLock, KeyLockTable
-from lamina.records import LayerState, MountRef, Records
+from lamina.records import LayerState, MountRef, Records, Writer
 
 
 class Mounts:
@@ -126,40 +126,45 @@ class Mounts:
         layer's mount lock or the records); the caller then calls :meth:`get`."""
         pid, start = liveness.me()
         boot = liveness.boot_id()
-        with self._layer_locks.try_held(layer_id) as got:
-            if not got:
+        with self._at_once(layer_id) as db:
+            if db is None:
                 return None
-            with self._records.try_write(durable=False) as db:
-                if db is None:
-                    return None
-                claim = db.mount_claim(layer_id)
-                if claim is None or claim.state is not LayerState.READY:
-                    raise LayerNotFound(f"layer {layer_id} not found")
-                if claim.path is None or claim.boot_id != boot or not claim.refs:
-                    return None
-                db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
-                return self._path(claim.path)
+            claim = db.mount_claim(layer_id)
+            if claim is None or claim.state is not LayerState.READY:
+                raise LayerNotFound(f"layer {layer_id} not found")
+            if claim.path is None or claim.boot_id != boot or not claim.refs:
+                return None
+            db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
+            return self._path(claim.path)
 
     def try_put(self, layer_id: str, *, persistent: bool) -> bool | None:
         """:meth:`put` of a reference that is not the last, never waiting and never
         unmounting: None where it would have to; the caller then calls :meth:`put`."""
         pid, start = liveness.me()
+        with self._at_once(layer_id) as db:
+            if db is None:
+                return None
+            choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
+            if choice is None:
+                raise LayerNotFound(f"layer {layer_id} not found")
+            ref, count = choice
+            if ref is None:
+                return False
+            if count == 1:
+                return None  # the last: its put unmounts
+            db.drop_ref(ref)
+            return True
+
+    @contextlib.contextmanager
+    def _at_once(self, layer_id: str) -> Iterator[Writer | None]:
+        """The layer's mount lock and a reference transaction, or None where either
+        would have to wait (for :meth:`try_get` and :meth:`try_put`)."""
         with self._layer_locks.try_held(layer_id) as got:
             if not got:
-                return None
+                yield None
+                return
             with self._records.try_write(durable=False) as db:
-                if db is None:
-                    return None
-                choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
-                if choice is None:
-                    raise LayerNotFound(f"layer {layer_id} not found")
-                ref, count = choice
-                if ref is None:
-                    return False
-                if count == 1:
-                    return None  # the last: its put unmounts
-                db.drop_ref(ref)
-                return True
+                yield db
 
     def put(self, layer_id: str, *, persistent: bool) -> bool:
         """Release one reference; the last one unmounts. False if none was held.

@@ -431,6 +431,10 @@ def _put_params(layer_id: str, persistent: bool, pid: int, pid_start: str) -> tu
     return (layer_id,) if persistent else (layer_id, pid, pid_start)
 
 
+class _Busy(Exception):
+    """A transaction could not begin without waiting (see :meth:`Records.try_write`)."""
+
+
 class Records:
     """Thread-safe access to ``meta.db``: :meth:`read` and :meth:`write` blocks.
 
@@ -470,18 +474,12 @@ class Records:
         return db
 
     def _upgrade(self) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-                for statement in steps_after(version):
-                    self._db.execute(statement)
-                if version < SCHEMA_VERSION:
-                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, self._transaction(self._durable):
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            for statement in steps_after(version):
+                self._db.execute(statement)
+            if version < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @property
     def version(self) -> int:
@@ -498,18 +496,8 @@ class Records:
         after a reboot, so surviving a power loss would buy nothing, and get/put sit on
         every container start.
         """
-        with self._lock:
-            if durable != self._durable:
-                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield Writer(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+        with self._lock, self._transaction(durable) as db:
+            yield db
 
     @contextlib.contextmanager
     def try_write(self, *, durable: bool = True) -> Iterator[Writer | None]:
@@ -521,26 +509,39 @@ class Records:
             yield None
             return
         try:
-            if durable != self._durable:
-                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
+            try:
+                with self._transaction(durable, wait=False) as db:
+                    yield db
+            except _Busy:  # SQLITE_BUSY at BEGIN: another process writes
+                yield None
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _transaction(self, durable: bool, *, wait: bool = True) -> Iterator[Writer]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception; the caller holds
+        ``self._lock``. With ``wait=False`` a BEGIN that would wait for another process
+        raises :class:`_Busy` at once instead."""
+        if durable != self._durable:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
+        if wait:
+            self._db.execute("BEGIN IMMEDIATE")
+        else:
             self._db.execute("PRAGMA busy_timeout=0")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:  # SQLITE_BUSY: another process writes
-                yield None
-                return
+            except sqlite3.OperationalError as e:
+                raise _Busy from e
             finally:
                 self._db.execute("PRAGMA busy_timeout=60000")
-            try:
-                yield Writer(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
-        finally:
-            self._lock.release()
+        try:
+            yield Writer(self._db)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
 
     def ready(self, layer_id: str) -> LayerRecord:
         """The record of a complete layer; LayerNotFound if there is none (a layer still

@@ -279,9 +279,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = _verb(sub, "cleanup", cmd_cleanup, "finish interrupted work after a crash; print what was mended")
     p.add_argument("--unmount-all", action="store_true", help="also unmount every layer")
 
+    serve = sub.add_parser("serve", help="run a server that lets other programs use the store",
+                           description="Run a server that lets other programs use the store.")
+    serve.add_subparsers(dest="server", metavar="SERVER", required=True)
+
     p = _verb(sub, "check", cmd_check, "verify records, mounts and content; exit 1 on problems")
     p.add_argument("--repair", action="store_true",
                    help="mend what can be mended without losing a complete layer")
     p.add_argument("--fast", action="store_true", help="skip hashing layer content")
 
 
+
+
+def serve_group(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subparsers of ``lamina serve``, where each face that serves the store (the
+    Docker plugin, the containerd snapshotter) adds its server."""
+    serve = sub.choices["serve"]
+    return next(a for a in serve._actions if isinstance(a, argparse._SubParsersAction))

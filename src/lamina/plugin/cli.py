@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from lamina.cli.invocation import Invocation, parse_options
+from lamina.cli.verbs import serve_group
 
 #: where dockerd looks first for plugin "lamina" (pkg/plugins/discovery.go)
 DEFAULT_SOCKET = Path("/run/docker/plugins/lamina.sock")
@@ -28,13 +29,8 @@ options for a new store, and dockerd's --storage-opt values win over --opt."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``serve docker-plugin`` (and ``serve`` itself if no other module has)."""
-    serve_parser = sub.choices.get("serve")
-    if serve_parser is None:
-        serve_parser = sub.add_parser("serve", help="run a server that lets other programs use the store",
-                                      description="Run a server that lets other programs use the store.")
-        serve_parser.add_subparsers(dest="server", metavar="SERVER", required=True)
-    servers = next(a for a in serve_parser._actions if isinstance(a, argparse._SubParsersAction))
+    """Add ``serve docker-plugin``."""
+    servers = serve_group(sub)
     help_text = "serve dockerd's graph-driver plugin protocol (dockerd --experimental -s lamina)"
     p = servers.add_parser("docker-plugin", help=help_text, description=_DESCRIPTION)
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",

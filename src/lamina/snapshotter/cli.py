@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from lamina.cli.invocation import Invocation
+from lamina.cli.verbs import serve_group
 
 DEFAULT_SOCKET = Path("/run/lamina/containerd-snapshotter.sock")
 
@@ -29,13 +30,8 @@ containers keep running while this server restarts."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``serve containerd-snapshotter`` (and ``serve`` itself if no module has)."""
-    serve_parser = sub.choices.get("serve")
-    if serve_parser is None:
-        serve_parser = sub.add_parser("serve", help="run a server that lets other programs use the store",
-                                      description="Run a server that lets other programs use the store.")
-        serve_parser.add_subparsers(dest="server", metavar="SERVER", required=True)
-    servers = next(a for a in serve_parser._actions if isinstance(a, argparse._SubParsersAction))
+    """Add ``serve containerd-snapshotter``."""
+    servers = serve_group(sub)
     p = servers.add_parser("containerd-snapshotter", description=_DESCRIPTION,
                            help="serve containerd's snapshotter API (a proxy plugin: --snapshotter lamina)")
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",
