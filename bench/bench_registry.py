@@ -1,9 +1,13 @@
 """``lamina image pull`` and ``push`` against ``docker pull`` and ``skopeo``, in one run.
 
-The image is bench_images.py's (a debootstrap'ed Debian plus two committed layers, ≥ 300
-MB, built once and cached in ``bench/out``), put into a private ``docker-registry`` on
-loopback by ``skopeo copy docker-archive: docker://`` (so its layers are gzip, as
-skopeo compresses them). Then, each side on a freshly made ext4 filesystem
+The image is bench_images.py's (a debootstrap'ed Debian plus two committed layers, 347
+MB uncompressed) with one more committed layer of 150 MB of random bytes, built once and
+cached in ``bench/out``: the issue asks for a ≥ 300 MB gzip image, and the Debian image
+alone compresses to 166 MB. Random bytes do not compress, so the extra layer makes the
+compressed image about 316 MB, and stands for what real images carry that gzip cannot
+shrink (compressed archives, media, model weights). It is put into a private
+``docker-registry`` on loopback by ``skopeo copy docker-archive: docker://`` (so its
+layers are gzip, as skopeo compresses them). Then, each side on a freshly made ext4 filesystem
 (``bench/freshfs.py``), sides alternating, best of ``--runs``:
 
 pull
@@ -59,6 +63,13 @@ from registry_support import Registry, have_registry, skopeo  # noqa: E402
 
 PULL_TARGET = 0.8
 PUSH_TARGET = 1.0
+#: the pull and push image: bench_images' image plus a layer gzip cannot shrink
+REG_IMAGE = "lamina-bench/registry:1"
+REG_ARCHIVE = OUT / "registry-bench.tar"
+#: bytes of random data in that layer (the issue's "≥ 300 MB gzip image")
+NOISE_BYTES = 150 * 10**6
+#: what the compressed image should weigh at least
+MIN_GZIP_BYTES = 300 * 10**6
 
 
 def log(msg: str) -> None:
@@ -175,6 +186,27 @@ def lamina_push(root: Path, driver: str, name: str, work: Path) -> Timing:
 # -- the image -----------------------------------------------------------------------------
 
 
+def registry_image(rebuild: bool) -> tuple[Path, str]:
+    """bench_images' archive plus a layer of random bytes (cached); (path, base source).
+
+    Built with dockerd like the layers under it (``docker load``, ``run`` + ``commit``,
+    ``save``), so the archive is one Docker wrote.
+    """
+    base, source = build_image(rebuild)
+    if REG_ARCHIVE.exists() and REG_ARCHIVE.stat().st_mtime >= base.stat().st_mtime and not rebuild:
+        return REG_ARCHIVE, source
+    log(f"adding a layer of {NOISE_BYTES / 1e6:.0f} MB of random bytes with dockerd ...")
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp, DockerDaemon(Path(tmp) / "build") as d:
+        d.docker("load", "-i", str(base))
+        d.docker("run", "--name", "noise", "--network", "none", IMAGE, "/bin/sh", "-c",
+                 f"head -c {NOISE_BYTES} /dev/urandom > /srv/noise.bin")
+        d.docker("commit", "noise", REG_IMAGE)
+        part = REG_ARCHIVE.with_suffix(".tmp")
+        d.docker("save", "-o", str(part), REG_IMAGE)
+        os.replace(part, REG_ARCHIVE)
+    return REG_ARCHIVE, source
+
+
 def quick_image(dest: Path) -> tuple[Path, str]:
     """A small docker-save archive (three layers, a few MB) for smoke runs."""
     from images_support import Image, docker_save, layer_tar
@@ -214,8 +246,8 @@ def main() -> int:
             archive, name = quick_image(work / "quick.tar")
             source = "synthetic (quick)"
         else:
-            archive, source = build_image(args.rebuild)
-            name = IMAGE
+            archive, source = registry_image(args.rebuild)
+            name = REG_IMAGE
         size = archive.stat().st_size
         log(f"image: {archive.name}, {size / 1e6:.0f} MB uncompressed, {_layers(archive)} layers; base: {source}")
         _warm(archive)
@@ -225,6 +257,8 @@ def main() -> int:
                    timeout=1800)
             blobs = _blob_bytes(work / "source" / "data")
             log(f"registry: {reg.host}, {blobs / 1e6:.0f} MB of blobs (gzip by skopeo)")
+            if not args.quick and blobs < MIN_GZIP_BYTES:
+                log(f"NOTE: the compressed image is under {MIN_GZIP_BYTES / 1e6:.0f} MB")
             # the push source: the archive loaded into a store (untimed)
             with _space(args.quick, OUT) as space:
                 store = space / "pushstore"
