@@ -80,7 +80,7 @@ def log(msg: str) -> None:
 class Timing:
     wall: float
     cpu: float
-    #: what the side reports besides time (bytes pushed, bytes spilled)
+    #: what the side reports besides time (bytes pushed, the pull's peak blob memory)
     note: str = ""
 
 
@@ -145,8 +145,9 @@ def lamina_pull(ref: str, driver: str, quick: bool) -> Timing:
         out = _run(_lamina(root, driver, "--json", "image", "pull", ref), "lamina image pull")
         c1, t1 = _children_cpu(), time.perf_counter()
         _cleanup_store(root, driver)
-    spilled = json.loads(out)["bytes_spilled"]
-    return Timing(t1 - t0, c1 - c0, f"{spilled / 1e6:.0f} MB waited in tmp/")
+    doc = json.loads(out)
+    return Timing(t1 - t0, c1 - c0, f"peak {doc['peak_memory'] / 1e6:.0f} MB of blobs in memory, "
+                                    f"{doc['pauses']} pauses")
 
 
 def skopeo_then_load(ref: str, driver: str, quick: bool) -> Timing:

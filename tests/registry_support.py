@@ -8,8 +8,11 @@
   (``auth.token.rootcertbundle``), carried in the token's ``x5c`` header. It can issue
   tokens that expire early, to test the refresh.
 * :class:`FaultProxy` sits between a client and a registry and breaks things on
-  purpose: drops a blob's connection part-way, answers 500 or 429, corrupts a blob,
-  slows blobs down. It records every request it saw (method, path, Range).
+  purpose: drops a blob's connection part-way, or once its client has stopped reading
+  for a while (an idle timeout), answers 500 or 429, corrupts a blob, slows blobs
+  down. It records every request it saw (method, path, Range).
+* :class:`TmpWatch` watches a store's ``tmp/`` during a pull for anything that is not
+  a layer's staging entry (a blob written to disk).
 * :func:`skopeo` runs skopeo against these registries.
 """
 
@@ -395,6 +398,11 @@ class Faults:
     corrupt_blob: set[str] = field(default_factory=set)
     #: seconds to sleep after each MiB of a blob sent
     blob_delay: float = 0.0
+    #: blob digest -> seconds to sleep after each MiB of that blob sent (on top of blob_delay)
+    slow_blob: dict[str, float] = field(default_factory=dict)
+    #: blob digest -> seconds its client may leave the connection unread before the proxy
+    #: drops it, as a registry or load balancer with an idle timeout does (once per digest)
+    idle_cut: dict[str, float] = field(default_factory=dict)
     #: Retry-After seconds sent with 429s
     retry_after: str = "1"
     #: OCI-Chunk-Min-Length to announce on upload sessions (0: none)
@@ -412,6 +420,8 @@ class FaultProxy:
         self.answers: list[tuple[str, str, int]] = []
         #: (upload session, body size) of every PATCH
         self.patch_sizes: list[tuple[str, int]] = []
+        #: (digest, bytes sent) of every connection dropped because its client stopped reading
+        self.idle_cuts: list[tuple[str, int]] = []
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self._lock = threading.Lock()
@@ -490,9 +500,16 @@ class FaultProxy:
             conn.close()
             return
         cut = None
+        idle = None
         if digest is not None:
             with self._lock:
                 cut = self.faults.cut_blob_at.pop(digest, None)
+                idle = self.faults.idle_cut.pop(digest, None)
+        if idle is not None:
+            # a small send buffer, so that a client that stops reading blocks our writes
+            # soon (its own receive buffer still holds what the kernel took)
+            req.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        delay = self.faults.blob_delay + (self.faults.slow_blob.get(digest, 0.0) if digest else 0.0)
         sent = 0
         offset = _range_start(req.headers.get("Range", ""))
         try:
@@ -506,18 +523,45 @@ class FaultProxy:
                 if cut is not None and sent + len(chunk) >= cut:
                     req.wfile.write(chunk[: cut - sent])
                     req.wfile.flush()
-                    with contextlib.suppress(OSError):
-                        req.connection.shutdown(socket.SHUT_RDWR)
-                    req.close_connection = True
+                    self._drop(req)
                     return
-                req.wfile.write(chunk)
+                if idle is not None:
+                    if not self._send_or_idle(req, chunk, idle):
+                        with self._lock:
+                            self.idle_cuts.append((digest or "", sent))
+                        self._drop(req)
+                        return
+                else:
+                    req.wfile.write(chunk)
                 sent += len(chunk)
-                if digest is not None and self.faults.blob_delay:
-                    time.sleep(self.faults.blob_delay)
+                if digest is not None and delay:
+                    time.sleep(delay)
         except (BrokenPipeError, ConnectionResetError):
             req.close_connection = True
         finally:
             conn.close()
+
+    @staticmethod
+    def _send_or_idle(req: http.server.BaseHTTPRequestHandler, chunk: bytes, idle: float) -> bool:
+        """Send ``chunk`` in pieces; False if one piece did not go in ``idle`` seconds (the
+        client stopped reading: the kernel's buffers on both sides are full)."""
+        sock = req.connection
+        sock.settimeout(idle)
+        try:
+            for at in range(0, len(chunk), 64 << 10):
+                sock.sendall(chunk[at:at + (64 << 10)])
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+        return True
+
+    @staticmethod
+    def _drop(req: http.server.BaseHTTPRequestHandler) -> None:
+        with contextlib.suppress(OSError):
+            req.connection.shutdown(socket.SHUT_RDWR)
+        req.close_connection = True
 
     def blob_gets(self, digest: str) -> list[str]:
         """The Range headers of every GET of ``digest`` ("" when none)."""
@@ -527,6 +571,50 @@ class FaultProxy:
 def _range_start(value: str) -> int:
     m = re.match(r"bytes=(\d+)-", value)
     return int(m.group(1)) if m else 0
+
+
+class TmpWatch:
+    """Samples a store's ``tmp/`` while a pull runs: what there is not a layer's staging.
+
+    Looks every few milliseconds at the directory's entries and at this process's open
+    files (``/proc/self/fd``), so an anonymous temporary file (``O_TMPFILE``, or one
+    unlinked at once) under ``tmp/`` is seen too, not only named ones. Layers being made
+    and their tar-split records pass through ``tmp/`` by design, under names
+    :func:`lamina.fs.staging.in_progress` knows; anything else is a blob on disk.
+    """
+
+    def __init__(self, store_root: Path, interval: float = 0.002) -> None:
+        self.tmp = os.path.realpath(store_root / "tmp")
+        self.interval = interval
+        self.seen: set[str] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from lamina.fs import staging
+
+        while not self._stop.is_set():
+            names: list[str] = []
+            with contextlib.suppress(OSError):
+                names += os.listdir(self.tmp)
+            with contextlib.suppress(OSError):
+                for fd in os.listdir("/proc/self/fd"):
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(f"/proc/self/fd/{fd}")
+                        if target.startswith(self.tmp + "/"):
+                            names.append(target[len(self.tmp) + 1:])
+            self.seen.update(n for n in names if not staging.in_progress(n.removesuffix(" (deleted)")))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TmpWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @contextlib.contextmanager

@@ -453,22 +453,6 @@ def test_docker_pulls_what_lamina_pushed(plain: Registry, built: Built, tmp_path
         assert f"{plain.host}/fordocker/app@{res.manifest_digest}" in doc["RepoDigests"]
 
 
-def test_blobs_that_come_early_wait_on_disk(plain: Registry, built: Built, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """With little memory per pipe, later layers spill to tmp/ while earlier ones apply,
-    and the image is the same; with the default, these small blobs never touch the disk."""
-    res = pull(_store(tmp_path / "a"), f"{plain.host}/test/app:1")
-    assert res.bytes_spilled == 0
-    from lamina.registry import prefetch
-
-    monkeypatch.setattr(prefetch, "MEMORY_BUDGET", 4096)
-    monkeypatch.setattr(prefetch, "HEAD_MEMORY", 4096)
-    store = _store(tmp_path / "b")
-    res = pull(store, f"{plain.host}/test/app:1", parallel=3)
-    assert res.image_id == built.image.id and res.bytes_spilled > 0
-    assert list((store.root / "tmp").iterdir()) == []
-
-
 def test_cli_progress_on_a_terminal(plain: Registry, built: Built, tmp_path: Path) -> None:
     """With stderr a terminal: one line per layer (state, bytes) and a total, both ways."""
     import pty

@@ -3,25 +3,37 @@
 The loader (:func:`lamina.images.load.load_specs`) applies layers strictly in chain
 order, since a layer's parent must exist first, and reads each blob as one stream. A
 registry can send several blobs at once. Between the two sits one :class:`BlobPipe` per
-layer that is not in the store yet, filled by a small pool of download threads:
+layer that is not in the store yet, filled by a small pool of download threads, and one
+:class:`Budget`: the memory every pipe of the pull holds together.
 
-* the pipe of the layer being applied (the *head*) is a bounded in-memory queue: when
-  the apply falls behind, its download waits (TCP's own flow control does the rest);
-  nothing is written to disk.
-* the pipes of later layers wait in memory too, all of them together within
-  :data:`MEMORY_BUDGET`; past it, a pipe spills the rest of its blob into an anonymous
-  temporary file under the store's ``tmp/`` (``O_TMPFILE``: it vanishes with the
-  process, even one that is killed). Downloads thus run at full speed while the layers
-  before them are applied, and the loader later reads the file and then whatever is
-  still arriving.
+* the pipe of the layer being applied (the *head*) holds at most
+  :attr:`Budget.head_limit` bytes (:data:`HEAD_MEMORY`, or the budget if smaller):
+  when the apply falls behind, its download stops reading the socket until the apply
+  catches up.
+* the pipes of later layers keep what arrives ahead of its turn in memory, all of them
+  together within :attr:`Budget.limit` (:data:`MEMORY_BUDGET` unless the pull says
+  otherwise). A download that finds that budget full stops reading its socket: TCP's
+  flow control then holds the rest of the blob in the registry (the kernel's socket
+  buffers fill, the window closes, the registry's writes wait). It reads on when the
+  apply frees memory or when its blob's turn comes. A download that has not sent its
+  request yet waits for memory before it does.
 
-So a compressed blob touches the disk only when more of the image arrives ahead of its
-turn than the budget holds, and only the part past it. Measured on bench_registry's
-image (166 MB of gzip blobs, a fresh ext4): with 16 MiB per pipe, 36 MB spilled and the
-pull took 4.3 s; held in memory, 3.2 s. The spill files live on the store's filesystem,
-whose ``syncfs`` after each layer then writes them out too, for nothing. Downloads resume by Range
-inside :class:`~lamina.registry.blobs.BlobReader`; the digests are checked by the
-loader as it reads (a wrong blob removes the layer it made, and with it the image).
+So a compressed blob never touches the disk: no temporary copy is made, ahead of its
+turn or otherwise, and the blobs' memory stays within ``limit + head_limit`` (a socket
+read's reservation counts before the read). Beyond that the kernel holds what a paused
+connection's receive buffer took in (``net.ipv4.tcp_rmem``; the registry keeps the
+rest). The downloads run at full speed while memory lasts, and the apply is never
+starved: its blob is always downloading (threads take blobs in chain order) and its
+allowance is its own. A registry or proxy that drops a connection left idle meanwhile
+costs nothing but a new request: :class:`~lamina.registry.blobs.BlobReader` resumes it
+with ``Range`` from the first byte it has not handed out. The digests are checked by
+the loader as it reads (a wrong blob removes the layer it made, and with it the image).
+
+Why not spill to temporary files past the budget, as earlier versions did: the spill
+files lived on the store's filesystem, whose ``syncfs`` after each layer wrote them out
+too, for nothing (measured on bench_registry's Debian image, 166 MB of gzip blobs: 36
+MB spilled and the pull took 4.3 s; held in memory, 3.2 s), and a paused socket costs
+the registry nothing it does not already pay for a slow client.
 
 The loader opens each blob twice, first to sniff its compression from a few bytes, then
 to read it: the pipe keeps the first :data:`HEAD_BYTES` of its blob so a second reader
@@ -34,11 +46,8 @@ from __future__ import annotations
 import collections
 import io
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO
 
 from lamina.errors import ImageError
@@ -47,7 +56,7 @@ from lamina.registry.transport import RegistryClient
 
 log = logging.getLogger(__name__)
 
-#: bytes all waiting pipes together hold in memory before they spill to temporary files
+#: bytes all pipes of a pull hold in memory together before downloads ahead of their turn pause
 MEMORY_BUDGET = 256 << 20
 #: bytes the head pipe holds in memory before its download waits for the apply
 HEAD_MEMORY = 8 << 20
@@ -55,7 +64,11 @@ HEAD_MEMORY = 8 << 20
 HEAD_BYTES = 64 << 10
 #: blobs downloaded at once (docker pull's default too)
 PARALLEL = 3
+#: the most one socket read asks for
 _CHUNK = 1 << 20
+#: the least a download waits for before it reads again (fewer, larger reads), unless the
+#: budget itself is smaller
+_MIN_GRANT = 64 << 10
 
 
 class _Cancelled(Exception):
@@ -63,43 +76,63 @@ class _Cancelled(Exception):
 
 
 class Budget:
-    """Memory shared by the waiting pipes of one pull."""
+    """The memory of one pull's pipes, and the one lock they share.
 
-    def __init__(self, limit: int) -> None:
+    Two allowances: ``limit`` for the pipes of blobs ahead of their turn, together, and
+    ``head_limit`` for the head alone. Every byte a pipe holds counts, and so does every
+    byte a download thread has reserved for its next socket read, so the counts are what
+    the pull holds. Kept apart, the two never wait for each other: the apply always has
+    bytes coming, however full the later pipes are, and a slow apply does not stop the
+    later blobs from coming while their allowance lasts. Together they bound the pull's
+    blob memory by ``limit + head_limit``.
+    """
+
+    def __init__(self, limit: int = MEMORY_BUDGET, head_limit: int | None = None) -> None:
+        if limit <= 0:
+            raise ValueError(f"a pull's memory budget must be positive, not {limit}")
         self.limit = limit
-        self.used = 0
-        self._lock = threading.Lock()
+        self.head_limit = min(HEAD_MEMORY, limit) if head_limit is None else head_limit
+        #: bytes held or reserved by the pipes that are not the head
+        self.ahead = 0
+        #: bytes held or reserved by all pipes
+        self.held = 0
+        #: the most ``held`` ever was (tests and the bench read it)
+        self.peak = 0
+        #: how many times a download stopped reading because its allowance was full
+        self.pauses = 0
+        self.cv = threading.Condition()
 
-    def take(self, n: int) -> bool:
-        with self._lock:
-            if self.used + n > self.limit:
-                return False
-            self.used += n
-            return True
+    def _charge(self, n: int, head: bool) -> None:  # with cv held
+        self.held += n
+        if not head:
+            self.ahead += n
+        self.peak = max(self.peak, self.held)
 
-    def give(self, n: int) -> None:
-        with self._lock:
-            self.used -= n
+    def _credit(self, n: int, head: bool) -> None:  # with cv held
+        if n:
+            self.held -= n
+            if not head:
+                self.ahead -= n
+            self.cv.notify_all()
 
 
 class BlobPipe:
-    """One blob's bytes between its download thread and the loader."""
+    """One blob's bytes between its download thread and the loader, held in memory.
 
-    def __init__(self, digest: str, size: int, tmpdir: Path,
-                 on_bytes: Callable[[int], None] | None = None,
-                 budget: Budget | None = None) -> None:
+    The download thread calls :meth:`reserve` (which waits while memory is full) before
+    each socket read and :meth:`put` after it; the loader reads with :meth:`read_live`.
+    """
+
+    def __init__(self, digest: str, size: int, budget: Budget,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
         self.digest = digest
-        self._budget = budget or Budget(MEMORY_BUDGET)
-        self._charged = 0  # bytes of _mem counted against the budget
         self.size = size
-        self._tmpdir = tmpdir
+        self._budget = budget
+        self._cv = budget.cv
         self._on_bytes = on_bytes
-        self._cv = threading.Condition()
-        self._mem: collections.deque[bytes] = collections.deque()
+        self._mem: collections.deque[memoryview] = collections.deque()
         self._mem_bytes = 0
-        self._file: IO[bytes] | None = None
-        self._file_written = 0
-        self._file_read = 0
+        self._reserved = 0
         self._head = bytearray()
         self.received = 0  # bytes written in by the download
         self.consumed = 0  # bytes handed to the live reader
@@ -107,43 +140,70 @@ class BlobPipe:
         self.error: BaseException | None = None
         self.is_head = False
         self.cancelled = False
-        self.spilled = 0  # bytes that went through the temporary file
+        #: how many times this pipe's download stopped reading because memory was full
+        self.pauses = 0
 
     # -- the download side ---------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def _room(self, want: int) -> int:  # with cv held
+        """Bytes this pipe may reserve now (0: none, wait)."""
+        b = self._budget
+        if self.is_head:
+            room = b.head_limit - self._mem_bytes - self._reserved
+            floor = min(want, _MIN_GRANT, b.head_limit)
+        else:
+            room = b.limit - b.ahead
+            floor = min(want, _MIN_GRANT, b.limit)
+        return min(want, room) if room >= floor and room > 0 else 0
+
+    def reserve(self, want: int) -> int:
+        """Wait until memory has room for a read, reserve it, return its size (≤ ``want``).
+
+        Until this returns, the download does not read its socket: the bytes it has not
+        read wait in the kernel's buffers and then in the registry.
+        """
         with self._cv:
-            while (self.is_head and self._file is None and self._mem_bytes >= HEAD_MEMORY
-                   and not self.cancelled):
+            paused = False
+            while True:
+                if self.cancelled:
+                    raise _Cancelled()
+                grant = self._room(want)
+                if grant:
+                    break
+                if not paused:
+                    paused = True
+                    self.pauses += 1
+                    self._budget.pauses += 1
+                    log.debug("blob %s: memory full at byte %d; not reading", self.digest, self.received)
                 self._cv.wait()
+            self._reserved += grant
+            self._budget._charge(grant, self.is_head)
+            return grant
+
+    def put(self, data: bytearray, reserved: int) -> None:
+        """Hand over ``data`` (read into the ``reserved`` bytes); give back the rest."""
+        n = len(data)
+        with self._cv:
+            self._reserved -= reserved
             if self.cancelled:
+                self._budget._credit(reserved, self.is_head)
                 raise _Cancelled()
-            if len(self._head) < HEAD_BYTES:
-                self._head += data[: HEAD_BYTES - len(self._head)]
-            if self._file is None and not self.is_head:
-                if self._budget.take(len(data)):
-                    self._charged += len(data)
-                else:
-                    self._tmpdir.mkdir(parents=True, exist_ok=True)
-                    self._file = tempfile.TemporaryFile(dir=self._tmpdir, prefix="pull-")
-            if self._file is not None:
-                file = self._file
-            else:
-                self._mem.append(data)
-                self._mem_bytes += len(data)
-                self.received += len(data)
+            self._budget._credit(reserved - n, self.is_head)
+            if n:
+                if len(self._head) < HEAD_BYTES:
+                    self._head += data[: HEAD_BYTES - len(self._head)]
+                self._mem.append(memoryview(data))
+                self._mem_bytes += n
+                self.received += n
                 self._cv.notify_all()
-                file = None
-        if file is not None:
-            # appended outside the lock; readers only look below _file_written
-            os.pwrite(file.fileno(), data, self._file_written)
-            with self._cv:
-                self._file_written += len(data)
-                self.spilled += len(data)
-                self.received += len(data)
-                self._cv.notify_all()
-        if self._on_bytes is not None:
-            self._on_bytes(len(data))
+        if n and self._on_bytes is not None:
+            self._on_bytes(n)
+
+    def unreserve(self, reserved: int) -> None:
+        """Give back a reservation whose read failed."""
+        with self._cv:
+            self._reserved -= reserved
+            self._budget._credit(reserved, self.is_head)
 
     def finish(self, error: BaseException | None = None) -> None:
         with self._cv:
@@ -154,8 +214,11 @@ class BlobPipe:
     # -- the loader side -----------------------------------------------------------------
 
     def make_head(self) -> None:
+        """The blob's turn: what it holds moves from the later pipes' allowance to the head's."""
         with self._cv:
-            self.is_head = True
+            if not self.is_head:
+                self.is_head = True
+                self._budget.ahead -= self._mem_bytes + self._reserved
             self._cv.notify_all()
 
     def read_live(self, b: memoryview) -> int:
@@ -170,30 +233,16 @@ class BlobPipe:
                     else:
                         self._mem[0] = chunk[n:]
                     self._mem_bytes -= n
-                    if self._charged:
-                        back = min(n, self._charged)
-                        self._charged -= back
-                        self._budget.give(back)
                     self.consumed += n
-                    self._cv.notify_all()
+                    self._budget._credit(n, self.is_head)
                     return n
-                if self._file is not None and self._file_read < self._file_written:
-                    fd = self._file.fileno()
-                    want = min(len(b), self._file_written - self._file_read)
-                    pos = self._file_read
-                    break
+                if self.cancelled:  # its bytes were dropped: an end here would truncate
+                    raise ImageError(f"blob {self.digest}: download cancelled")
                 if self.done:
                     if self.error is not None:
                         raise self.error
                     return 0
-                if self.cancelled:
-                    raise ImageError(f"blob {self.digest}: download cancelled")
                 self._cv.wait()
-        n = os.preadv(fd, [b[:want]], pos)
-        with self._cv:
-            self._file_read += n
-            self.consumed += n
-        return n
 
     def kept_head(self, upto: int) -> bytes | None:
         """Bytes ``[0, upto)`` if the kept head still has them, else None."""
@@ -201,21 +250,13 @@ class BlobPipe:
             return bytes(self._head[:upto]) if upto <= len(self._head) else None
 
     def cancel(self) -> None:
+        """Stop the download and give its memory back (the loader is past this blob)."""
         with self._cv:
             self.cancelled = True
-            self._cv.notify_all()
-
-    def close(self) -> None:
-        """Drop what is buffered; only once no thread writes to the pipe any more."""
-        self.cancel()
-        with self._cv:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
             self._mem.clear()
+            self._budget._credit(self._mem_bytes, self.is_head)
             self._mem_bytes = 0
-            self._budget.give(self._charged)
-            self._charged = 0
+            self._cv.notify_all()
 
 
 class _PipeReader(io.RawIOBase):
@@ -263,11 +304,13 @@ class RegistrySource:
     """The :class:`lamina.images.source.Source` of one pull: blob names are digests."""
 
     def __init__(self, client: RegistryClient, repository: str, blobs: list[tuple[str, int]],
-                 tmpdir: Path, *, parallel: int = PARALLEL, known: dict[str, int] | None = None,
+                 *, parallel: int = PARALLEL, memory: int = MEMORY_BUDGET,
+                 known: dict[str, int] | None = None,
                  urls: dict[str, tuple[str, ...]] | None = None,
                  on_bytes: Callable[[str, int], None] | None = None,
                  on_state: Callable[[str, str], None] | None = None) -> None:
         """``blobs``: (digest, size) of the layers to fetch, in the order they are applied;
+        ``memory``: the bytes all their pipes may hold together (:class:`Budget`);
         ``known``: every blob of the image, for a layer the loader turns out to need
         after all (gone since we looked), which is then read on demand."""
         self.label = f"{client.registry}/{repository}"
@@ -278,12 +321,12 @@ class RegistrySource:
         self._on_state = on_state
         self._pipes: dict[str, BlobPipe] = {}
         self._order: list[str] = []
-        budget = Budget(MEMORY_BUDGET)
+        self.budget = Budget(memory)
         for digest, size in blobs:
             if digest in self._pipes:
                 continue
             cb = (lambda n, d=digest: on_bytes(d, n)) if on_bytes is not None else None
-            self._pipes[digest] = BlobPipe(digest, size, tmpdir, cb, budget)
+            self._pipes[digest] = BlobPipe(digest, size, self.budget, cb)
             self._order.append(digest)
         if self._order:
             self._pipes[self._order[0]].make_head()
@@ -310,12 +353,7 @@ class RegistrySource:
             try:
                 with BlobReader(self.client, self.repository, digest, pipe.size,
                                 urls=self._urls.get(digest, ())) as r:
-                    buf = bytearray(_CHUNK)
-                    while True:
-                        n = r.readinto(buf)
-                        if not n:
-                            break
-                        pipe.write(bytes(buf[:n]))
+                    self._download(pipe, r)
                 if pipe.received != pipe.size:
                     raise ImageError(f"{self.label}: blob {digest} ended at {pipe.received} of "
                                      f"{pipe.size} bytes")
@@ -326,6 +364,23 @@ class RegistrySource:
             except BaseException as e:  # handed to the loader, which names the layer
                 pipe.finish(e)
                 self._state(digest, "failed")
+
+    @staticmethod
+    def _download(pipe: BlobPipe, r: BlobReader) -> None:
+        """Read the blob into its pipe, each read only once memory has room for it."""
+        while pipe.received < pipe.size:
+            grant = pipe.reserve(min(_CHUNK, pipe.size - pipe.received))
+            buf = bytearray(grant)
+            try:
+                n = r.readinto(buf)
+            except BaseException:
+                pipe.unreserve(grant)
+                raise
+            if n < grant:
+                del buf[n:]
+            pipe.put(buf, grant)
+            if not n:
+                break
 
     def _state(self, digest: str, state: str) -> None:
         if self._on_state is not None:
@@ -361,26 +416,19 @@ class RegistrySource:
         return BlobReader(self.client, self.repository, digest, size, start=pos,
                           urls=self._urls.get(digest, ()))
 
-    def spilled(self) -> int:
-        """Bytes that went through temporary files (the bench reports it)."""
-        return sum(p.spilled for p in self._pipes.values())
-
     def close(self) -> None:
-        """Stop the downloads; drop the buffers once no download thread can write to them.
+        """Stop the downloads and drop what they hold.
 
-        A thread stuck in a slow read past the wait keeps its pipe (and any temporary
-        file, which is anonymous and goes with the process) rather than risk a write to a
-        closed, reused descriptor.
+        Cancelling wakes a download waiting for memory at once; one in the middle of a
+        socket read stops after it (a daemon thread, left behind after 30 s with a
+        warning rather than holding up the caller).
         """
         for pipe in self._pipes.values():
             pipe.cancel()
         for t in self._threads:
             t.join(timeout=30)
         if any(t.is_alive() for t in self._threads):
-            log.warning("%s: a download thread did not stop; leaving its buffers", self.label)
-            return
-        for pipe in self._pipes.values():
-            pipe.close()
+            log.warning("%s: a download thread did not stop", self.label)
 
     def __enter__(self) -> RegistrySource:
         return self

@@ -4,7 +4,8 @@ The steps::
 
     reference --> manifest (through an index, for the platform) --> config (verified)
         --> the image's layers by chain ID: those already in the store are not fetched
-        --> RegistrySource downloads the rest, several at once (lamina.registry.prefetch)
+        --> RegistrySource downloads the rest, several at once, within a memory budget
+            (lamina.registry.prefetch: no blob is written to disk)
         --> images.load.load_specs applies them in chain order, verifying every blob
             digest and DiffID while it streams, journalled like an image load
         --> the image record; the manifest and blob descriptors kept for push
@@ -33,7 +34,7 @@ from lamina.images.spec import ImageSpec, LayerBlob, parse_config
 from lamina.registry import distribution, manifests
 from lamina.registry.blobs import fetch_small_blob
 from lamina.registry.manifests import Platform
-from lamina.registry.prefetch import PARALLEL, RegistrySource
+from lamina.registry.prefetch import MEMORY_BUDGET, PARALLEL, RegistrySource
 from lamina.registry.reference import Reference, parse
 from lamina.registry.transport import ClientOptions, RegistryClient
 
@@ -68,24 +69,31 @@ class PullResult:
     layers_pulled: int = 0
     layers_reused: int = 0
     bytes_downloaded: int = 0
-    #: bytes that waited in temporary files because they came ahead of their turn
-    bytes_spilled: int = 0
+    #: the most bytes of blobs held in memory at once (within the pull's memory budget)
+    peak_memory: int = 0
+    #: how many times a download stopped reading because that budget was full
+    pauses: int = 0
     recovered: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"reference": self.reference, "id": self.image_id, "digest": self.manifest_digest,
                 "index_digest": self.index_digest, "platform": self.platform, "names": self.names,
                 "layers_pulled": self.layers_pulled, "layers_reused": self.layers_reused,
-                "bytes_downloaded": self.bytes_downloaded, "bytes_spilled": self.bytes_spilled}
+                "bytes_downloaded": self.bytes_downloaded, "peak_memory": self.peak_memory,
+                "pauses": self.pauses}
 
 
 def pull(store: Store, ref: str | Reference, *, platform: str | Platform | None = None,
          options: ClientOptions | None = None, progress: ProgressSink | None = None,
-         events: PullEvents | None = None, parallel: int = PARALLEL) -> PullResult:
+         events: PullEvents | None = None, parallel: int = PARALLEL,
+         memory: int = MEMORY_BUDGET) -> PullResult:
     """Pull ``ref`` into ``store``; return what was pulled.
 
     ``platform``: ``os/arch[/variant]`` (default: this machine, or windows/amd64 for a
-    windowsfilter store). Errors are :class:`~lamina.errors.ImageError` naming ``ref``.
+    windowsfilter store). ``parallel``: blobs downloaded at once; ``memory``: the bytes
+    of blobs they may hold together before the ones ahead of their turn stop reading
+    (:class:`lamina.registry.prefetch.Budget`). Errors are
+    :class:`~lamina.errors.ImageError` naming ``ref``.
     """
     reference = parse(ref) if isinstance(ref, str) else ref
     explicit = platform is not None
@@ -96,7 +104,7 @@ def pull(store: Store, ref: str | Reference, *, platform: str | Platform | None 
     try:
         try:
             return _pull(store, client, reference, want, explicit, what, progress,
-                         events or PullEvents(), parallel)
+                         events or PullEvents(), parallel, memory)
         except LaminaError as e:
             msg = str(e)
             if what not in msg:  # every error line names the reference
@@ -107,7 +115,8 @@ def pull(store: Store, ref: str | Reference, *, platform: str | Platform | None 
 
 
 def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, explicit: bool,
-          what: str, progress: ProgressSink | None, events: PullEvents, parallel: int) -> PullResult:
+          what: str, progress: ProgressSink | None, events: PullEvents, parallel: int,
+          memory: int) -> PullResult:
     repo = ref.repository
     manifest = manifests.resolve(client, repo, ref.target, want, what, explicit=explicit)
     if ref.digest and manifest.index_digest is None and manifest.digest != ref.digest:
@@ -145,17 +154,17 @@ def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, 
 
     known = {b.path: b.size or 0 for b in spec.layers}
     urls = {d.digest: d.urls for d in manifest.layers if d.urls}
-    with RegistrySource(client, repo, needed, store.root / "tmp", parallel=parallel, known=known, urls=urls,
-                        on_bytes=on_bytes, on_state=events.state) as src:
+    with RegistrySource(client, repo, needed, parallel=parallel, memory=memory, known=known,
+                        urls=urls, on_bytes=on_bytes, on_state=events.state) as src:
         loaded = load_specs(store, src, [spec], progress=progress)
-        spilled = src.spilled()
     rec = loaded.images[0]
     distribution.remember(store.root, ref, manifest, diff_ids)
     return PullResult(reference=what, image_id=rec.id, manifest_digest=manifest.digest,
                       index_digest=manifest.index_digest, platform=str(want) if manifest.platforms
                       else _config_platform(config_doc), names=rec.names,
                       layers_pulled=loaded.layers_loaded, layers_reused=loaded.layers_reused,
-                      bytes_downloaded=total[0], bytes_spilled=spilled,
+                      bytes_downloaded=total[0], peak_memory=src.budget.peak,
+                      pauses=src.budget.pauses,
                       recovered=recovered + loaded.recovered)
 
 
