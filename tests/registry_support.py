@@ -403,8 +403,10 @@ class Faults:
     #: blob digest -> seconds its client may leave the connection unread before the proxy
     #: drops it, as a registry or load balancer with an idle timeout does (once per digest)
     idle_cut: dict[str, float] = field(default_factory=dict)
-    #: Retry-After seconds sent with 429s
+    #: Retry-After sent with 429s: seconds, or "date+N" for an HTTP date N seconds ahead
     retry_after: str = "1"
+    #: status -> registry error code ("NAME_UNKNOWN") for the JSON body of planned answers
+    error_code: dict[int, str] = field(default_factory=dict)
     #: OCI-Chunk-Min-Length to announce on upload sessions (0: none)
     chunk_min_length: int = 0
 
@@ -422,6 +424,11 @@ class FaultProxy:
         self.patch_sizes: list[tuple[str, int]] = []
         #: (digest, bytes sent) of every connection dropped because its client stopped reading
         self.idle_cuts: list[tuple[str, int]] = []
+        #: (method, path, time.time()) of every request, as it arrived
+        self.arrivals: list[tuple[str, str, float]] = []
+        #: (method, path, time.time() of a 429, the time before which its Retry-After
+        #: asked for no retry)
+        self.retry_promises: list[tuple[str, str, float, float]] = []
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self._lock = threading.Lock()
@@ -457,10 +464,38 @@ class FaultProxy:
                     return statuses.pop(0)
         return None
 
+    def _retry_after(self, method: str, path: str) -> str:
+        """The Retry-After value to send now, remembering when it lets the client back."""
+        import email.utils
+
+        value = self.faults.retry_after
+        now = time.time()
+        if value.startswith("date+"):
+            # an HTTP date has whole seconds: the client may come back at that second
+            not_before = float(int(now + float(value[5:])))
+            value = email.utils.formatdate(not_before, usegmt=True)
+        else:
+            not_before = now + float(value)
+        with self._lock:
+            self.retry_promises.append((method, path, now, not_before))
+        return value
+
+    def retry_waits(self) -> list[tuple[str, float, float]]:
+        """(path, seconds the Retry-After asked for, seconds the client waited) of every
+        429 the client came back after, the wait measured from the 429 to the next
+        request for the same path."""
+        out = []
+        for method, path, sent_at, not_before in self.retry_promises:
+            later = [t for m, p, t in self.arrivals if m == method and p == path and t > sent_at]
+            if later:
+                out.append((path, not_before - sent_at, min(later) - sent_at))
+        return out
+
     def _handle(self, req: http.server.BaseHTTPRequestHandler) -> None:
         method, path = req.command, req.path
         with self._lock:
             self.requests.append((method, path, req.headers.get("Range", "")))
+            self.arrivals.append((method, path, time.time()))
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else None
         if method == "PATCH":
@@ -470,9 +505,15 @@ class FaultProxy:
         if status is not None:
             req.send_response(status)
             if status == 429:
-                req.send_header("Retry-After", self.faults.retry_after)
-            req.send_header("Content-Length", "0")
+                req.send_header("Retry-After", self._retry_after(method, path))
+            code = self.faults.error_code.get(status)
+            payload = json.dumps({"errors": [{"code": code, "message": f"{code} (fault proxy)"}]}).encode() \
+                if code else b""
+            if payload:
+                req.send_header("Content-Type", "application/json")
+            req.send_header("Content-Length", str(len(payload)))
             req.end_headers()
+            req.wfile.write(payload)
             return
         headers = {k: v for k, v in req.headers.items() if k.lower() not in ("host", "connection")}
         conn = http.client.HTTPConnection(self.upstream, timeout=60)

@@ -133,14 +133,34 @@ def test_cli_pull_json_quiet_and_errors(plain: Registry, built: Built, tmp_path:
     assert doc["id"] == built.image.id and doc["layers_pulled"] == 3
     q = run_cli("image", "pull", "-q", f"{plain.host}/test/app:1", root=root)
     assert q.returncode == 0 and q.stdout.decode() == built.image.id + "\n"
-    for ref, want in [(f"{plain.host}/test/nosuch:1", "not found"),
-                      (f"{plain.host}/test/app:nosuchtag", "tag nosuchtag not found"),
+    for ref, want in [(f"{plain.host}/test/nosuch:1", "tag 1 not found in test/nosuch"),
+                      (f"{plain.host}/test/app:nosuchtag", "tag nosuchtag not found in test/app"),
                       ("Bad//ref", "invalid reference")]:
         r = run_cli("image", "pull", ref, root=root)
         err = r.stderr.decode()
         assert r.returncode == 1, err
         assert err.count("\n") == 1 and err.startswith("lamina: ") and want in err, err
-        assert ref.split("/")[0] in err or "invalid" in err
+        # the whole reference, and the registry once
+        assert err.startswith(f"lamina: {ref}: ") or "invalid" in err, err
+        assert err.count(plain.host) == 1 or "invalid" in err, err
+
+
+def test_unknown_repository_and_unknown_tag(plain: Registry, tmp_path: Path) -> None:
+    """A registry that says NAME_UNKNOWN: "repository ... not found"; any other 404 of a
+    manifest (MANIFEST_UNKNOWN, which Debian's docker-registry also answers for a
+    repository it never had): "tag ... not found"."""
+    store = _store(tmp_path / "s")
+    with pytest.raises(ImageError) as e:
+        pull(store, f"{plain.host}/test/nosuch:1")
+    assert str(e.value).startswith(f"{plain.host}/test/nosuch:1: tag 1 not found in test/nosuch"), e.value
+    faults = Faults(statuses=[("GET", r"/manifests/", [404])], error_code={404: "NAME_UNKNOWN"})
+    with FaultProxy(plain.host, faults) as proxy, pytest.raises(ImageError) as e:
+        pull(store, f"{proxy.host}/test/gone:1")
+    assert str(e.value) == f"{proxy.host}/test/gone:1: repository test/gone not found", e.value
+    faults = Faults(statuses=[("GET", r"/manifests/", [404])], error_code={404: "MANIFEST_UNKNOWN"})
+    with FaultProxy(plain.host, faults) as proxy, pytest.raises(ImageError) as e:
+        pull(store, f"{proxy.host}/test/app:1")
+    assert str(e.value) == f"{proxy.host}/test/app:1: tag 1 not found in test/app", e.value
 
 
 def test_push_then_skopeo_and_lamina_agree(plain: Registry, built: Built, tmp_path: Path) -> None:
@@ -322,6 +342,53 @@ def test_identity_token_from_a_credential_helper(tmp_path: Path, built: Built,
         assert any(t["grant"] == "refresh_token" and t["user"] == "bob" for t in tokens.issued), tokens.issued
 
 
+def _creds_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> Path:
+    """``docker-credential-lamstore`` on PATH running ``script`` (sh); returns the file
+    where it logs each server it was asked about."""
+    asked = tmp_path / "store-asked"
+    helper = tmp_path / "storebin" / "docker-credential-lamstore"
+    helper.parent.mkdir(exist_ok=True)
+    helper.write_text(f'#!/bin/sh\n[ "$1" = get ] || exit 2\nread s\necho "$s" >> {asked}\n{script}')
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper.parent}{os.pathsep}{os.environ['PATH']}")
+    return asked
+
+
+def test_credentials_from_the_creds_store(tmp_path: Path, built: Built,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.json with nothing but ``credsStore``: its helper is the only source, the
+    pull from a basic-auth registry authenticates with what it answers; a store that
+    answers "credentials not found" leaves the pull without, and the error says so."""
+    _require_registry()
+    ca, server = make_ca(tmp_path / "pki")
+    pw = htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
+    with Registry(tmp_path / "reg", tls=server, htpasswd_file=pw) as reg:
+        skopeo("copy", "--dest-creds", "alice:wonderland", "--dest-cert-dir", str(_certdir(tmp_path, ca)),
+               f"oci:{built.layout}:app:1", f"docker://{reg.host}/secure/app:1")
+        ref = f"{reg.host}/secure/app:1"
+        options = ClientOptions(ca_file=str(ca.cert))
+        asked = _creds_store(tmp_path, monkeypatch, (
+            f'if [ "$s" = "{reg.host}" ]; then '
+            'echo "{\\"ServerURL\\":\\"$s\\",\\"Username\\":\\"alice\\",\\"Secret\\":\\"wonderland\\"}"; '
+            'else echo "credentials not found in native keychain"; exit 1; fi\n'))
+        with docker_config(tmp_path / "cfg", {"credsStore": "lamstore"}):
+            res = pull(_store(tmp_path / "s"), ref, options=options)
+        assert res.image_id == built.image.id
+        assert asked.read_text().split() == [reg.host]
+        # the store has nothing for this registry
+        asked.unlink()
+        _creds_store(tmp_path, monkeypatch, 'echo "credentials not found in native keychain"; exit 1\n')
+        with docker_config(tmp_path / "cfg", {"credsStore": "lamstore"}) as cfg, \
+                pytest.raises(ImageError) as e:
+            pull(_store(tmp_path / "t"), ref, options=options)
+        msg = str(e.value)
+        assert asked.read_text().split() == [reg.host]
+        assert msg.startswith(f"{ref}: ") and msg.count(reg.host) == 2, msg  # the reference, the lookup
+        assert "wants a user name and password" in msg, msg
+        assert (f"no credentials for {reg.host}: credential helper docker-credential-lamstore "
+                f"(credsStore in {cfg / 'config.json'}) has none") in msg, msg
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 
@@ -359,13 +426,52 @@ def test_500_and_429_are_retried(plain: Registry, built: Built, tmp_path: Path) 
              options=ClientOptions(backoff=0.001, retries=2))
 
 
+@pytest.mark.parametrize("retry_after, least", [("2", 2.0), ("date+2", 1.0)],
+                         ids=["seconds", "http-date"])
+def test_retry_after_is_waited_for(plain: Registry, built: Built, tmp_path: Path,
+                                   retry_after: str, least: float) -> None:
+    """A 429's Retry-After, in seconds or as an HTTP date (whole seconds: 1-2 s ahead),
+    replaces the backoff: the retry comes no sooner than it asks."""
+    faults = Faults(statuses=[("GET", r"/manifests/", [429]), ("GET", r"/blobs/", [429])],
+                    retry_after=retry_after)
+    with FaultProxy(plain.host, faults) as proxy:
+        res = pull(_store(tmp_path / "s"), f"{proxy.host}/test/app:1", options=ClientOptions(backoff=0.01))
+    assert res.image_id == built.image.id
+    waits = proxy.retry_waits()
+    assert len(waits) == 2 and {"/manifests/" in p for p, _, _ in waits} == {True, False}, waits
+    for path, asked, waited in waits:
+        assert asked >= least and waited >= asked, (path, asked, waited)
+
+
+def test_a_retry_after_past_the_cap_is_refused(plain: Registry, tmp_path: Path) -> None:
+    """A registry that asks for an hour is not waited for (nor retried early): the pull
+    fails at once and says how long it asked for and how long lamina waits."""
+    import time
+
+    from lamina.registry.transport import MAX_RETRY_AFTER
+
+    faults = Faults(statuses=[("GET", r"/manifests/", [429])], retry_after="3600")
+    t0 = time.monotonic()
+    with FaultProxy(plain.host, faults) as proxy, pytest.raises(ImageError) as e:
+        pull(_store(tmp_path / "s"), f"{proxy.host}/test/app:1")
+    assert time.monotonic() - t0 < 10
+    msg = str(e.value)
+    assert msg.startswith(f"{proxy.host}/test/app:1: ") and "HTTP 429" in msg, msg
+    assert f"tried again in 3600 s, longer than lamina waits ({MAX_RETRY_AFTER:.0f} s)" in msg, msg
+    assert [p for m, p, _ in proxy.requests if "/manifests/" in p] == ["/v2/test/app/manifests/1"]
+
+
 def test_corrupt_blob_is_refused_and_nothing_kept(plain: Registry, tmp_path: Path) -> None:
     digests = _layer_digests(plain.host, "test/app", "1")
     store = _store(tmp_path / "s")
     with FaultProxy(plain.host, Faults(corrupt_blob={digests[1]})) as proxy:
         with pytest.raises(ImageError) as e:
             pull(store, f"{proxy.host}/test/app:1")
-    assert digests[1] in str(e.value) or "layer 2" in str(e.value), str(e.value)
+    msg = str(e.value)
+    ref = f"{proxy.host}/test/app:1"
+    # the reference once, then the layer and the very blob that was wrong
+    assert msg.startswith(f"{ref}: layer 2 ({digests[1]}): ") and msg.count(proxy.host) == 1, msg
+    assert f"the manifest says {digests[1]}, the blob is sha256:" in msg, msg
     _nothing_left(store)
 
 

@@ -127,6 +127,44 @@ def test_credentials_from_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         credentials.load("gone.example", path)
 
 
+def test_where_credentials_were_not_found_is_said(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _helper(tmp_path, "lamnone", 'echo "credentials not found in native keychain"; exit 1\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    missing = tmp_path / "nope.json"
+    assert credentials.find("r.example", missing).missing == f"no credentials for r.example: {missing} does not exist"
+    path = _config(tmp_path, {"credsStore": "lamnone"})
+    found = credentials.find("r.example", path)
+    assert found.credentials is None
+    assert found.missing == (f"no credentials for r.example: credential helper docker-credential-lamnone "
+                             f"(credsStore in {path}) has none, and {path} has no auths entry for it")
+    path = _config(tmp_path, {"credHelpers": {"r.example": "lamnone"}})
+    assert "docker-credential-lamnone (credHelpers in" in credentials.find("r.example", path).missing
+
+
+def test_error_lines_name_the_reference_once() -> None:
+    from lamina.registry.reference import error_line
+
+    ref = parse("127.0.0.1:5000/t/app:1")
+    assert error_line(ref, "127.0.0.1:5000/t/app: layer 1: bad") == "127.0.0.1:5000/t/app:1: layer 1: bad"
+    assert error_line(ref, "127.0.0.1:5000: cannot connect") == "127.0.0.1:5000/t/app:1: cannot connect"
+    assert error_line(ref, "t/app: blob x not found") == "127.0.0.1:5000/t/app:1: blob x not found"
+    assert error_line(ref, "127.0.0.1:5000/t/app:1: as is") == "127.0.0.1:5000/t/app:1: as is"
+
+
+def test_retry_after_values() -> None:
+    import email.utils
+    import time
+
+    from lamina.registry.transport import _retry_after
+
+    assert _retry_after("2") == 2.0 and _retry_after("-5") == 0.0 and _retry_after("soon") is None
+    assert _retry_after(None) is None
+    ahead = _retry_after(email.utils.formatdate(time.time() + 100, usegmt=True))
+    assert ahead is not None and 98 <= ahead <= 100
+    assert _retry_after(email.utils.formatdate(time.time() - 100, usegmt=True)) == 0.0
+
+
 def _index(*platforms: tuple[str, str, str | None]) -> dict[str, object]:
     out = []
     for i, (os_name, arch, variant) in enumerate(platforms):

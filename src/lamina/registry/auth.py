@@ -79,9 +79,12 @@ class Authenticator:
     """What one registry wants from us, and the tokens it gave us, shared by threads."""
 
     def __init__(self, registry: str, credentials: Credentials | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, missing: str = "") -> None:
+        """``missing``: where credentials were looked for and not found, told in the
+        error when the registry then wants some."""
         self.registry = registry
         self.credentials = credentials
+        self.missing = missing
         self._clock = clock
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
@@ -127,9 +130,12 @@ class Authenticator:
         creds = self.credentials
         if creds is None or not (creds.username or creds.password):
             raise AuthError(f"{self.registry}: the registry wants a user name and password "
-                            "(docker login, or --username with --password-stdin)")
+                            f"(docker login, or --username with --password-stdin){self._why_none()}")
         raw = f"{creds.username}:{creds.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+    def _why_none(self) -> str:
+        return f"; {self.missing}" if self.missing and not self.credentials else ""
 
     def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...], fetch: Fetch) -> _Token:
         realm = ch.params.get("realm")
@@ -153,9 +159,11 @@ class Authenticator:
             url = realm + (sep + urllib.parse.urlencode(query) if query else "")
             status, body = fetch("GET", url, headers, None)
         if status in (401, 403):
+            anonymous = not creds or creds.empty
             raise AuthError(f"{self.registry}: the token server refused "
-                            f"{'the credentials' if creds and not creds.empty else 'anonymous access'} "
-                            f"for {' '.join(scopes) or 'the registry'} (HTTP {status})")
+                            f"{'anonymous access' if anonymous else 'the credentials'} "
+                            f"for {' '.join(scopes) or 'the registry'} (HTTP {status})"
+                            f"{self._why_none() if anonymous else ''}")
         if status != 200:
             raise AuthError(f"{self.registry}: the token server answered HTTP {status}")
         try:

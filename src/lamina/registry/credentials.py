@@ -66,37 +66,59 @@ def _lookup_keys(registry: str) -> set[str]:
     return {registry}
 
 
+@dataclass(frozen=True)
+class Found:
+    """What a look in config.json found for one registry."""
+
+    credentials: Credentials | None
+    #: where we looked and found nothing (empty when credentials were found): the error
+    #: a registry's demand for credentials becomes says it, so a user whose helper has
+    #: no entry for the host learns that rather than only "access denied"
+    missing: str = ""
+
+
 def load(registry: str, path: Path | None = None) -> Credentials | None:
     """Credentials for ``registry`` (``host[:port]``, ``docker.io`` for Hub) or None."""
+    return find(registry, path).credentials
+
+
+def find(registry: str, path: Path | None = None) -> Found:
+    """Credentials for ``registry``, or where none were found (:class:`Found`)."""
     path = path or config_path()
     try:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
-        return None
+        return Found(None, f"no credentials for {registry}: {path} does not exist")
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot read docker credentials {path}: {e}") from e
     if not isinstance(doc, dict):
         raise ImageError(f"cannot read docker credentials {path}: not a JSON object")
     keys = _lookup_keys(registry)
     server = HUB_KEY if "docker.io" in keys else registry
+    looked: list[str] = []
     helpers = doc.get("credHelpers")
     if isinstance(helpers, dict):
         for key, helper in helpers.items():
             if _host_of(key) in keys and isinstance(helper, str) and helper:
-                return run_helper(helper, server)
+                creds = run_helper(helper, server)
+                return Found(creds, "" if creds else
+                             f"no credentials for {server}: credential helper docker-credential-{helper} "
+                             f"(credHelpers in {path}) has none")
     store = doc.get("credsStore")
     if isinstance(store, str) and store:
         creds = run_helper(store, server)
         if creds is not None:
-            return creds
+            return Found(creds)
+        looked.append(f"credential helper docker-credential-{store} (credsStore in {path}) has none")
     auths = doc.get("auths")
     if isinstance(auths, dict):
         for key, entry in auths.items():
             if _host_of(key) in keys and isinstance(entry, dict):
                 creds = _from_auth_entry(entry, path, key)
                 if creds is not None:
-                    return creds
-    return None
+                    return Found(creds)
+    looked.append(f"{path} has no auths entry for it")
+    return Found(None, f"no credentials for {server}: {', and '.join(looked)}")
 
 
 def _from_auth_entry(entry: dict[str, object], path: Path, key: str) -> Credentials | None:

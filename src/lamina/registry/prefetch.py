@@ -98,7 +98,8 @@ class Budget:
         self.held = 0
         #: the most ``held`` ever was (tests and the bench read it)
         self.peak = 0
-        #: how many times a download stopped reading because its allowance was full
+        #: how many times a download ahead of its turn stopped reading because the budget
+        #: was full (the head waiting for the apply is not counted)
         self.pauses = 0
         self.cv = threading.Condition()
 
@@ -140,7 +141,7 @@ class BlobPipe:
         self.error: BaseException | None = None
         self.is_head = False
         self.cancelled = False
-        #: how many times this pipe's download stopped reading because memory was full
+        #: how many times this pipe's download stopped reading because its allowance was full
         self.pauses = 0
 
     # -- the download side ---------------------------------------------------------------
@@ -173,7 +174,8 @@ class BlobPipe:
                 if not paused:
                     paused = True
                     self.pauses += 1
-                    self._budget.pauses += 1
+                    if not self.is_head:  # the head waiting for the apply is no news
+                        self._budget.pauses += 1
                     log.debug("blob %s: memory full at byte %d; not reading", self.digest, self.received)
                 self._cv.wait()
             self._reserved += grant
@@ -308,12 +310,14 @@ class RegistrySource:
                  known: dict[str, int] | None = None,
                  urls: dict[str, tuple[str, ...]] | None = None,
                  on_bytes: Callable[[str, int], None] | None = None,
-                 on_state: Callable[[str, str], None] | None = None) -> None:
+                 on_state: Callable[[str, str], None] | None = None,
+                 label: str | None = None) -> None:
         """``blobs``: (digest, size) of the layers to fetch, in the order they are applied;
         ``memory``: the bytes all their pipes may hold together (:class:`Budget`);
+        ``label``: what the loader's errors start with (the pull's reference);
         ``known``: every blob of the image, for a layer the loader turns out to need
         after all (gone since we looked), which is then read on demand."""
-        self.label = f"{client.registry}/{repository}"
+        self.label = label or f"{client.registry}/{repository}"
         self.client = client
         self.repository = repository
         self._sizes = {**(known or {}), **dict(blobs)}

@@ -35,7 +35,7 @@ from lamina.registry import distribution, manifests
 from lamina.registry.blobs import fetch_small_blob
 from lamina.registry.manifests import Platform
 from lamina.registry.prefetch import MEMORY_BUDGET, PARALLEL, RegistrySource
-from lamina.registry.reference import Reference, parse
+from lamina.registry.reference import Reference, error_line, parse
 from lamina.registry.transport import ClientOptions, RegistryClient
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class PullResult:
     bytes_downloaded: int = 0
     #: the most bytes of blobs held in memory at once (within the pull's memory budget)
     peak_memory: int = 0
-    #: how many times a download stopped reading because that budget was full
+    #: how many times a download ahead of its turn stopped reading because that budget was full
     pauses: int = 0
     recovered: list[str] = field(default_factory=list)
 
@@ -106,9 +106,9 @@ def pull(store: Store, ref: str | Reference, *, platform: str | Platform | None 
             return _pull(store, client, reference, want, explicit, what, progress,
                          events or PullEvents(), parallel, memory)
         except LaminaError as e:
-            msg = str(e)
-            if what not in msg:  # every error line names the reference
-                raise ImageError(f"{what}: {msg.removeprefix(reference.registry + ': ')}") from e
+            line = error_line(reference, str(e))  # every error line names the reference, once
+            if line != str(e):
+                raise ImageError(line) from e
             raise
     finally:
         client.close()
@@ -155,7 +155,7 @@ def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, 
     known = {b.path: b.size or 0 for b in spec.layers}
     urls = {d.digest: d.urls for d in manifest.layers if d.urls}
     with RegistrySource(client, repo, needed, parallel=parallel, memory=memory, known=known,
-                        urls=urls, on_bytes=on_bytes, on_state=events.state) as src:
+                        urls=urls, on_bytes=on_bytes, on_state=events.state, label=what) as src:
         loaded = load_specs(store, src, [spec], progress=progress)
     rec = loaded.images[0]
     distribution.remember(store.root, ref, manifest, diff_ids)

@@ -37,7 +37,7 @@ from lamina.images.digest import layer_id
 from lamina.images.records import ImageRecord, ImageRecords
 from lamina.registry import distribution, manifests
 from lamina.registry.distribution import BlobPlace, KnownManifest
-from lamina.registry.reference import Reference, parse
+from lamina.registry.reference import Reference, error_line, parse
 from lamina.registry.transport import ClientOptions, RegistryClient
 from lamina.registry.upload import (
     DEFAULT_CHUNK,
@@ -129,9 +129,9 @@ def push(store: Store, name: str, ref: str | Reference, *, options: ClientOption
             return _push(store, client, rec, reference, what, fmt, compression,
                          events or PushEvents(), parallel, chunk_size)
         except LaminaError as e:
-            msg = str(e)
-            if what not in msg:  # every error line names the reference
-                raise ImageError(f"{what}: {msg.removeprefix(reference.registry + ': ')}") from e
+            line = error_line(reference, str(e))  # every error line names the reference, once
+            if line != str(e):
+                raise ImageError(line) from e
             raise
     finally:
         client.close()

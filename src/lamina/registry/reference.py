@@ -140,3 +140,16 @@ def _split_domain(name: str, text: str) -> tuple[str, str]:
     if registry == DOCKER_HUB and "/" not in path:
         path = f"library/{path}"
     return registry, path
+
+
+def error_line(ref: Reference, msg: str) -> str:
+    """An error line that names ``ref`` once: ``msg`` if it does already, else ``ref``
+    before ``msg`` less the registry or repository ``msg`` starts with (the layers below
+    name what they know, so ``127.0.0.1:5000/t/app: layer 1`` becomes
+    ``127.0.0.1:5000/t/app:1: layer 1``, not both)."""
+    what = str(ref)
+    if what in msg:
+        return msg
+    for prefix in (f"{ref.registry}/{ref.repository}: ", f"{ref.registry}: ", f"{ref.repository}: "):
+        msg = msg.removeprefix(prefix)
+    return f"{what}: {msg}"

@@ -16,10 +16,15 @@ What this layer promises the rest of the package:
   and then only when the TLS handshake shows the other end speaks no TLS.
 * **who**: every request carries what the registry's challenge asked for (see
   :mod:`lamina.registry.auth`); a 401 is answered once by re-authenticating.
-* **again**: connection failures (refused, reset, cut mid-answer), ``429`` (after its
-  ``Retry-After``, capped) and ``500/502/503/504`` are retried with exponential backoff,
-  at most :attr:`ClientOptions.retries` times per request. A request body must then be
-  sendable again, so bodies are bytes.
+* **again**: connection failures (refused, reset, cut mid-answer), ``429`` and
+  ``500/502/503/504`` are retried with exponential backoff, at most
+  :attr:`ClientOptions.retries` times per request. A request body must then be sendable
+  again, so bodies are bytes. An answer's ``Retry-After`` (seconds, or an HTTP date)
+  replaces the backoff: the retry comes no sooner. One that asks for more than
+  :data:`MAX_RETRY_AFTER` (30 s) is refused, not waited for, nor cut short: the request
+  fails at once with an error saying how long the registry asked for. A pull that
+  sleeps for an hour looks hung, and one that comes back early only earns another
+  429; the user can run it again later.
 * **elsewhere**: redirects are followed (blob storage behind a CDN), without our
   ``Authorization`` header once the host changes.
 """
@@ -51,7 +56,8 @@ USER_AGENT = "lamina/0.1"
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
-_MAX_RETRY_AFTER = 30.0
+#: the longest Retry-After waited for; a longer one fails the request (see the module doc)
+MAX_RETRY_AFTER = 30.0
 _CERTS_D = Path("/etc/docker/certs.d")
 #: the errors that mean "the connection failed", worth another try
 NET_ERRORS: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException)
@@ -137,9 +143,11 @@ class RegistryClient:
         self.host = parsed.hostname or self.netloc
         self.plain_ok = self.options.insecure or is_loopback(self.host)
         creds = self.options.credentials
+        missing = ""
         if creds is None:
-            creds = creds_mod.load(registry, self.options.config_path)
-        self.auth = Authenticator(registry, creds)
+            found = creds_mod.find(registry, self.options.config_path)
+            creds, missing = found.credentials, found.missing
+        self.auth = Authenticator(registry, creds, missing=missing)
         self._scheme: str | None = None
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
@@ -301,6 +309,8 @@ class RegistryClient:
             if resp.status in _TRANSIENT_STATUS and attempt < tries:
                 retry_after = _retry_after(resp.getheader("Retry-After"))
                 _discard(answer)
+                _refuse_long_wait(what or f"{self.registry}: {method} {parts.path}", resp.status,
+                                  retry_after)
                 self._pause(attempt, retry_after, f"{method} {parts.path}: HTTP {resp.status}")
                 attempt += 1
                 continue
@@ -346,8 +356,10 @@ class RegistryClient:
                 continue
             self._releaser(parts.scheme, parts.netloc, conn)(resp.isclosed())
             if resp.status in _TRANSIENT_STATUS and attempt < self.options.retries:
-                self._pause(attempt, _retry_after(resp.getheader("Retry-After")),
-                            f"token: HTTP {resp.status}")
+                retry_after = _retry_after(resp.getheader("Retry-After"))
+                _refuse_long_wait(f"{self.registry}: token server {parts.netloc}", resp.status,
+                                  retry_after)
+                self._pause(attempt, retry_after, f"token: HTTP {resp.status}")
                 continue
             return resp.status, data
         raise AssertionError("unreachable")
@@ -363,10 +375,11 @@ def _discard(resp: Response) -> None:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` asks for (delta-seconds or an HTTP date), None if none."""
     if not value:
         return None
     try:
-        return min(max(float(value), 0.0), _MAX_RETRY_AFTER)
+        return max(float(value), 0.0)
     except ValueError:
         import email.utils
 
@@ -374,7 +387,14 @@ def _retry_after(value: str | None) -> float | None:
             when = email.utils.parsedate_to_datetime(value).timestamp()
         except (TypeError, ValueError):
             return None
-        return min(max(when - time.time(), 0.0), _MAX_RETRY_AFTER)
+        return max(when - time.time(), 0.0)
+
+
+def _refuse_long_wait(what: str, status: int, retry_after: float | None) -> None:
+    if retry_after is not None and retry_after > MAX_RETRY_AFTER:
+        raise RegistryError(f"{what}: HTTP {status}, and the registry asks to be tried again in "
+                            f"{retry_after:.0f} s, longer than lamina waits ({MAX_RETRY_AFTER:.0f} s); "
+                            "try again later", status)
 
 
 def _why(e: BaseException | None) -> str:
