@@ -8,7 +8,10 @@
 #   scripts/system-deps.sh check     print what is missing; exit 1 if anything is
 #   scripts/system-deps.sh list      the packages, one per line
 #   scripts/system-deps.sh tools     "package tool" pairs (a test checks that every tool
-#                                    the tests look for is listed here)
+#                                    the tests look for is listed here; conftest names
+#                                    the package in its skip reasons from it)
+#   scripts/system-deps.sh tests     "package test" pairs: the test files that need each
+#                                    (tests/unit/test_system_deps.py checks the column)
 #
 # LAMINA_NO_SYSTEM_DEPS=1 makes `install` do nothing (a machine set up by hand).
 #
@@ -19,21 +22,21 @@ if [[ ${1:-install} == install && ${LAMINA_NO_SYSTEM_DEPS:-} == 1 ]]; then
   exit 0
 fi
 
-# package        | tools the tests look for      | why
+# package        | tools the tests look for      | why                                                   | tests (under tests/) that need it
 PACKAGES=$(cat <<'END'
-docker.io        | dockerd docker                | dockerd for the graph-driver plugin and image tests
-containerd       | containerd ctr                | containerd for the proxy snapshotter tests
-runc             | runc                          | the OCI runtime containerd starts containers with
-docker-registry  | docker-registry               | a private registry for the pull and push tests
-skopeo           | skopeo                        | an independent registry client to check pull and push
-xfsprogs         | mkfs.xfs xfs_quota            | xfs filesystems and project quotas
-zstd             | zstd                          | zstd-compressed layer archives
-util-linux       | losetup mount setpriv unshare | loop devices, mounts, dropping privileges
-e2fsprogs        | mkfs.ext4                     | loop-mounted ext4 images for size limits
-busybox-static   | busybox                       | the rootfs of the images the dockerd tests import
-debootstrap      | debootstrap                   | a real Debian base image for the benches
-tar              | tar                           | GNU tar, the reference of the benches and tests
-systemd          | systemd-analyze               | checks the contrib/ systemd units
+docker.io        | dockerd docker                | dockerd for the graph-driver plugin and image tests  | test_plugin_dockerd test_images_docker test_registry test_bench_smoke
+containerd       | containerd ctr                | containerd for the proxy snapshotter tests           | test_snapshotter_containerd test_bench_smoke
+runc             | runc                          | the OCI runtime containerd starts containers with    | test_snapshotter_containerd test_bench_smoke
+docker-registry  | docker-registry               | a private registry for the pull and push tests       | test_registry test_registry_pipeline test_bench_smoke
+skopeo           | skopeo                        | an independent registry client to check pull and push | test_registry test_registry_pipeline test_bench_smoke
+xfsprogs         | mkfs.xfs xfs_quota            | xfs filesystems and project quotas                   | test_quota
+zstd             | zstd                          | zstd-compressed layer archives                       | test_hostile_input
+util-linux       | losetup mount setpriv unshare | loop devices, mounts, dropping privileges            | test_demo test_overlay_driver test_quota test_plugin_cleanup test_win_inspect test_fulldisk
+e2fsprogs        | mkfs.ext4                     | loop-mounted ext4 images for size limits             | test_overlay_driver test_quota test_plugin_cleanup test_win_inspect test_fulldisk
+busybox-static   | busybox                       | the rootfs of the images the dockerd tests import    | test_plugin_dockerd test_images_docker test_snapshotter_containerd
+debootstrap      | debootstrap                   | a real Debian base image for the benches             | (the benches: make bench)
+tar              | tar                           | GNU tar, the reference of the benches and tests      | test_archive_export test_bench_smoke
+systemd          | systemd-analyze               | checks the contrib/ systemd units                    | test_plugin_protocol
 END
 )
 
@@ -42,6 +45,7 @@ column() { awk -F'|' -v n="$1" '{gsub(/^ +| +$/, "", $n); print $n}' <<<"$PACKAG
 row() { awk -F'|' -v p="$1" '{k = $1; gsub(/ /, "", k)} k == p' <<<"$PACKAGES"; }
 tools_of() { row "$1" | awk -F'|' '{print $2}'; }
 why() { row "$1" | awk -F'|' '{gsub(/^ +| +$/, "", $3); print $3}'; }
+tests_of() { row "$1" | awk -F'|' '{gsub(/^ +| +$/, "", $4); print $4}'; }
 
 installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -77,6 +81,10 @@ case "${1:-install}" in
     for pkg in $(column 1); do
       for tool in $(tools_of "$pkg"); do echo "$pkg $tool"; done
     done ;;
+  tests)
+    for pkg in $(column 1); do
+      for t in $(tests_of "$pkg"); do [[ $t == test_* ]] && echo "$pkg $t"; done
+    done ;;
   check)
     mapfile -t miss < <(missing)
     if ((${#miss[@]})); then
@@ -92,6 +100,8 @@ case "${1:-install}" in
         echo "system-deps: not installing (needs root and apt-get); tests that need these skip:"
         for pkg in "${miss[@]}"; do
           printf '  %-16s %s\n' "$pkg" "$(why "$pkg")"
+          needed=$(tests_of "$pkg")
+          [[ -z $needed ]] || printf '  %-16s needed by: %s\n' "" "$needed"
         done
         echo "  to install: sudo apt-get install ${miss[*]}   (or run make test as root)"
       } >&2
@@ -102,6 +112,6 @@ case "${1:-install}" in
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${miss[@]}" >/dev/null ;;
   *)
-    echo "usage: $0 [install|check|list|tools]" >&2
+    echo "usage: $0 [install|check|list|tools|tests]" >&2
     exit 2 ;;
 esac

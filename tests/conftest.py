@@ -8,11 +8,14 @@ never go green by skipping what it was meant to test.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -51,23 +54,58 @@ def require_overlay() -> None:
         skip_or_fail(reason)
 
 
+@functools.cache
+def _packages() -> dict[str, str]:
+    """tool -> the Debian package that has it, from ``scripts/system-deps.sh tools``: the
+    one list that ``make test`` and CI install from, so a reason never names another."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "system-deps.sh"), "tools"],
+                         capture_output=True, text=True, check=True).stdout
+    return {tool: pkg for pkg, tool in (line.split() for line in out.splitlines())}
+
+
+def missing_tool(tool: str) -> str:
+    """The skip reason for a missing ``tool``: which package has it, and how to get it."""
+    pkg = _packages().get(tool)
+    where = f" (Debian package {pkg}; scripts/system-deps.sh install)" if pkg else ""
+    return f"{tool} not installed{where}"
+
+
 def require_loop() -> None:
     require_root()
-    if not os.path.exists("/dev/loop-control") or not shutil.which("losetup"):
-        skip_or_fail("no loop devices (/dev/loop-control or losetup missing)")
-    if not shutil.which("mkfs.ext4"):
-        skip_or_fail("mkfs.ext4 missing")
+    if not os.path.exists("/dev/loop-control"):
+        skip_or_fail("no loop devices here (/dev/loop-control missing)")
+    for tool in ("losetup", "mkfs.ext4"):
+        require_tool(tool)
 
 
 def require_dockerd() -> None:
     require_root()
-    if not shutil.which("dockerd"):
-        skip_or_fail("dockerd not installed (Debian package docker.io)")
+    require_tool("dockerd")
 
 
 def require_tool(name: str) -> None:
     if not shutil.which(name):
-        skip_or_fail(f"{name} not installed")
+        skip_or_fail(missing_tool(name))
+
+
+def require_module(name: str) -> types.ModuleType:
+    """Import ``name``, a pinned dependency: a venv without it is broken, not a machine
+    without a feature, but a developer's odd environment gets a skip that says so."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        skip_or_fail(f"{name} is not importable ({e}): it is pinned in pyproject.toml; make venv")
+        raise  # not reached: skip_or_fail raises
+
+
+def require_user_xattrs(path: Path) -> None:
+    """``user.*`` extended attributes on the filesystem of ``path`` (tmpfs before Linux
+    6.6 has none, nor do some overlay setups)."""
+    try:
+        os.setxattr(path, "user.lamina-probe", b"1")
+        os.removexattr(path, "user.lamina-probe")
+    except OSError as e:
+        skip_or_fail(f"no user xattrs on the filesystem of {path}: {e.strerror or e}")
 
 
 @pytest.fixture
@@ -110,5 +148,4 @@ def require_containerd() -> None:
     """containerd, ctr and runc (Debian's containerd and runc packages), as root."""
     require_root()
     for tool in ("containerd", "ctr", "runc"):
-        if not shutil.which(tool):
-            skip_or_fail(f"{tool} not installed (Debian packages containerd and runc)")
+        require_tool(tool)

@@ -106,6 +106,7 @@ def test_deep_layer_read_500(store) -> None:
         reason = f"driver {store.driver.name} declares max_depth={depth} (< 500)"
         if store.driver.name in DEEP_CHAINS_PROMISED:
             skip_or_fail(reason)
+        # by design: a driver that declares fewer layers is not asked for more
         pytest.skip(reason)
     _deep_layer_read(store, 500)
 
@@ -160,6 +161,7 @@ def test_set_quota(store, driver_name: str) -> None:
         store.create_rw(layer, "Base", storage_opt={"size": "50M"})
     except QuotaNotSupported as e:
         if not QUOTA_REQUIRED[driver_name]:
+            # by design: a driver without quotas in its contract (vfs) says so, as moby's does
             pytest.skip(f"{driver_name} does not support quotas: {e}")
         if not os.path.exists("/dev/loop-control"):
             skip_or_fail(f"{driver_name} cannot limit sizes without loop devices here: {e}")

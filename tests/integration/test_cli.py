@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_overlay, run_cli
+from conftest import REPO, require_module, require_overlay, run_cli
 from lamina.fs.mount import is_mountpoint
 
 
@@ -154,7 +154,7 @@ def test_apply_gzip_is_unpacked(cli: Cli) -> None:
 
 
 def test_apply_zstd_is_unpacked(cli: Cli, tmp_path: Path) -> None:
-    zstandard = pytest.importorskip("zstandard")  # a pinned dependency; absent only in odd envs
+    zstandard = require_module("zstandard")
     tar = make_tar({"zz.txt": b"zstd\n"})
     p = tmp_path / "layer.tar.zst"
     p.write_bytes(zstandard.ZstdCompressor().compress(tar))

@@ -19,7 +19,7 @@ import pytest
 
 import lamina
 import tarmaker as tm
-from conftest import REPO, require_root, run_cli
+from conftest import REPO, require_module, require_root, run_cli
 from images_support import Image, MemoryStore, docker_save, layer_tar, oci_layout
 from lamina.errors import ImageError, InvalidArchive
 from lamina.images import load
@@ -108,7 +108,7 @@ def test_a_file_that_is_no_tar_is_named_and_called_so(tmp_path: Path) -> None:
 
 
 def test_a_zstd_window_over_the_limit_says_which_limit(tmp_path: Path) -> None:
-    pytest.importorskip("zstandard")
+    require_module("zstandard")
     tar = tm.tar(tm.file("f", b"y" * 1000))
     # from a pipe zstd knows no content size, so --long=30 asks for a 1 GiB window
     blob = subprocess.run(["zstd", "-q", "--long=30", "-c"], input=tar, capture_output=True,

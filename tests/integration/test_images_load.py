@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_module
 from images_support import (
     Image,
     MemoryStore,
@@ -105,7 +106,7 @@ def test_archive_with_a_repeated_layer(store: MemoryStore, tmp_path: Path) -> No
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_load_oci_layout(store: MemoryStore, tmp_path: Path, compression: object, as_tar: bool) -> None:
     if "zstd" in str(compression):
-        pytest.importorskip("zstandard")
+        require_module("zstandard")
     img = _image("oci:1", layer_tar({"a": b"1" * 10000}), layer_tar({"b": b"2"}))
     path = tmp_path / ("oci.tar" if as_tar else "oci")
     oci_layout(path, [img], compression, as_tar=as_tar)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import lamina
-from conftest import REPO, run_cli
+from conftest import REPO, require_module, run_cli
 from images_support import Image, blob_file, config_for, docker_save, layer_tar, oci_layout, sha
 from lamina.errors import ImageError
 from lamina.images import images, load, remove_images, resolve_image_top, save
@@ -54,7 +54,7 @@ def _saved_layers(archive: Path) -> list[str]:
 
 @pytest.mark.parametrize("compression", [["gzip", "zstd", "gzip"], ["zstd", "none", "zstd"]])
 def test_oci_gzip_and_zstd_layers_round_trip(store: Store, tmp_path: Path, compression: list[str]) -> None:
-    pytest.importorskip("zstandard")
+    require_module("zstandard")
     img = Image(_layers(), ["oci/app:2"])
     layout = oci_layout(tmp_path / "layout", [img], compression)
     result = load(store, layout)
@@ -107,7 +107,7 @@ def test_save_refuses_a_layer_that_no_longer_matches(store: Store, tmp_path: Pat
 
 
 def test_bad_archives_leave_nothing(store: Store, tmp_path: Path) -> None:
-    pytest.importorskip("zstandard")
+    require_module("zstandard")
     before = {r.id for r in store.layers()}
     layers = _layers()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_dockerd, run_cli, skip_or_fail
+from conftest import missing_tool, require_dockerd, run_cli, skip_or_fail
 from dockerd import DockerDaemon, busybox_rootfs_tar
 from plugin_process import PluginProcess
 
@@ -63,7 +63,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     require_dockerd()
     if not Path("/bin/busybox").exists():
-        skip_or_fail("/bin/busybox missing (Debian package busybox-static)")
+        skip_or_fail(f"/bin/busybox missing: {missing_tool('busybox')}")
     work = tmp_path_factory.mktemp("dockerd-lamina")
     plugin = PluginProcess(work / "plugin")
     plugin.start()

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from conftest import require_tool
 from lamina.plugin import wire
 from lamina.plugin.bridge import send_stream
 from lamina.plugin.docker import DockerPlugin
@@ -602,8 +603,7 @@ def test_contrib_spec_and_unit_name_the_default_socket() -> None:
 
 
 def test_contrib_unit_passes_systemd_analyze(tmp_path: Path) -> None:
-    if not shutil.which("systemd-analyze"):
-        pytest.skip("systemd-analyze not installed")
+    require_tool("systemd-analyze")
     unit = (REPO / "contrib" / "lamina-docker-plugin.service").read_text()
     # verify checks that ExecStart's program exists: point it at one that does
     copy = tmp_path / "lamina-docker-plugin.service"

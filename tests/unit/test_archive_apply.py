@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tarmaker as tm
-from conftest import require_root
+from conftest import require_root, require_user_xattrs, skip_or_fail
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.errors import InvalidArchive
 
@@ -208,7 +208,7 @@ def test_hardlink_copy_up_stops_at_a_whiteout_in_a_lower_root(tmp_path: Path) ->
     try:
         os.mknod(lower1 / "f", stat.S_IFCHR | 0o600, 0)
     except PermissionError:
-        pytest.skip("cannot make a whiteout device here")
+        skip_or_fail("cannot make a whiteout device here (mknod of a 0/0 char device needs CAP_MKNOD)")
     with pytest.raises(InvalidArchive, match="does not exist"):
         apply(tmp_path / "up", tm.tar(tm.hardlink("l", "f")), lower_roots=[lower1, lower2],
               whiteouts="overlay")
@@ -274,10 +274,7 @@ def test_an_id_outside_the_map_is_refused(root: Path) -> None:
 
 
 def test_xattrs_from_pax_records(root: Path) -> None:
-    try:
-        os.setxattr(root, "user.probe", b"1")
-    except OSError:
-        pytest.skip("no user xattrs on this filesystem")
+    require_user_xattrs(root)
     apply(root, tm.tar(tm.pax({"SCHILY.xattr.user.comment": b"bin\0ary"}), tm.file("f", b"x"),
                        tm.pax({"SCHILY.xattr.user.d": b"dir"}), tm.directory("d")))
     assert os.getxattr(root / "f", "user.comment") == b"bin\0ary"
@@ -396,17 +393,14 @@ def test_overlay_whiteout_is_a_0_0_char_device(root: Path) -> None:
     try:
         apply(root, tm.tar(tm.directory("d"), tm.file("d/.wh.gone")), whiteouts="overlay")
     except PermissionError:
-        pytest.skip("this kernel does not let us make whiteout devices")
+        skip_or_fail("cannot make a whiteout device here (mknod of a 0/0 char device needs CAP_MKNOD)")
     st = (root / "d/gone").lstat()
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert not (root / "d/.wh.gone").exists()
 
 
 def test_overlay_opaque_sets_the_xattr(root: Path) -> None:
-    try:
-        os.setxattr(root, "user.probe", b"1")
-    except OSError:
-        pytest.skip("no user xattrs on this filesystem")
+    require_user_xattrs(root)
     apply(root, tm.tar(tm.directory("d"), tm.file("d/.wh..wh..opq"), tm.file("d/f", b"x")),
           whiteouts="overlay", opaque_xattr="user.overlay.opaque")
     assert os.getxattr(root / "d", "user.overlay.opaque") == b"y"
@@ -420,10 +414,7 @@ def test_overlay_trusted_opaque_xattr_as_root(root: Path) -> None:
 
 
 def test_overlay_mode_drops_overlay_private_xattrs_from_the_tar(root: Path) -> None:
-    try:
-        os.setxattr(root, "user.probe", b"1")
-    except OSError:
-        pytest.skip("no user xattrs on this filesystem")
+    require_user_xattrs(root)
     apply(root, tm.tar(tm.pax({"SCHILY.xattr.user.overlay.redirect": b"/etc"}),
                        tm.directory("d")), whiteouts="overlay")
     assert "user.overlay.redirect" not in os.listxattr(root / "d")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_module
 from images_support import Image, docker_save, layer_tar, oci_layout, sha
 from lamina.errors import ImageError
 from lamina.images import compress, dockersave, oci
@@ -75,7 +76,7 @@ def test_normalize_refuses(ref: str) -> None:
 
 
 def _zstd(data: bytes) -> bytes:
-    zstandard = pytest.importorskip("zstandard")
+    zstandard = require_module("zstandard")
     # two frames, as zstd -T or a concatenation writes
     c = zstandard.ZstdCompressor()
     return c.compress(data[: len(data) // 2]) + c.compress(data[len(data) // 2:])
