@@ -33,6 +33,25 @@ class LayerInfo(Protocol):
     def size(self) -> int | None: ...
 
 
+class ChainApplier(Protocol):
+    """What :meth:`LayerStore.chain_apply` returns (:mod:`lamina.chainapply`): a context
+    manager whose exit abandons every layer added and not finished."""
+
+    #: layers that may be pending at once
+    jobs: int
+
+    def add(self, layer_id: str, parent: str | None, stream: IO[bytes], *,
+            expected_diff_id: str | None = None) -> None:
+        """Start making ``layer_id`` over ``parent`` (the layer added last, if pending)."""
+
+    def finish(self, layer_id: str) -> int:
+        """Wait for the oldest pending layer and make it ready; its size, or its error."""
+
+    def __enter__(self) -> ChainApplier: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 @runtime_checkable
 class LayerStore(Protocol):
     """A store of layers as the image faces use it (see the module docstring)."""
@@ -56,6 +75,10 @@ class LayerStore(Protocol):
                    expected_diff_id: str | None = None) -> int:
         """A new read-only layer from a layer tar; the DiffID must match when given,
         else nothing is kept (DiffIDMismatch). Returns the bytes of content applied."""
+
+    def chain_apply(self, jobs: int | None = None, /) -> ChainApplier:
+        """Layers of one chain from their tars, bottom up: ``add`` each, ``finish`` each
+        in the same order (several may be unpacked side by side meanwhile)."""
 
     def diff(self, layer_id: str, parent: str | None = None, /) -> IO[bytes]:
         """The layer's tar (for a layer made by apply_diff, the very bytes applied)."""

@@ -262,6 +262,9 @@ class _PipeReader(io.RawIOBase):
 class RegistrySource:
     """The :class:`lamina.images.source.Source` of one pull: blob names are digests."""
 
+    #: blobs are read in chain order: opening one cancels the downloads before it
+    concurrent = False
+
     def __init__(self, client: RegistryClient, repository: str, blobs: list[tuple[str, int]],
                  tmpdir: Path, *, parallel: int = PARALLEL, known: dict[str, int] | None = None,
                  urls: dict[str, tuple[str, ...]] | None = None,
