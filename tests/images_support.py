@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -264,7 +264,7 @@ class MemoryStore:
             raise LayerExists(lid)
         self.recs[lid] = _Rec(lid, parent, rw=True)
 
-    def chain_apply(self, jobs: int | None = None) -> SerialChain:
+    def chain_apply(self, jobs: int | None = None, *, sizes: Sequence[int] | None = None) -> SerialChain:
         """One layer at a time, as a store whose driver cannot unpack side by side."""
         return SerialChain(self)
 

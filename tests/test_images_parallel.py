@@ -207,7 +207,9 @@ def _workers_of(pid: int) -> list[int]:
 
 @pytest.fixture
 def worker_count(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The layers applied by worker processes during the test."""
+    """The layers applied by worker processes during the test; every layer above the
+    bottom one goes to a worker, however small (the tests' layers are)."""
+    monkeypatch.setattr(chainapply, "WORKER_MIN", 0)
     started: list[str] = []
     real = chainapply.ChainApply._start_worker
 
@@ -220,6 +222,29 @@ def worker_count(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 # -- the same result ---------------------------------------------------------------------------
+
+
+def test_small_layers_above_the_bottom_go_on_threads(stores: tuple[Store, Store], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers under WORKER_MIN are unpacked side by side on threads of the load itself
+    (no process start): the same result all the same."""
+    started: list[str] = []
+    real = chainapply.ChainApply._start_here
+
+    def spy(self: chainapply.ChainApply, layer: chainapply._Layer, plan: object) -> None:
+        started.append(layer.id)
+        real(self, layer, plan)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(chainapply.ChainApply, "_start_here", spy)
+    serial, parallel = stores
+    img = _rich_image()
+    archive = docker_save(tmp_path / "a.tar", [img])
+    load(serial, archive, jobs=1)
+    assert started == []
+    load(parallel, archive, jobs=4)
+    ids = _ids(img)
+    assert started == ids
+    assert _picture(serial, ids) == _picture(parallel, ids)
 
 
 @pytest.mark.parametrize("fmt", ["docker-save", "oci-gzip"])
@@ -281,9 +306,11 @@ def test_reused_base_then_parallel(stores: tuple[Store, Store], tmp_path: Path) 
     assert _picture(serial, ids) == _picture(parallel, ids)
 
 
-def test_waits_for_a_lower_still_being_written(tmp_path: Path) -> None:
-    """The child hardlinks to a file its parent writes last, slowly: the child's worker
-    must wait for the whole parent before copying it up."""
+@pytest.mark.parametrize("where", ["worker", "thread"])
+def test_waits_for_a_lower_still_being_written(tmp_path: Path, where: str) -> None:
+    """The child hardlinks to a file its parent writes last, slowly: the child (in a
+    worker, or on a thread here when it is small) must wait for the whole parent before
+    copying it up."""
     store = _open(tmp_path / "s")
     big = _blob("slow", 4_000_000)
     lower = Tar().dir("data").file("data/early", b"e").file("data/big", big).bytes()
@@ -310,7 +337,8 @@ def test_waits_for_a_lower_still_being_written(tmp_path: Path) -> None:
     try:
         with store.chain_apply(2) as batch:
             batch.add("low", None, Slow(lower), expected_diff_id=sha(lower))  # type: ignore[arg-type]
-            batch.add("up", "low", io.BytesIO(upper), expected_diff_id=sha(upper))
+            hint = len(upper) if where == "thread" else None
+            batch.add("up", "low", io.BytesIO(upper), expected_diff_id=sha(upper), size_hint=hint)
             time.sleep(1.0)  # the child's worker reaches its hardlink and asks for its lowers
             assert not store.exists("up")
             released.set()

@@ -50,17 +50,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lamina.applyworker import decode_error
+from lamina.applyworker import Channel, decode_error
 from lamina.archive.apply import apply_tar
 from lamina.drivers.base import ApplyPlan, CreateOptions
 from lamina.errors import DiffIDMismatch, LaminaError, LayerBusy
@@ -79,6 +80,9 @@ log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 #: the pipe's own buffer (Linux's default most a user may ask for, pipe-max-size)
 _PIPE_SIZE = 1 << 20
+#: layers smaller than this are unpacked on a thread here even above the bottom one: a
+#: worker's process start and pipe cost more than unpacking them beside the GIL's owner
+WORKER_MIN = 16 << 20
 
 
 def cpu_count() -> int:
@@ -114,6 +118,14 @@ class _Layer:
     proc: subprocess.Popen[bytes] | None = None
 
 
+@dataclass(eq=False)
+class _Spare:
+    """A worker process started ahead of need, and the socket to give it its job."""
+
+    proc: subprocess.Popen[bytes]
+    channel: Channel
+
+
 class _Cancellable:
     """The caller's stream for the in-process apply; raises once the batch is aborted,
     so the thread unpacking it stops at its next read."""
@@ -137,12 +149,15 @@ class _Cancellable:
         return len(data)
 
 
-def open_chain(store: Store, jobs: int | None = None) -> ChainApply | SerialChain:
-    """The chain apply for ``store``: side by side where its driver allows it and more
-    than one job is asked for (None: one per CPU), else one layer at a time."""
+def open_chain(store: Store, jobs: int | None = None,
+               sizes: Sequence[int] | None = None) -> ChainApply | SerialChain:
+    """The chain apply for ``store``: side by side where its driver allows it, more
+    than one job is asked for (None: one per CPU) and more than one layer is to come
+    (``sizes``: about how many bytes each holds, bottom up; None: unknown), else one
+    layer at a time."""
     want = cpu_count() if jobs is None else jobs
-    if want > 1 and store.native.plan is not None:
-        return ChainApply(store, want)
+    if want > 1 and store.native.plan is not None and (sizes is None or len(sizes) > 1):
+        return ChainApply(store, want, sizes)
     return SerialChain(store)
 
 
@@ -162,7 +177,7 @@ class SerialChain:
         return len(self._done)
 
     def add(self, layer_id: str, parent: str | None, stream: IO[bytes], *,
-            expected_diff_id: str | None = None) -> None:
+            expected_diff_id: str | None = None, size_hint: int | None = None) -> None:
         try:
             size = self._store.apply_diff(layer_id, parent, stream, expected_diff_id=expected_diff_id)
         except Exception as e:  # noqa: BLE001 - raised by finish, as ChainApply does
@@ -200,12 +215,17 @@ class ChainApply:
     (its workers die with the thread that started them).
     """
 
-    def __init__(self, store: Store, jobs: int) -> None:
+    def __init__(self, store: Store, jobs: int, sizes: Sequence[int] | None = None) -> None:
         if store.native.plan is None:
             raise ValueError(f"driver {store.driver.name} cannot unpack layers side by side")
         self._store = store
         #: layers unpacked at once
         self.jobs = max(2, jobs)
+        #: about how large the layers the caller means to add are (None: unknown), so that
+        #: a worker is started ahead of need, and only for a layer that will want one
+        self._sizes = list(sizes) if sizes is not None else None
+        self._added = 0
+        self._spare: _Spare | None = None
         self._pending: list[_Layer] = []
         self._writeback: EarlyWriteback | None = None
         self._aborting = threading.Event()
@@ -218,13 +238,15 @@ class ChainApply:
     # -- adding ---------------------------------------------------------------------------
 
     def add(self, layer_id: str, parent: str | None, stream: IO[bytes], *,
-            expected_diff_id: str | None = None) -> None:
+            expected_diff_id: str | None = None, size_hint: int | None = None) -> None:
         """Start making read-only layer ``layer_id`` over ``parent`` from the uncompressed
         layer tar ``stream``, which the batch reads to its end (from another thread).
 
         ``parent`` is the layer added last, or (with nothing pending) a ready layer or
-        None. Errors of the apply are raised by :meth:`finish`; those of starting it
-        (a busy or existing layer) here, with nothing left behind.
+        None. ``size_hint``: about how many bytes the stream holds (a layer under
+        :data:`WORKER_MIN` is unpacked on a thread here). Errors of the apply are raised
+        by :meth:`finish`; those of starting it (a busy or existing layer) here, with
+        nothing left behind.
         """
         check_id(layer_id)
         if parent:
@@ -244,7 +266,8 @@ class ChainApply:
             plan = self._begin(layer, below)
             if self._writeback is None:
                 self._writeback = EarlyWriteback(self._store.root).__enter__()
-            if below is None or plan is None:
+            small = size_hint is not None and size_hint < WORKER_MIN
+            if below is None or plan is None or small:
                 self._start_here(layer, plan)
             else:
                 self._start_worker(layer, plan)
@@ -255,6 +278,14 @@ class ChainApply:
             self._abandon(layer)
             self._pending.remove(layer)
             raise
+        self._added += 1
+        if self._spare is None and self._next_wants_worker():
+            self._spare = self._spawn()  # the next layer's worker starts while this one unpacks
+
+    def _next_wants_worker(self) -> bool:
+        if self._sizes is None:
+            return True
+        return self._added < len(self._sizes) and self._sizes[self._added] >= WORKER_MIN
 
     def _begin(self, layer: _Layer, below: _Layer | None) -> ApplyPlan | None:
         """The creating record and the empty directory; the driver's plan for the tar."""
@@ -321,26 +352,26 @@ class ChainApply:
 
     # -- unpacking in a worker process ----------------------------------------------------------
 
-    def _start_worker(self, layer: _Layer, plan: ApplyPlan) -> None:
-        assert layer.lock is not None
-        data_r, data_w = os.pipe()
-        ctl_r, ctl_w = os.pipe()
-        msg_r, msg_w = os.pipe()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    def _spawn(self) -> _Spare:
+        """A worker process, started now, importing while it waits for a job."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            layer.proc = subprocess.Popen(
-                [sys.executable, "-m", "lamina.applyworker", str(os.getpid()), str(ctl_r), str(msg_w)],
-                stdin=data_r, stdout=subprocess.DEVNULL, env=_worker_env(),
-                pass_fds=(ctl_r, msg_w, layer.lock.fileno()))
+            proc = subprocess.Popen([sys.executable, "-m", "lamina.applyworker", str(os.getpid())],
+                                    stdin=theirs, stdout=subprocess.DEVNULL, env=_worker_env())
         except BaseException:
-            for fd in (data_w, ctl_w, msg_r):
-                os.close(fd)
+            ours.close()
             raise
         finally:
-            for fd in (data_r, ctl_r, msg_w):
-                os.close(fd)
-        ctl = os.fdopen(ctl_w, "wb", buffering=0)
+            theirs.close()
+        return _Spare(proc, Channel(ours))
+
+    def _start_worker(self, layer: _Layer, plan: ApplyPlan) -> None:
+        assert layer.lock is not None
+        spare, self._spare = self._spare or self._spawn(), None
+        layer.proc = spare.proc
+        data_r, data_w = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(data_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         opts = plan.options
         job = {"layer": layer.id, "store_root": str(self._store.root), "root": str(plan.root),
                "log_level": logging.getLogger("lamina").getEffectiveLevel(),
@@ -349,8 +380,15 @@ class ChainApply:
                            "gid_map": [list(m) for m in opts.gid_map],
                            "privileged": opts.privileged,
                            "lower_roots": [str(p) for p in opts.lower_roots]}}
-        _send(ctl, job)
-        for target, args in ((self._feed, (layer, data_w)), (self._watch, (layer, ctl, msg_r))):
+        try:
+            spare.channel.send(job, fds=[data_r, layer.lock.fileno()])
+        except BaseException:
+            os.close(data_w)
+            spare.channel.sock.close()
+            raise
+        finally:
+            os.close(data_r)
+        for target, args in ((self._feed, (layer, data_w)), (self._watch, (layer, spare.channel))):
             t = threading.Thread(target=target, args=args, daemon=True,
                                  name=f"lamina-{target.__name__[1:]}-{layer.id[:12]}")
             layer.threads.append(t)
@@ -382,29 +420,30 @@ class ChainApply:
         finally:
             os.close(fd)
 
-    def _watch(self, layer: _Layer, ctl: IO[bytes], msg_r: int) -> None:
+    def _watch(self, layer: _Layer, channel: Channel) -> None:
         """Answer the worker's questions, take its result, wait for it to exit."""
         proc = layer.proc
         assert proc is not None
         result: dict[str, Any] | None = None
         try:
-            with open(msg_r, "rb") as msgs:
-                for line in msgs:
-                    doc = json.loads(line)
-                    if doc.get("need") == "lowers":
-                        try:
-                            self._wait_below(layer)
-                            answer = "ready"
-                        except LaminaError:
-                            answer = "gone"
-                        with contextlib.suppress(OSError):
-                            _send(ctl, {"lowers": answer})
-                    else:
-                        result = doc
+            while True:
+                doc, _ = channel.receive()
+                if doc is None:
+                    break
+                if doc.get("need") == "lowers":
+                    try:
+                        self._wait_below(layer)
+                        answer = "ready"
+                    except LaminaError:
+                        answer = "gone"
+                    with contextlib.suppress(OSError):
+                        channel.send({"lowers": answer})
+                else:
+                    result = doc
         except (OSError, ValueError) as e:
             layer.error = LaminaError(f"layer {layer.id}: lost the apply worker's answer ({e})")
         finally:
-            ctl.close()
+            channel.sock.close()
             code = proc.wait()
             if layer.error is None:
                 if result is not None and "done" in result:
@@ -479,6 +518,15 @@ class ChainApply:
         finally:
             self._aborting.clear()
             self._stop_writeback()
+            self._drop_spare()
+
+    def _drop_spare(self) -> None:
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            spare.channel.sock.close()
+            with contextlib.suppress(OSError):
+                spare.proc.kill()
+            spare.proc.wait()
 
     def _abandon(self, layer: _Layer) -> None:
         try:
@@ -505,10 +553,6 @@ class ChainApply:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _send(out: IO[bytes], doc: dict[str, Any]) -> None:
-    out.write(json.dumps(doc).encode() + b"\n")
 
 
 def _worker_env() -> dict[str, str]:

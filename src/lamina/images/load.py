@@ -179,7 +179,9 @@ def _load_image(store: LayerStore, records: ImageRecords, src: Source, spec: Ima
     inflight: collections.deque[_InFlight] = collections.deque()
     on_read = _locked_updates(progress)
     try:
-        with store.chain_apply(jobs) as batch:
+        todo = [src.size(b.path) for b, c in zip(spec.layers, chains, strict=True)
+                if not store.exists(layer_id(c))]
+        with store.chain_apply(jobs, sizes=todo) as batch:
             parent: str | None = None
             for i, (blob, chain) in enumerate(zip(spec.layers, chains, strict=True), 1):
                 lid = layer_id(chain)
@@ -301,7 +303,8 @@ def _start_layer(src: Source, batch: ChainApplier, blob: LayerBlob, lid: str, pa
             stream = io.BufferedReader(compress.decompressed(buffered, kind, what), _BUFFER)  # type: ignore[arg-type]
         journal.add(lid)  # before the layer exists: a kill from here on leaves it journalled
         made.append(lid)
-        batch.add(lid, parent, stream, expected_diff_id=blob.diff_id)
+        # the blob's size: about the tar's, or the least of it when compressed
+        batch.add(lid, parent, stream, expected_diff_id=blob.diff_id, size_hint=size)
     except BaseException:
         if outer is not None:
             outer.close()
