@@ -498,6 +498,8 @@ def main() -> int:
         image, runs = IMAGE, args.runs
         rss_sizes = (200 << 20, 2 << 30)
     fresh_ok = freshfs_available() and not args.quick
+    if not fresh_ok:
+        PLACE_LABEL["fresh"] = "bench/out"  # no fresh ext4 (quick, or no loop devices)
     size = archive.stat().st_size
     import tarfile
 
