@@ -12,11 +12,12 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from lamina.chainapply import SerialChain
 from lamina.errors import (
     DiffIDMismatch,
     InvalidArchive,
@@ -262,6 +263,10 @@ class MemoryStore:
         if lid in self.recs:
             raise LayerExists(lid)
         self.recs[lid] = _Rec(lid, parent, rw=True)
+
+    def chain_apply(self, jobs: int | None = None, *, sizes: Sequence[int] | None = None) -> SerialChain:
+        """One layer at a time, as a store whose driver cannot unpack side by side."""
+        return SerialChain(self)
 
     def apply_diff(self, lid: str, parent: str | None, stream: IO[bytes], *,
                    expected_diff_id: str | None = None) -> int:

@@ -10,6 +10,7 @@ alone, fast, and a test checks that both the fake and the real store satisfy it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
@@ -31,6 +32,26 @@ class LayerInfo(Protocol):
 
     @property
     def size(self) -> int | None: ...
+
+
+class ChainApplier(Protocol):
+    """What :meth:`LayerStore.chain_apply` returns (:mod:`lamina.chainapply`): a context
+    manager whose exit abandons every layer added and not finished."""
+
+    #: layers that may be pending at once
+    jobs: int
+
+    def add(self, layer_id: str, parent: str | None, stream: IO[bytes], *,
+            expected_diff_id: str | None = None, size_hint: int | None = None) -> None:
+        """Start making ``layer_id`` over ``parent`` (the layer added last, if pending);
+        ``size_hint``: about how many bytes ``stream`` holds."""
+
+    def finish(self, layer_id: str) -> int:
+        """Wait for the oldest pending layer and make it ready; its size, or its error."""
+
+    def __enter__(self) -> ChainApplier: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 @runtime_checkable
@@ -56,6 +77,11 @@ class LayerStore(Protocol):
                    expected_diff_id: str | None = None) -> int:
         """A new read-only layer from a layer tar; the DiffID must match when given,
         else nothing is kept (DiffIDMismatch). Returns the bytes of content applied."""
+
+    def chain_apply(self, jobs: int | None = None, /, *, sizes: Sequence[int] | None = None) -> ChainApplier:
+        """Layers of one chain from their tars, bottom up: ``add`` each, ``finish`` each
+        in the same order (several may be unpacked side by side meanwhile); ``sizes``:
+        about how many bytes each layer to come holds, if known."""
 
     def diff(self, layer_id: str, parent: str | None = None, /) -> IO[bytes]:
         """The layer's tar (for a layer made by apply_diff, the very bytes applied)."""

@@ -58,8 +58,13 @@ class Lifecycle:
     # -- making -------------------------------------------------------------------------
 
     def begin(self, layer_id: str, parent: str | None, *, rw: bool, opts: CreateOptions,
-              record: RecordHook | None = None) -> None:
-        """Write the *creating* record; drop the remains of an earlier attempt that died."""
+              record: RecordHook | None = None, parent_pending: bool = False) -> None:
+        """Write the *creating* record; drop the remains of an earlier attempt that died.
+
+        ``parent_pending``: the parent is still *creating*, made by this same caller,
+        which holds its work lock and commits it before this layer (a chain unpacked
+        side by side, :mod:`lamina.chainapply`); it must exist all the same.
+        """
         stale = False
         with self._records.write() as db:
             old = db.layer(layer_id)
@@ -71,7 +76,8 @@ class Lifecycle:
                 stale = True  # creating, and we hold its lock: a crashed earlier attempt
             if parent:
                 prec = db.layer(parent)
-                if prec is None or not prec.complete:
+                if prec is None or not (prec.complete or (
+                        parent_pending and prec.state is LayerState.CREATING)):
                     raise ParentNotFound(f"parent layer {parent} of {layer_id} not found")
             if stale:
                 db.delete_layer(layer_id)

@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 from lamina import recovery
 from lamina.archive.change import Change
+from lamina.chainapply import ChainApply, SerialChain, open_chain
 from lamina.diffs import Diffs
 from lamina.drivers.base import (
     Capabilities,
@@ -201,6 +202,14 @@ class Store:
                 raise
             self.lifecycle.commit(layer_id, size=size, has_tarsplit=True, diff_id=diff_id)
             return size
+
+    def chain_apply(self, jobs: int | None = None, *,
+                    sizes: Sequence[int] | None = None) -> ChainApply | SerialChain:
+        """Make the layers of one chain from their tars, bottom up, up to ``jobs`` of them
+        side by side where the driver allows it (None: one per CPU), each made ready
+        only after its parent; ``sizes``: about how many bytes each layer to come holds,
+        if known. See :mod:`lamina.chainapply`."""
+        return open_chain(self, jobs, sizes)
 
     def _apply_into(self, layer_id: str, stream: HashingReader) -> int:
         with self.records.read() as db:

@@ -48,6 +48,11 @@ class TarSplits:
             partial.unlink(missing_ok=True)
             raise
 
+    def discard(self, layer_id: str) -> None:
+        """Delete a recorded tar-split that will not be kept (its layer failed after the
+        recording ended, or its recorder was killed)."""
+        staging.tarsplit(self._tmp, layer_id).unlink(missing_ok=True)
+
     def keep(self, layer_id: str) -> None:
         """Put the recorded tar-split in place (after the layer's files are synced)."""
         os.replace(staging.tarsplit(self._tmp, layer_id), self.path(layer_id))

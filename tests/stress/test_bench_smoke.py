@@ -95,3 +95,31 @@ def test_bench_docker_quick_times_plugin_calls() -> None:
     assert re.search(r"Get \+ Put\s+p50\s+\d+\.\d+ ms\s+ratio\s+\d+\.\d+x .*target <= 0\.3 ms: (ok|OVER)$", out, re.M), out
     summary = re.search(r"^summary: (.*)$", out, re.M)
     assert summary and "exists=" in summary.group(1) and "get_put=" in summary.group(1), out
+
+
+def test_bench_images_quick_prints_every_target() -> None:
+    """bench_images.py --quick: load against docker load on both filesystems, -j1, gzip
+    layout, decompressors, peak memory; each figure with its target and ok/OVER."""
+    from conftest import require_dockerd, require_root
+
+    require_root()
+    require_dockerd()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_images.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    targets = re.findall(r"target <= [\d.]+x: (ok|OVER)", out)
+    # overlay side by side and -j1, on both filesystems
+    assert len(re.findall(r"^load overlay .*of docker load\s+target <= 0\.5x: (ok|OVER)", out, re.M)) == 4, out
+    assert len(re.findall(r"^gzip load .*target <= 0\.5x: (ok|OVER)", out, re.M)) == 2, out
+    assert len(targets) >= 8, out
+    assert re.search(r"^side by side, overlay, .* -j1 \d+\.\d+ s -> default \d+\.\d+ s", out, re.M), out
+    assert re.search(r"ISA-L igzip \(isal\)\s+\d+ MB/s cpu", out), out
+    assert re.search(r"^lamina decompresses gzip with .*: (ok|OVER)$", out, re.M), out
+    assert len(re.findall(r"^memory .*target <= \+?\d+ MiB: (ok|OVER)$", out, re.M)) == 4, out
+    summary = re.search(r"^summary: (.*)$", out, re.M)
+    assert summary, out
+    keys = dict(kv.split("=") for kv in summary.group(1).split())
+    assert {"load.overlay.fresh", "load.overlay.own", "parallel_gain.fresh", "gzip_load.own",
+            "rss_mib.fresh"} <= set(keys)

@@ -57,7 +57,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
@@ -121,6 +121,9 @@ class ApplyOptions:
     privileged: bool | None = None
     #: the chain below ``root``, nearest first, for copying up hardlink targets
     lower_roots: Sequence[Path] = ()
+    #: called once before ``lower_roots`` are first looked at: a layer applied while its
+    #: lowers are still being written waits here until they are whole (chainapply)
+    wait_for_lowers: Callable[[], None] | None = None
     #: write tar-split JSON lines here (uncompressed)
     tarsplit: IO[bytes] | None = None
 
@@ -624,6 +627,8 @@ class _Applier:
 
     def _lowers(self) -> list[int]:
         if self.lower_fds is None:
+            if self.opts.wait_for_lowers is not None:
+                self.opts.wait_for_lowers()  # every look below this layer comes through here
             self.lower_fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                               for p in self.opts.lower_roots]
         return self.lower_fds

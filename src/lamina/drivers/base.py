@@ -42,7 +42,8 @@ records, and the store never looks inside ``layers/<id>/``. *state*
 What the store guarantees a driver
 ----------------------------------
 IDs are valid (:func:`lamina.ids.check_id`); ``create`` is never called for an existing
-ID and its parent is complete; calls that change one layer are serialised per layer by
+ID and its parent is complete (for an :class:`ApplyPlanner`, the parent may still be
+being filled by the same caller, which never marks the child ready before it); calls that change one layer are serialised per layer by
 the store's locks; ``mount``/``unmount`` calls are paired and never nested per layer.
 
 What a driver may do beyond the contract
@@ -61,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ClassVar, Protocol, runtime_checkable
 
+from lamina.archive.apply import ApplyOptions
 from lamina.archive.change import Change
 from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
 
@@ -218,6 +220,31 @@ class NativeApply(Protocol):
         padding are recorded into it (:mod:`lamina.archive.tar.split`)."""
 
 
+@dataclass(frozen=True)
+class ApplyPlan:
+    """Where and how a layer tar is unpacked: a directory and the archive engine's options
+    (without the tar-split stream, which the caller supplies), plain data that a worker
+    process can act on."""
+
+    root: Path
+    options: ApplyOptions
+
+
+@runtime_checkable
+class ApplyPlanner(Protocol):
+    """Unpacks each layer into a directory of its own that no other layer's unpacking
+    writes to, and can make a layer over a parent that is still being filled (overlay:
+    each layer into its own ``diff/``; ``create`` only reads the parent's short name). The
+    store may then unpack several layers of one chain at once (:mod:`lamina.chainapply`).
+    vfs cannot: a child starts as a copy of its whole parent."""
+
+    def apply_plan(self, layer_id: str, parent: str | None, chain: Sequence[str]) -> ApplyPlan | None:
+        """How :meth:`NativeApply.apply_diff` would unpack into the new, empty layer
+        ``layer_id``; None where it would decline. The options' ``lower_roots`` are the
+        chain's directories below, which the engine reads only through
+        ``wait_for_lowers``."""
+
+
 @runtime_checkable
 class NativeDiff(Protocol):
     """Writes a layer's changes as a tar from its own layout (overlay's upper dir)."""
@@ -276,6 +303,7 @@ class Capabilities:
     runtime-checkable Protocol looks at every method, too slow for every call)."""
 
     apply: NativeApply | None
+    plan: ApplyPlanner | None
     diff: NativeDiff | None
     changes: NativeChanges | None
     diff_size: NativeDiffSize | None
@@ -288,11 +316,11 @@ class Capabilities:
         def cap(proto: type) -> object:
             return driver if isinstance(driver, proto) else None
 
-        return cls(apply=cap(NativeApply), diff=cap(NativeDiff), changes=cap(NativeChanges),  # type: ignore[arg-type]
+        return cls(apply=cap(NativeApply), plan=cap(ApplyPlanner), diff=cap(NativeDiff), changes=cap(NativeChanges),  # type: ignore[arg-type]
                    diff_size=cap(NativeDiffSize), files=cap(NativeFileGetter),  # type: ignore[arg-type]
                    mount_specs=cap(MountDescriber), usage=cap(UsageMeter))  # type: ignore[arg-type]
 
 
-__all__ = ["Capabilities", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountDescriber",
+__all__ = ["ApplyPlan", "ApplyPlanner", "Capabilities", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountDescriber",
            "MountSpec", "NativeApply", "NativeChanges", "NativeDiff", "NativeDiffSize", "NativeFileGetter",
            "UsageMeter"]

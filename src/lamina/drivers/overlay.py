@@ -48,6 +48,7 @@ shared with windowsfilter; this module is the overlay2 layout on top of it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ from lamina.archive.change import Change
 from lamina.archive.changes import changes_overlay, tree_size
 from lamina.archive.export import tar_tree
 from lamina.drivers.base import (
+    ApplyPlan,
     CreateOptions,
     Driver,
     DriverContext,
@@ -459,8 +461,9 @@ class OverlayDriver(Driver):
         own = self._parent_of(layer_id)
         return own is not False and own == (parent or None)
 
-    def apply_diff(self, layer_id: str, parent: str | None, chain: Sequence[str],
-                   stream: IO[bytes], tarsplit: IO[bytes] | None = None) -> int | None:
+    def apply_plan(self, layer_id: str, parent: str | None, chain: Sequence[str]) -> ApplyPlan | None:
+        """Each layer into its own upper directory; the lowers are only read (hardlink
+        copy-up, symlink checks), so layers of one chain can be unpacked side by side."""
         if list(chain[1:2]) != ([parent] if parent else []) or self.is_mounted(layer_id):
             return None
         opts = ApplyOptions(
@@ -468,9 +471,15 @@ class OverlayDriver(Driver):
             opaque_xattr=self.opaque_xattr,
             uid_map=self.ctx.uid_map, gid_map=self.ctx.gid_map,
             lower_roots=[self._upper(p) for p in chain[1:]],
-            tarsplit=tarsplit,
         )
-        return apply_tar(self._upper(layer_id), stream, opts)
+        return ApplyPlan(self._upper(layer_id), opts)
+
+    def apply_diff(self, layer_id: str, parent: str | None, chain: Sequence[str],
+                   stream: IO[bytes], tarsplit: IO[bytes] | None = None) -> int | None:
+        plan = self.apply_plan(layer_id, parent, chain)
+        if plan is None:
+            return None
+        return apply_tar(plan.root, stream, dataclasses.replace(plan.options, tarsplit=tarsplit))
 
     def diff(self, layer_id: str, parent: str | None) -> Iterator[bytes] | None:
         if not self._native_against(layer_id, parent):

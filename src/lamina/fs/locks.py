@@ -53,6 +53,14 @@ class _FdLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def fileno(self) -> int:
+        """The descriptor that holds the lock. A child process given it (``pass_fds``)
+        shares the open file description, and with it the lock, until both have closed
+        it: how a worker process keeps a layer busy for as long as it writes there."""
+        if self._fd is None:
+            raise ValueError(f"lock on {self.path} is not held")
+        return self._fd
+
     def __enter__(self) -> _FdLock:
         self.acquire()
         return self

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from lamina.cli.invocation import Invocation
 
 
+def _jobs(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of layers, 1 or more")
+    return n
+
+
 def cmd_load(inv: Invocation) -> int:
     from lamina.cli.output import UsageError, is_tty
 
@@ -31,7 +43,8 @@ def cmd_load(inv: Invocation) -> int:
     if source == "-" and is_tty(inv.stdin):
         raise UsageError("refusing to read an image archive from a terminal: pipe one in or name a file")
     with inv.progress("loading") as bar:
-        result = load_images(inv.store, source, stdin=inv.stdin, progress=bar, tag=args.tag)
+        result = load_images(inv.store, source, stdin=inv.stdin, progress=bar, tag=args.tag,
+                             jobs=args.jobs)
     lines = []
     for rec in result.images:
         lines += [f"Loaded image: {n}" for n in rec.names] or [f"Loaded image ID: {rec.id}"]
@@ -124,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--input", default=None, metavar="FILE", help="same as FILE (docker load -i)")
     p.add_argument("--tag", default=None, metavar="NAME",
                    help="name the image (archives of one image only)")
+    p.add_argument("-j", "--jobs", type=_jobs, default=None, metavar="N",
+                   help="layers unpacked side by side where the driver allows it "
+                        "(overlay; default: one per CPU; 1: one after the other)")
     p.set_defaults(func=cmd_load)
 
     p = verbs.add_parser("save", help="save images as a docker-save archive or an OCI layout",

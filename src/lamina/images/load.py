@@ -3,7 +3,7 @@
 The path of one layer, read once::
 
     archive member --pread--> HashingReader (blob digest, if compressed) --> decompress
-        --> store.apply_diff(chain ID, parent chain ID), which hashes the tar (DiffID)
+        --> store.chain_apply().add(chain ID, parent chain ID), which hashes the tar (DiffID)
 
 The store reads the tar to its very end (padding included) and records its sha256; we
 read whatever follows a compressed stream through the blob hash, then compare both
@@ -15,6 +15,12 @@ loaded before, or the same image loaded again) is not read at all: a second load
 image costs a few JSON reads. Loads and removals hold the images lock, so one load
 cannot remove or reuse a layer another is still making.
 
+Where the store's driver allows it (overlay) and the source can be read in several
+places at once (an archive on disk, a layout), the layers of an image are unpacked
+side by side (:mod:`lamina.chainapply`: the layers above the bottom one in worker
+processes), each made ready only after its parent, and checked in chain order as
+before; a failure anywhere still leaves nothing of the image.
+
 A load killed outright cannot roll back: before making each layer it names it in a
 journal (:mod:`lamina.images.journal`), deleted once the image records are written, and
 every load first undoes the journals of dead loads (:mod:`lamina.images.recover`), as
@@ -23,8 +29,10 @@ every load first undoes the journals of dead loads (:mod:`lamina.images.recover`
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +50,7 @@ from lamina.images.spec import ImageSpec, LayerBlob
 from lamina.streams import CountingReader, HashingReader
 
 if TYPE_CHECKING:
-    from lamina.layerstore import LayerStore
+    from lamina.layerstore import ChainApplier, LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +94,13 @@ def read_archive(src: Source) -> list[ImageSpec]:
 
 
 def load(store: LayerStore, path: str | Path | None, *, stdin: IO[bytes] | None = None,
-         progress: ProgressSink | None = None, tag: str | None = None) -> LoadResult:
+         progress: ProgressSink | None = None, tag: str | None = None,
+         jobs: int | None = None) -> LoadResult:
     """Load every image of the archive at ``path`` (``-``/None: ``stdin``) into ``store``.
 
     ``tag`` names the image when the archive gives it no name (only with one image).
+    ``jobs``: layers unpacked side by side where the store's driver allows it (None:
+    one per CPU; 1: one after the other).
     """
     records = ImageRecords(store.root)
     spool_progress = progress.update if progress is not None else None
@@ -99,17 +110,22 @@ def load(store: LayerStore, path: str | Path | None, *, stdin: IO[bytes] | None 
             if len(specs) != 1:
                 raise ImageError(f"{src.label}: --tag needs an archive of one image, this one has {len(specs)}")
             specs[0].names = [normalize(tag)]
-        return load_specs(store, src, specs, progress=progress, records=records)
+        return load_specs(store, src, specs, progress=progress, records=records, jobs=jobs)
 
 
 def load_specs(store: LayerStore, src: Source, specs: list[ImageSpec], *,
                progress: ProgressSink | None = None,
-               records: ImageRecords | None = None) -> LoadResult:
+               records: ImageRecords | None = None, jobs: int | None = None) -> LoadResult:
     """Load ``specs`` (images already read and checked) whose blobs ``src`` holds.
 
     The path every image source shares (an archive, a registry): under the images lock,
     undo killed loads, then stream each layer in, journalled, and write the records.
+    Layers are unpacked side by side (``jobs``, see :func:`load`) only from a source
+    whose blobs can be read at once (:attr:`Source.concurrent`); a registry's arrive
+    in order, each cancelling the downloads before it.
     """
+    if not getattr(src, "concurrent", False):
+        jobs = 1
     records = records or ImageRecords(store.root)
     result = LoadResult()
     with records.lock():
@@ -123,7 +139,7 @@ def load_specs(store: LayerStore, src: Source, specs: list[ImageSpec], *,
         try:
             for n, spec in enumerate(specs, 1):
                 rec = _load_image(store, records, src, spec, progress, result, journal,
-                                  f"image {n}/{len(specs)}" if len(specs) > 1 else "")
+                                  f"image {n}/{len(specs)}" if len(specs) > 1 else "", jobs)
                 result.images.append(rec)
         except BaseException:
             # the failed image was rolled back; if a layer of it could not be removed,
@@ -157,26 +173,38 @@ def _bytes_to_read(store: LayerStore, src: Source, specs: list[ImageSpec]) -> in
 
 def _load_image(store: LayerStore, records: ImageRecords, src: Source, spec: ImageSpec,
                 progress: ProgressSink | None, result: LoadResult, journal: LoadJournal,
-                prefix: str) -> ImageRecord:
+                prefix: str, jobs: int | None) -> ImageRecord:
     chains = spec.chain_ids
     made: list[str] = []
+    inflight: collections.deque[_InFlight] = collections.deque()
+    on_read = _locked_updates(progress)
     try:
-        parent: str | None = None
-        for i, (blob, chain) in enumerate(zip(spec.layers, chains, strict=True), 1):
-            lid = layer_id(chain)
-            what = f"{src.label}: layer {i} ({blob.path})"
-            if store.exists(lid) and _reusable(store, records, lid, parent, blob.diff_id, what):
-                result.layers_reused += 1
-            else:
-                if progress is not None:
-                    progress.label = " ".join(x for x in (prefix, f"layer {i}/{len(chains)}") if x)
-                result.bytes_read += _apply_layer(store, src, blob, lid, parent, what, progress,
-                                                  made, journal)
-                result.layers_loaded += 1
-            parent = lid
+        todo = [src.size(b.path) for b, c in zip(spec.layers, chains, strict=True)
+                if not store.exists(layer_id(c))]
+        with store.chain_apply(jobs, sizes=todo) as batch:
+            parent: str | None = None
+            for i, (blob, chain) in enumerate(zip(spec.layers, chains, strict=True), 1):
+                lid = layer_id(chain)
+                what = f"{src.label}: layer {i} ({blob.path})"
+                if store.exists(lid) and _reusable(store, records, lid, parent, blob.diff_id, what):
+                    result.layers_reused += 1
+                else:
+                    while len(inflight) >= batch.jobs:
+                        result.bytes_read += _settle(store, src, batch, inflight.popleft())
+                    inflight.append(_start_layer(src, batch, blob, lid, parent, what, on_read,
+                                                 made, journal, i))
+                    if progress is not None:
+                        progress.label = " ".join(x for x in (prefix, _layers_label(inflight, len(chains))) if x)
+                    result.layers_loaded += 1
+                parent = lid
+            while inflight:
+                result.bytes_read += _settle(store, src, batch, inflight.popleft())
     except BaseException:
-        _undo(store, made)
+        _undo(store, made)  # the batch has abandoned the layers it had not made ready
         raise
+    finally:
+        for layer in inflight:
+            layer.close()
     old = records.get(spec.config_digest)
     names = list(dict.fromkeys((old.names if old else []) + spec.names))
     rec = ImageRecord(id=spec.config_digest, names=names, diff_ids=spec.diff_ids,
@@ -184,6 +212,24 @@ def _load_image(store: LayerStore, records: ImageRecords, src: Source, spec: Ima
     records.take_names(spec.names, rec.id)
     records.put(rec)
     return rec
+
+
+def _layers_label(inflight: collections.deque[_InFlight], total: int) -> str:
+    first, last = inflight[0].index, inflight[-1].index
+    return f"layer {first}/{total}" if first == last else f"layers {first}-{last}/{total}"
+
+
+def _locked_updates(progress: ProgressSink | None) -> Callable[[int], None] | None:
+    """``progress.update`` safe to call from the threads that feed layers side by side."""
+    if progress is None:
+        return None
+    lock = threading.Lock()
+
+    def update(n: int) -> None:
+        with lock:
+            progress.update(n)
+
+    return update
 
 
 def _reusable(store: LayerStore, records: ImageRecords, lid: str, parent: str | None, diff_id: str,
@@ -208,10 +254,30 @@ def _reusable(store: LayerStore, records: ImageRecords, lid: str, parent: str | 
     raise ImageError(f"{what}: layer {lid} exists in the store with DiffID {held}, not {diff_id}, {advice}")
 
 
-def _apply_layer(store: LayerStore, src: Source, blob: LayerBlob, lid: str, parent: str | None,
-                 what: str, progress: ProgressSink | None, made: list[str],
-                 journal: LoadJournal) -> int:
-    """Stream one blob into layer ``lid``, verifying both digests; return its size.
+@dataclass(eq=False)
+class _InFlight:
+    """A layer handed to the chain apply, and what checking it needs once it is made."""
+
+    lid: str
+    blob: LayerBlob
+    what: str
+    kind: str
+    size: int
+    index: int
+    raw: IO[bytes]
+    #: hashes the compressed blob (None: an uncompressed sha256 blob, hashed by the store)
+    outer: HashingReader | None
+
+    def close(self) -> None:
+        if self.outer is not None:
+            self.outer.close()  # the hashing thread, if the load failed before the digest
+        self.raw.close()
+
+
+def _start_layer(src: Source, batch: ChainApplier, blob: LayerBlob, lid: str, parent: str | None,
+                 what: str, on_read: Callable[[int], None] | None, made: list[str],
+                 journal: LoadJournal, index: int) -> _InFlight:
+    """Open one blob and hand its uncompressed stream to the chain apply.
 
     The store hashes the uncompressed stream it applies (to the end, padding included)
     and records that DiffID; this reader hashes only what the store cannot see, the
@@ -223,10 +289,9 @@ def _apply_layer(store: LayerStore, src: Source, blob: LayerBlob, lid: str, pare
     with src.open(blob.path) as probe:
         kind = compress.sniff(probe.read(compress.SNIFF_BYTES))
     algorithm = split_digest(blob.digest)[0] if blob.digest else "sha256"
-    on_read: Callable[[int], None] | None = progress.update if progress is not None else None
-    with src.open(blob.path) as raw:
-        outer: HashingReader | None = None
-        blob_digest: str | None = None
+    raw = src.open(blob.path)
+    outer: HashingReader | None = None
+    try:
         if kind == compress.NONE and algorithm == "sha256":
             head: IO[bytes] = CountingReader(raw, on_read) if on_read else raw  # type: ignore[assignment]
         else:
@@ -238,30 +303,43 @@ def _apply_layer(store: LayerStore, src: Source, blob: LayerBlob, lid: str, pare
             stream = io.BufferedReader(compress.decompressed(buffered, kind, what), _BUFFER)  # type: ignore[arg-type]
         journal.add(lid)  # before the layer exists: a kill from here on leaves it journalled
         made.append(lid)
+        # the blob's size: about the tar's, or the least of it when compressed
+        batch.add(lid, parent, stream, expected_diff_id=blob.diff_id, size_hint=size)
+    except BaseException:
+        if outer is not None:
+            outer.close()
+        raw.close()
+        raise
+    return _InFlight(lid, blob, what, kind, size, index, raw, outer)
+
+
+def _settle(store: LayerStore, src: Source, batch: ChainApplier, layer: _InFlight) -> int:
+    """Wait for the oldest layer in flight to be made; verify both digests; its blob size."""
+    blob, outer, kind, what = layer.blob, layer.outer, layer.kind, layer.what
+    blob_digest: str | None = None
+    try:
         try:
-            try:
-                store.apply_diff(lid, parent, stream, expected_diff_id=blob.diff_id)
-            except DiffIDMismatch as e:
-                # the store kept nothing; a wrong blob digest explains it better, if wrong
-                if outer is not None:
-                    outer.drain()
-                _verify(blob, outer.digest() if outer is not None else e.actual, e.actual, kind, what)
-                raise ImageError(f"{what}: {e}") from e
-            except LaminaError as e:
-                # a damaged blob often breaks the tar first; the digest says why, if it can
-                _explain_failure(src, blob, outer, kind, what)
-                raise ImageError(f"{what}: {e}") from e
+            batch.finish(layer.lid)
+        except DiffIDMismatch as e:
+            # the store kept nothing; a wrong blob digest explains it better, if wrong
             if outer is not None:
-                outer.drain()  # whatever follows the compressed stream counts for the digest
-                blob_digest = outer.digest()
-        finally:
-            if outer is not None:
-                outer.close()  # the hashing thread, if the load failed before the digest
-    diff_id = store.layer(lid).diff_id
+                outer.drain()
+            _verify(blob, outer.digest() if outer is not None else e.actual, e.actual, kind, what)
+            raise ImageError(f"{what}: {e}") from e
+        except LaminaError as e:
+            # a damaged blob often breaks the tar first; the digest says why, if it can
+            _explain_failure(src, blob, outer, kind, what)
+            raise ImageError(f"{what}: {e}") from e
+        if outer is not None:
+            outer.drain()  # whatever follows the compressed stream counts for the digest
+            blob_digest = outer.digest()
+    finally:
+        layer.close()
+    diff_id = store.layer(layer.lid).diff_id
     if outer is None:
         blob_digest = diff_id
     _verify(blob, blob_digest, diff_id, kind, what)
-    return size
+    return layer.size
 
 
 def _explain_failure(src: Source, blob: LayerBlob, outer: HashingReader | None, kind: str,

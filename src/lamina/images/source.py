@@ -44,6 +44,9 @@ class Source(Protocol):
 
     #: how errors name the archive ("image.tar", "stdin", "layout/")
     label: str
+    #: whether several members can be read at once, each from its own reader, so that
+    #: layers can be unpacked side by side (taken as False where a source lacks it)
+    concurrent: bool
 
     def has(self, name: str) -> bool: ...
 
@@ -131,6 +134,9 @@ class _Member:
 
 class TarSource:
     """An uncompressed tar file on disk (seekable), indexed by member name."""
+
+    #: members are read with pread, no shared position: any number at once
+    concurrent = True
 
     def __init__(self, f: IO[bytes], label: str) -> None:
         self.label = label
@@ -220,6 +226,9 @@ class TarSource:
 
 class DirSource:
     """An archive unpacked in a directory (an OCI image layout, usually)."""
+
+    #: each member is a file of its own
+    concurrent = True
 
     def __init__(self, root: Path, label: str | None = None) -> None:
         self.root = root.resolve()

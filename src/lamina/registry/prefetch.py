@@ -324,6 +324,9 @@ class _PipeReader(io.RawIOBase):
 class RegistrySource:
     """The :class:`lamina.images.source.Source` of one pull: blob names are digests."""
 
+    #: blobs are read in chain order: opening one cancels the downloads before it
+    concurrent = False
+
     def __init__(self, client: RegistryClient, repository: str, blobs: list[tuple[str, int]],
                  *, parallel: int = PARALLEL, memory: int = MEMORY_BUDGET,
                  known: dict[str, int] | None = None,
