@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from lamina import liveness
 from lamina.archive.tar.split import reassemble
-from lamina.errors import LaminaError
+from lamina.errors import LaminaError, MountKept
 from lamina.fs import staging
 from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id
@@ -367,7 +367,10 @@ _REPAIRS: dict[Kind, Callable[[Store, Problem], list[str]]] = {
 def cleanup(store: Store, *, unmount_all: bool = False) -> list[str]:
     """``Store.cleanup``: repair every repairable problem the scan finds (content is not
     re-hashed), then let the driver tidy its own. With ``unmount_all`` every reference
-    is dropped first, so every view is unmounted (dockerd's Cleanup at shutdown)."""
+    is dropped first, so every view is unmounted (dockerd's Cleanup at shutdown), and
+    then the driver's own mounts go too; what is still in use stays mounted and is
+    raised at the end as :class:`MountKept` (carrying what was mended meanwhile), so a
+    face can never answer "all released" when it was not."""
     done: list[str] = []
     if unmount_all:
         done += _reset_boot(store)  # said as such, before the rest goes unsaid
@@ -377,20 +380,31 @@ def cleanup(store: Store, *, unmount_all: bool = False) -> list[str]:
         known = {r.id for r in db.layers()}
     done += store.driver.cleanup(known)
     if unmount_all:
-        done += release_own_mounts(store)
+        released, kept = release_own_mounts(store)
+        done += released
+        if kept:
+            for line in kept:
+                log.warning("not released: %s", line)
+            raise MountKept(f"{len(kept)} mount(s) of the store could not be released: " + "; ".join(kept),
+                            kept=kept, done=done)
     return done
 
 
-def release_own_mounts(store: Store) -> list[str]:
+def release_own_mounts(store: Store) -> tuple[list[str], list[str]]:
     """At the end of use, what the driver keeps mounted by itself goes too (overlay's
     size-limit images and their loop devices), for every layer held idle: no view of it
-    or of a layer built on it is mounted, nobody is at work on it. New mounts wait
-    meanwhile; the driver mounts what it needs again when a layer is next used."""
+    or of a layer built on it is mounted, nobody is at work on it, and nothing outside
+    the store still uses it (the driver checks that). New mounts wait meanwhile; the
+    driver mounts what it needs again when a layer is next used.
+
+    Returns (lines released, lines kept): each of the driver's own mounts still mounted
+    afterwards is one kept line saying why."""
     done: list[str] = []
+    kept: list[str] = []
     with store.mounts.no_mount_in_flight() as quiet:
         if not quiet:
-            log.info("mounts kept being made; the driver's own mounts stay until next time")
-            return done
+            return done, ["the driver's own mounts (size-limit images) were not released: "
+                          "the store's mounts kept being made for 2 s; run the cleanup again"]
         with store.records.read() as db:
             records = {r.id: r for r in db.layers()}
             mounted = {m.layer for m in db.mounts()}
@@ -400,8 +414,22 @@ def release_own_mounts(store: Store) -> list[str]:
             while cur is not None and cur not in in_use:  # a view shows its whole chain
                 in_use.add(cur)
                 cur = records[cur].parent if cur in records else None
+        refused: set[str] = set()
         for lid in sorted(set(records) - in_use):
             with store.work_locks.idle(lid) as free:
-                if free:
+                if not free:
+                    continue
+                try:
                     done += store.driver.release_own_mounts(lid)
-    return done
+                except MountKept as e:
+                    kept.append(str(e))
+                    refused.add(lid)
+        still = {os.path.realpath(p) for p in store.driver.own_mounts()} & set(mounts_under(store.root))
+        for point in sorted(still):
+            owner = next((lid for lid in records if point.startswith(
+                os.path.realpath(store.driver.layer_dir(lid)) + "/")), None)
+            if owner in refused:
+                continue
+            why = "in use by the store (a view of it or of a layer above it, or work on it)"
+            kept.append(f"{'layer ' + owner + ': ' if owner else ''}{point} is still mounted: {why}")
+    return done, kept

@@ -176,7 +176,10 @@ class Driver(abc.ABC):
         :meth:`own_mounts`), to be mounted again when the layer is next used; one line
         per thing released. The store calls it at the end of use (``cleanup`` with
         ``unmount_all``) for a layer it holds idle: no view of it, or of a layer built on
-        it, is mounted, and nobody is at work on it."""
+        it, is mounted, and nobody is at work on it. Something the store cannot see may
+        still use it (a mount containerd made from the layer's snapshot): then it is
+        left as it is and :class:`lamina.errors.MountKept` is raised, never a lazy
+        unmount that would let a later use attach it a second time."""
         return []
 
     def is_mounted(self, layer_id: str) -> bool:

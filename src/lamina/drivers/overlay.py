@@ -72,6 +72,7 @@ from lamina.errors import (
     DriverUnavailable,
     InvalidOption,
     LaminaError,
+    MountKept,
     QuotaNotSupported,
     UnsupportedFilesystem,
 )
@@ -203,13 +204,18 @@ class OverlayDriver(Driver):
         quota.mount_image(d / "size.img", sized)
 
     def release_own_mounts(self, layer_id: str) -> list[str]:
-        """Unmount a sized layer's image (and with it its loop device); the next use of
-        the layer mounts it again (:meth:`_upper`)."""
+        """Unmount a sized layer's image (and with it its loop device) unless its
+        filesystem is still in use, such as under a container that containerd mounted
+        from this layer's snapshot (:func:`lamina.fs.quota.release_image`); the next use
+        of the layer mounts it again (:meth:`_upper`). Raises :class:`MountKept` when
+        it stays."""
         d = self.layer_dir(layer_id)
         sized = d / "sized"
         if not (d / "size.img").exists() or not is_mountpoint(sized) or is_mountpoint(d / "merged"):
             return []
-        quota.unmount_image(sized, d / "size.img")
+        if not quota.release_image(sized, d / "size.img"):
+            raise MountKept(f"layer {layer_id}: its size-limit image {sized} is still in use (a mount "
+                            "outside the store, such as a container's, or a process inside it); kept mounted")
         return [f"released the size-limit image of layer {layer_id}"]
 
     def _link(self, layer_id: str) -> str:
