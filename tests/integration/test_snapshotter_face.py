@@ -4,6 +4,8 @@ real containerd is tests/integration/test_snapshotter_containerd.py.)"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import shutil
 import socket
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 import lamina
 from conftest import require_overlay, run_cli
-from lamina.errors import LayerNotFound
+from lamina.errors import ChainTooDeep, LayerNotFound
 from lamina.snapshotter.filters import InvalidFilter, parse_all
 from lamina.snapshotter.service import SnapshotService
 from snapshotter_support import (
@@ -139,6 +141,34 @@ def test_recovery_forgets_snapshots_whose_layer_is_gone(tmp_path: Path) -> None:
     svc.prepare("b", "A")  # the key is free again
     with pytest.raises(LayerNotFound):
         store.layer("no-such-layer")
+    store.close()
+
+
+def test_a_failed_rollback_does_not_hide_why_prepare_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Prepare's own error reaches the client even when undoing it fails too; the
+    rollback's failure is logged, and what it left is mended later."""
+    store = lamina.open(tmp_path / "store", "vfs")
+    svc = SnapshotService(store)
+
+    def refuse(layer_id: str) -> list:  # type: ignore[type-arg]
+        raise ChainTooDeep(f"layer {layer_id}: too deep for containerd")
+
+    def broken_remove(layer_id: str, **kw: object) -> None:
+        raise OSError(errno.EIO, "disk went away")
+
+    monkeypatch.setattr(store, "mount_specs", refuse)
+    monkeypatch.setattr(store, "remove", broken_remove)
+    with caplog.at_level(logging.ERROR, logger="lamina.snapshotter.service"):
+        with pytest.raises(ChainTooDeep, match="too deep") as e:
+            svc.prepare("k")
+    assert any("disk went away" in note for note in e.value.__notes__)
+    assert "undoing it failed too: [Errno 5] disk went away" in caplog.text
+    monkeypatch.undo()
+    # the layer could not go, so its row stays, for containerd's GC (or Remove) to drop
+    assert [s.key for s in svc.list()] == ["k"]
+    svc.remove("k")
+    assert store.layers() == []
     store.close()
 
 

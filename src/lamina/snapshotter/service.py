@@ -168,14 +168,28 @@ class SnapshotService:
             made = True
             # a chain whose mounts containerd could not perform is refused here
             return self.store.mount_specs(layer)
-        except BaseException:
+        except BaseException as e:
+            self._roll_back(kind, key, layer, made, e)
+            raise
+
+    def _roll_back(self, kind: str, key: str, layer: str, made: bool, cause: BaseException) -> None:
+        """Undo a failed Prepare or View. The caller re-raises ``cause``, the error the
+        client must see: a failure here is logged and noted on it, never raised in its
+        place. If the layer cannot be removed its row stays: the snapshot is then
+        there for containerd's garbage collector (it removes what its metadata does not
+        name) or for Cleanup, instead of a layer no key names."""
+        try:
             if made:
                 self.store.remove(layer)
             with self.store.records.write() as db:
                 cur = db.snapshot(key, ready_only=False)
                 if cur is not None and cur.layer == layer:
                     db.delete_snapshot(key)
-            raise
+        except Exception as failure:  # noqa: BLE001 - reported, and the cause is what is raised
+            log.error("%s %r failed (%s) and undoing it failed too: %s; its layer %s is left for "
+                      "Cleanup or containerd's garbage collector", "view" if kind == VIEW else "prepare", key, cause,
+                      failure, layer)
+            cause.add_note(f"undoing it failed too: {failure!r} (layer {layer} left for cleanup)")
 
     @staticmethod
     def _parent_layer(db: Reader, parent: str) -> str | None:
