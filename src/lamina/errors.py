@@ -47,6 +47,17 @@ class LoopImageBusy(LayerBusy):
     two filesystems on one file."""
 
 
+class LayerNamedBySnapshot(LayerBusy):
+    """The layer is a containerd snapshot (``key``): only the snapshotter removes it
+    (containerd's Remove or garbage collector), or containerd would be left with a
+    snapshot whose layer is gone under a container or image."""
+
+    def __init__(self, layer_id: str, key: str, kind: str) -> None:
+        self.layer_id, self.key, self.kind = layer_id, key, kind
+        super().__init__(f"layer {layer_id} is the {kind} containerd snapshot {key!r}; remove it through "
+                         f"containerd (ctr snapshots rm, or its garbage collector), not as a layer")
+
+
 class MountKept(LaminaError):
     """Something the store mounted could not be released because it is still in use
     (``cleanup`` with ``unmount_all``); it was left mounted. ``kept`` names each such

@@ -28,6 +28,7 @@ from lamina.errors import (
     LayerBusy,
     LayerExists,
     LayerHasChildren,
+    LayerNamedBySnapshot,
     LayerNotFound,
     NoSpace,
     ParentNotFound,
@@ -129,12 +130,17 @@ class Lifecycle:
 
     # -- removing -----------------------------------------------------------------------
 
-    def mark_removing(self, layer_id: str) -> None:
-        """The first step of a removal, refused for a layer with children or mounts."""
+    def mark_removing(self, layer_id: str, *, snapshot: str | None = None) -> None:
+        """The first step of a removal, refused for a layer with children or mounts, and
+        for a layer a containerd snapshot names unless ``snapshot`` is that key (the
+        snapshotter removing its own)."""
         with self._mounts.settled(layer_id), self._records.write() as db:
             rec = db.layer(layer_id)
             if rec is None:
                 raise LayerNotFound(f"layer {layer_id} not found")
+            owner = db.snapshot_of_layer(layer_id)
+            if owner is not None and owner.key != snapshot:
+                raise LayerNamedBySnapshot(layer_id, owner.key, owner.kind)
             kids = db.children(layer_id)
             if kids:
                 more = f" and {len(kids) - 3} more" if len(kids) > 3 else ""

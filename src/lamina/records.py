@@ -288,6 +288,15 @@ class Reader:
         where = f" WHERE {_READY_LAYER}" if ready_only else ""
         return [_snapshot(r) for r in self._db.execute(_SNAPSHOT_COLUMNS + where + " ORDER BY key")]
 
+    def snapshot_of_layer(self, layer_id: str) -> SnapshotRecord | None:
+        """The snapshot (in any state) whose layer is ``layer_id``, if any."""
+        row = self._db.execute(_SNAPSHOT_COLUMNS + " WHERE layer = ?", (layer_id,)).fetchone()
+        return _snapshot(row) if row else None
+
+    def snapshot_keys(self) -> dict[str, str]:
+        """layer ID -> the containerd key (or committed name) of every snapshot row."""
+        return dict((r[0], r[1]) for r in self._db.execute("SELECT layer, key FROM snapshots"))
+
     def snapshot_children(self, key: str) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT key FROM snapshots WHERE parent = ? ORDER BY key", (key,))]
 
@@ -407,17 +416,6 @@ class Writer(Reader):
 
     def delete_snapshot(self, key: str) -> None:
         self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
-
-    def drop_snapshots_without_layer(self, keep: set[str]) -> list[str]:
-        """Forget snapshots whose layer has no record at all (a Prepare that died before
-        its layer was begun, a Remove that died after its layer went), except the keys in
-        ``keep`` (calls still running in this process). Returns the keys forgotten."""
-        rows = self._db.execute("SELECT key FROM snapshots WHERE layer NOT IN (SELECT id FROM layers)"
-                                " ORDER BY key").fetchall()
-        gone = [r[0] for r in rows if r[0] not in keep]
-        for key in gone:
-            self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
-        return gone
 
 
 def _put_order(persistent: bool) -> str:

@@ -5,6 +5,7 @@ real containerd is tests/integration/test_snapshotter_containerd.py.)"""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 import socket
@@ -16,7 +17,8 @@ import pytest
 
 import lamina
 from conftest import require_overlay, run_cli
-from lamina.errors import ChainTooDeep, LayerNotFound
+from lamina.errors import ChainTooDeep, LayerNamedBySnapshot, LayerNotFound
+from lamina.records import LayerState
 from lamina.snapshotter.filters import InvalidFilter, parse_all
 from lamina.snapshotter.service import SnapshotService
 from snapshotter_support import (
@@ -135,12 +137,115 @@ def test_recovery_forgets_snapshots_whose_layer_is_gone(tmp_path: Path) -> None:
     svc.commit("A", "a")
     svc.prepare("b", "A")
     layer = next(s.layer for s in svc.list() if s.key == "b")
-    store.remove(layer)  # as if a Remove died between the layer and the record
+    # as if a Remove died after marking its layer, and a cleanup finished the layer's
+    # removal without the snapshotter's hook that drops the row
+    store.remove(layer, snapshot="b")
     assert [s.key for s in svc.list()] == ["A"]  # a row without its layer is not seen
     assert svc.recover() == ["forgot snapshot 'b': its layer is gone"]
     svc.prepare("b", "A")  # the key is free again
     with pytest.raises(LayerNotFound):
         store.layer("no-such-layer")
+    store.close()
+
+
+def test_lamina_rm_of_a_snapshot_layer_is_refused_naming_the_key(snap: InProcessSnapshotter,
+                                                                 tmp_path: Path) -> None:
+    sn = snap.client
+    sn.prepare("default/1/extract-1 sha256:abc")
+    sn.commit("default/2/sha256:abc", "default/1/extract-1 sha256:abc")
+    sn.prepare("default/3/container", "default/2/sha256:abc")
+    rows = {s.key: s.layer for s in snap.service.list()}
+    active = rows["default/3/container"]
+    with pytest.raises(LayerNamedBySnapshot) as e:
+        snap.store.remove(active)
+    assert e.value.key == "default/3/container" and e.value.kind == "active"
+    root = str(tmp_path / "store")
+    out = run_cli("--root", root, "--json", "rm", active)
+    assert out.returncode == 1
+    (failed,) = json.loads(out.stdout)["failed"]
+    assert failed["kind"] == "LayerNamedBySnapshot" and "'default/3/container'" in failed["message"]
+    assert "'default/3/container'" in out.stderr.decode()
+    assert snap.store.exists(active) and "default/3/container" in {s.key for s in snap.service.list()}
+    # through the snapshotter it goes, and its row with it
+    sn.remove("default/3/container")
+    assert not snap.store.exists(active)
+    # a plain layer beside them is still removed as ever
+    snap.store.create("f" * 64)
+    assert run_cli("--root", root, "rm", "f" * 64).returncode == 0
+
+
+def test_lamina_ls_shows_each_layers_containerd_key(snap: InProcessSnapshotter, tmp_path: Path) -> None:
+    sn = snap.client
+    sn.prepare("default/1/extract-1 sha256:abc")
+    sn.commit("default/2/sha256:abc", "default/1/extract-1 sha256:abc")
+    sn.prepare("default/3/container", "default/2/sha256:abc")
+    snap.store.create("p" * 64)
+    rows = {s.key: s.layer for s in snap.service.list()}
+    root = str(tmp_path / "store")
+    listed = {r["id"]: r["snapshot"] for r in json.loads(run_cli("--root", root, "--json", "ls").stdout)}
+    assert listed == {rows["default/2/sha256:abc"]: "default/2/sha256:abc",
+                      rows["default/3/container"]: "default/3/container", "p" * 64: None}
+    lines = run_cli("--root", root, "ls").stdout.decode().splitlines()
+    assert lines[0].split() == ["ID", "PARENT", "KIND", "SIZE", "MOUNTS", "SNAPSHOT"]
+    table = {line.split()[0]: line for line in lines[1:]}
+    assert table[rows["default/3/container"]].endswith("  default/3/container")
+    assert table["p" * 64].endswith("  -")
+
+
+def _set_row(store: lamina.Store, key: str, sql: str, *args: object) -> None:
+    """Damage one snapshot row, as a bug or a hand at the database would."""
+    with store.records.write() as db:
+        db._db.execute(f"UPDATE snapshots SET {sql} WHERE key = ?", (*args, key))
+
+
+def test_check_reports_snapshots_whose_layer_is_missing_or_unfinished(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = lamina.open(root, "vfs")
+    svc = SnapshotService(store)
+    svc.prepare("a")
+    svc.commit("A", "a")
+    svc.prepare("gone", "A")
+    svc.prepare("half", "A")
+    rows = {s.key: s.layer for s in svc.list()}
+    _set_row(store, "gone", "layer = ?", "0" * 32)  # its layer has no record
+    with store.records.write() as db:  # a Prepare killed while its layer was made
+        db.set_state(rows["half"], LayerState.CREATING)
+    out = run_cli("--root", str(root), "--json", "check", "--fast")
+    assert out.returncode == 1
+    problems = {(p["layer"], p["message"]) for p in json.loads(out.stdout)["problems"]}
+    assert ("0" * 32, "containerd snapshot 'gone' names this layer, which has no record") in problems
+    assert (rows["half"], "containerd snapshot 'half' names this layer, whose creation was interrupted") in problems
+    fixed = run_cli("--root", str(root), "--json", "check", "--fast", "--repair")
+    assert fixed.returncode == 0, fixed.stdout
+    repaired = json.loads(fixed.stdout)["repaired"]
+    assert "forgot snapshot 'gone': its layer is gone" in repaired
+    assert f"dropped half-made layer {rows['half']}" in repaired
+    assert "forgot snapshot 'half': its layer is gone" in repaired
+    with store.records.read() as db:
+        assert [s.key for s in db.snapshots(ready_only=False)] == ["A"]
+    assert run_cli("--root", str(root), "check", "--fast").returncode == 0
+    store.close()
+
+
+def test_check_reports_a_snapshot_that_disagrees_with_its_layer(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = lamina.open(root, "vfs")
+    svc = SnapshotService(store)
+    svc.prepare("a")
+    svc.commit("A", "a")
+    svc.prepare("b", "A")
+    svc.prepare("c")
+    _set_row(store, "b", "kind = 'committed'")
+    _set_row(store, "c", "parent = 'A'")
+    out = run_cli("--root", str(root), "--json", "check", "--fast", "--repair")
+    assert out.returncode == 1
+    found = {p["message"]: p["repairable"] for p in json.loads(out.stdout)["problems"]}
+    assert found == {
+        "containerd snapshot 'b': it is committed but its layer is read-write": False,
+        f"containerd snapshot 'c': its parent 'A' is layer {svc.stat('A').layer}, but its layer's parent is None":
+            False,
+    }
+    assert {s.key for s in svc.list()} == {"A", "b", "c"}, "never repaired away"
     store.close()
 
 

@@ -57,12 +57,21 @@ def cmd_info(inv: Invocation) -> int:
 
 
 def cmd_ls(inv: Invocation) -> int:
+    """The complete layers; a layer that is a containerd snapshot shows its key (or
+    committed name) in a last SNAPSHOT column (only when the store has any) and as
+    ``snapshot`` in ``--json`` (null for the others)."""
     records = inv.store.layers()
+    keys = inv.store.snapshot_keys()
     rows = [[r.id, r.parent or "-", "rw" if r.rw else "ro",
              human_bytes(r.size) if r.size is not None else "-", str(r.mount_count)]
             for r in records]
-    text = table(["ID", "PARENT", "KIND", "SIZE", "MOUNTS"], rows) if rows else []
-    inv.emit([r.to_json() for r in records], text)
+    header = ["ID", "PARENT", "KIND", "SIZE", "MOUNTS"]
+    if any(r.id in keys for r in records):
+        header.append("SNAPSHOT")
+        for row, r in zip(rows, records, strict=True):
+            row.append(keys.get(r.id, "-"))
+    text = table(header, rows) if rows else []
+    inv.emit([{**r.to_json(), "snapshot": keys.get(r.id)} for r in records], text)
     return 0
 
 

@@ -82,15 +82,10 @@ class SnapshotService:
     # -- start-up and Cleanup ----------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Finish what a crash left: the store's own cleanup, then forget snapshot rows
-        whose layer is gone. One line per thing mended."""
-        done = self.store.cleanup()
-        # a row is written with its layer's first record, so no call still running
-        # has a row without a layer record
-        with self.store.records.write() as db:
-            gone = db.drop_snapshots_without_layer(set())
-        done += [f"forgot snapshot {key!r}: its layer is gone" for key in gone]
-        return done
+        """Finish what a crash left: the store's own cleanup, whose recovery engine also
+        forgets snapshot rows whose layer is gone (:mod:`lamina.recovery`, the same
+        that ``lamina check --repair`` runs). One line per thing mended."""
+        return self.store.cleanup()
 
     def cleanup(self) -> list[str]:
         """containerd's Cleanup, called after its garbage collector has removed what it
@@ -180,7 +175,7 @@ class SnapshotService:
         name) or for Cleanup, instead of a layer no key names."""
         try:
             if made:
-                self.store.remove(layer)
+                self.store.remove(layer, snapshot=key)
             with self.store.records.write() as db:
                 cur = db.snapshot(key, ready_only=False)
                 if cur is not None and cur.layer == layer:
@@ -264,7 +259,7 @@ class SnapshotService:
             raise FailedPrecondition(f"cannot remove snapshot {key} with child ({kids[0]})")
         try:
             # the row goes in the transaction that drops the layer's record
-            self.store.remove(snap.layer, record=lambda db: db.delete_snapshot(key))
+            self.store.remove(snap.layer, record=lambda db: db.delete_snapshot(key), snapshot=key)
         except LayerNotFound:
             with self.store.records.write() as db:  # an earlier removal got this far
                 db.delete_snapshot(key)
