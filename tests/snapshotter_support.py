@@ -125,10 +125,17 @@ class Client:
         return Info.of(self._call("Update", req).info)  # type: ignore[attr-defined]
 
     def walk(self, *filters: str) -> list[Info]:
+        return list(self.walk_stream(*filters))
+
+    def walk_stream(self, *filters: str) -> Iterator[Info]:
+        """The List stream as it is read, one snapshot at a time: what containerd's
+        Walk callback sees, with the stream still open (StatInWalk calls Stat there)."""
         try:
             stream = self.stub.List(pb.ListSnapshotsRequest(snapshotter=self.name, filters=list(filters)),
                                     timeout=120)
-            return [Info.of(i) for resp in stream for i in resp.info]
+            for resp in stream:
+                for i in resp.info:
+                    yield Info.of(i)
         except grpc.RpcError as e:
             raise SnapshotError(e.code(), e.details() or "") from None
 
@@ -249,9 +256,11 @@ class InProcessSnapshotter:
         self.client.wait_ready()
 
     def close(self) -> None:
+        """The snapshotter's Close: the client's connection, the server, the service
+        (and its store). Closing again does nothing."""
         self.client.close()
         self.server.stop(grace=1)
-        self.store.close()
+        self.service.close()
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 

@@ -26,13 +26,18 @@ store's cleanup has dropped the half-made layer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
-from lamina.drivers.base import MountSpec
+from lamina.drivers import registry
+from lamina.drivers.base import MountDescriber, MountSpec, UsageMeter
 from lamina.errors import LayerNotFound
 from lamina.records import Reader, SnapshotRecord, Writer
 from lamina.snapshotter.errors import (
@@ -40,6 +45,7 @@ from lamina.snapshotter.errors import (
     InvalidArgument,
     SnapshotExists,
     SnapshotNotFound,
+    SnapshotterClosed,
 )
 from lamina.snapshotter.filters import parse_all
 from lamina.store import Store
@@ -49,8 +55,33 @@ log = logging.getLogger(__name__)
 ACTIVE, VIEW, COMMITTED = "active", "view", "committed"
 #: containerd's metadata store refuses a label whose key and value exceed this together
 MAX_LABEL_BYTES = 4096
-#: drivers whose layers containerd can mount from a description
-SERVING_DRIVERS = ("overlay", "vfs")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@functools.cache
+def serving_drivers() -> tuple[str, ...]:
+    """The registered drivers that can serve containerd: those that describe a layer's
+    mounts for another program to perform and measure a layer's own usage (the
+    driver registry decides; no list to keep in step here)."""
+    return tuple(name for name in registry.names()
+                 if issubclass(registry.driver_class(name), MountDescriber)
+                 and issubclass(registry.driver_class(name), UsageMeter))
+
+
+def _while_open(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a call only while the service is open, and let :meth:`SnapshotService.close`
+    wait for it: a closed service refuses with :class:`SnapshotterClosed` instead of
+    failing somewhere inside a closed store."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        assert isinstance(self, SnapshotService)
+        with self._calling():
+            return method(*args, **kwargs)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -74,19 +105,56 @@ class SnapshotService:
     """The ten snapshotter calls over one store. Thread-safe; calls run concurrently."""
 
     def __init__(self, store: Store) -> None:
-        if store.driver.name not in SERVING_DRIVERS:
+        if store.driver.name not in serving_drivers():
             raise InvalidArgument(f"driver {store.driver.name} cannot serve containerd snapshots; "
-                                  f"use one of {', '.join(SERVING_DRIVERS)}")
+                                  f"use one of {', '.join(serving_drivers())}")
         self.store = store
+        self._state = threading.Condition()
+        self._calls = 0
+        self._closed = False
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """containerd's Snapshotter.Close: no call is taken after it (each raises
+        :class:`SnapshotterClosed`), calls under way finish first, then the store is
+        closed. Closing again does nothing, as containerd's suite requires (CloseTwice)."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            while self._calls:
+                self._state.wait()
+        self.store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        with self._state:
+            if self._closed:
+                raise SnapshotterClosed("the snapshotter is closed")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._calls -= 1
+                if not self._calls:
+                    self._state.notify_all()
 
     # -- start-up and Cleanup ----------------------------------------------------------
 
+    @_while_open
     def recover(self) -> list[str]:
         """Finish what a crash left: the store's own cleanup, whose recovery engine also
         forgets snapshot rows whose layer is gone (:mod:`lamina.recovery`, the same
         that ``lamina check --repair`` runs). One line per thing mended."""
         return self.store.cleanup()
 
+    @_while_open
     def cleanup(self) -> list[str]:
         """containerd's Cleanup, called after its garbage collector has removed what it
         no longer references: nothing is deleted that a snapshot still names; what
@@ -95,6 +163,7 @@ class SnapshotService:
 
     # -- reading -----------------------------------------------------------------------
 
+    @_while_open
     def stat(self, key: str) -> SnapshotRecord:
         with self.store.records.read() as db:
             snap = db.snapshot(key)
@@ -102,21 +171,23 @@ class SnapshotService:
             raise SnapshotNotFound(f"snapshot {key}: not found")
         return snap
 
+    @_while_open
     def list(self, filters: Sequence[str] = ()) -> Iterator[SnapshotRecord]:
         """Every snapshot that matches any of ``filters`` (all when there are none)."""
         flt = parse_all(filters)
         with self.store.records.read() as db:
             snaps = db.snapshots()
-        for snap in snaps:
-            if flt.matches(_fields(snap)):
-                yield snap
+        # read now, while the service is open, not when the caller iterates
+        return iter([snap for snap in snaps if flt.matches(_fields(snap))])
 
+    @_while_open
     def mounts(self, key: str) -> list[MountSpec]:
         snap = self.stat(key)
         if snap.kind not in (ACTIVE, VIEW):
             raise FailedPrecondition(f"requested snapshot {key} not active or view")
         return self.store.mount_specs(snap.layer)
 
+    @_while_open
     def usage(self, key: str) -> Usage:
         """Of the snapshot alone, not its parents: measured now for an active snapshot,
         as measured at commit for a committed one, nothing for a view."""
@@ -128,9 +199,11 @@ class SnapshotService:
 
     # -- making ------------------------------------------------------------------------
 
+    @_while_open
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
         return self._create(ACTIVE, key, parent, labels or {})
 
+    @_while_open
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
         return self._create(VIEW, key, parent, labels or {})
 
@@ -197,6 +270,7 @@ class SnapshotService:
             raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
         return prec.layer
 
+    @_while_open
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """The active snapshot ``key`` becomes the committed snapshot ``name``, its layer
         sealed in place; its labels are those given here, its times now."""
@@ -224,6 +298,7 @@ class SnapshotService:
 
         self.store.seal(snap.layer, then=rename)
 
+    @_while_open
     def update(self, key: str, labels: Mapping[str, str], paths: Sequence[str] = ()) -> SnapshotRecord:
         """Change a snapshot's labels: all of them (no paths, or ``labels``), or single
         ones (``labels.KEY``; a key missing from ``labels`` is removed). Any other path
@@ -250,6 +325,7 @@ class SnapshotService:
         assert snap is not None
         return snap
 
+    @_while_open
     def remove(self, key: str) -> None:
         """Drop a snapshot and its layer; refused while other snapshots are built on it."""
         snap = self.stat(key)
