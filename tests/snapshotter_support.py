@@ -277,11 +277,15 @@ class SnapshotterProcess:
         return [sys.executable, "-m", "lamina", "--root", str(self.root), "--driver", self.driver,
                 "serve", "containerd-snapshotter", "--socket", str(self.socket)]
 
-    def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None) -> None:
+    def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None, *, wait: bool = True) -> None:
+        """Start the server; with ``wait`` (the default) return once it answers calls,
+        else at once (a test that must see readiness by other means)."""
         full = dict(os.environ)
         full["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full.get("PYTHONPATH", "")
         full.update(env or {})
         self.proc = start_logged(self.command(), self.log_path, full)
+        if not wait:
+            return
         wait_until(self.proc, self.answers, timeout=timeout, what="snapshotter", log_tail=self.log_tail,
                    give_up=self.kill)
 

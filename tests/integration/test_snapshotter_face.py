@@ -22,6 +22,7 @@ from lamina.records import LayerState
 from lamina.snapshotter.filters import InvalidFilter, parse_all
 from lamina.snapshotter.service import SnapshotService
 from snapshotter_support import (
+    Client,
     InProcessSnapshotter,
     SnapshotError,
     SnapshotterProcess,
@@ -306,9 +307,17 @@ def test_server_tells_systemd_when_ready(tmp_path: Path) -> None:
     listener.settimeout(60)
     proc = SnapshotterProcess(tmp_path, tmp_path / "store", "vfs", sockdir / "s.sock")
     try:
-        proc.start(env={"NOTIFY_SOCKET": str(notify)})
+        # nothing waits for the socket here: READY=1 alone must mean it answers
+        proc.start(env={"NOTIFY_SOCKET": str(notify)}, wait=False)
         assert listener.recv(100) == b"READY=1"
-        assert proc.answers()
+        client = Client(proc.socket)  # at once, no retry: gRPC fails fast if nobody listens
+        try:
+            assert client.walk() == []
+            with pytest.raises(SnapshotError) as e:
+                client.stat("nothing")
+            assert e.value.code == NOT_FOUND
+        finally:
+            client.close()
     finally:
         proc.stop()
         listener.close()
