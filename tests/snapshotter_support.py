@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +30,10 @@ from pathlib import Path
 import grpc
 
 import lamina
+from lamina.drivers.base import CreateOptions
 from lamina.fs.mount import MS_BIND, MS_RDONLY, mount, umount
 from lamina.fs.overlayfs import in_directory
+from lamina.records import SnapshotRecord, Writer
 from lamina.snapshotter.proto import snapshots_pb2 as pb
 from lamina.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lamina.snapshotter.server import SnapshotterServer
@@ -237,6 +241,38 @@ def mounted(mounts: Sequence[Mount], target: Path) -> Iterator[Path]:
         yield target
     finally:
         unmount_all(target)
+
+
+# -- what crashes leave -----------------------------------------------------------------
+
+
+def half_made_snapshot(store: lamina.Store, key: str) -> str:
+    """Leave what a Prepare killed between making its layer and marking it ready
+    leaves: the row and the layer's ``creating`` record, the layer's content on disk,
+    and nobody holding its work lock. Returns the layer ID."""
+    layer = secrets.token_hex(16)
+    now = time.time_ns()
+    opts = CreateOptions()
+
+    def record(db: Writer) -> None:
+        db.insert_snapshot(SnapshotRecord(key=key, layer=layer, kind="active", parent=None, labels={},
+                                          created_ns=now, updated_ns=now))
+
+    with store.work_locks.busy(layer):
+        store.lifecycle.begin(layer, None, rw=True, opts=opts, record=record)
+        store.driver.create(layer, None, rw=True, opts=opts)
+    return layer
+
+
+def interrupted_removal(store: lamina.Store, key: str) -> str:
+    """Leave what a Remove killed after marking the snapshot's layer ``removing`` leaves:
+    the row, the record, the content. Returns the layer ID."""
+    with store.records.read() as db:
+        snap = db.snapshot(key)
+    assert snap is not None, key
+    with store.work_locks.busy(snap.layer):
+        store.lifecycle.mark_removing(snap.layer, snapshot=key)
+    return snap.layer
 
 
 # -- servers ----------------------------------------------------------------------------

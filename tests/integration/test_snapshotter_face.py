@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +20,19 @@ import pytest
 import lamina
 from conftest import require_overlay, run_cli
 from lamina.errors import ChainTooDeep, LayerNamedBySnapshot, LayerNotFound
+from lamina.fs.mount import mounts_under, umount
 from lamina.records import LayerState
 from lamina.snapshotter.filters import InvalidFilter, parse_all
 from lamina.snapshotter.service import SnapshotService
 from snapshotter_support import (
     Client,
     InProcessSnapshotter,
+    Mount,
     SnapshotError,
     SnapshotterProcess,
+    half_made_snapshot,
+    interrupted_removal,
+    mounted,
     short_socket_dir,
 )
 
@@ -114,6 +121,102 @@ def test_usage_and_commit_measure_the_layer(snap: InProcessSnapshotter) -> None:
     assert info.labels == {"after": "commit"} and info.created == info.updated
     sn.view("v", "A")
     assert sn.usage("v") == (0, 0)
+
+
+@pytest.fixture(params=["vfs", "overlay"])
+def any_snap(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InProcessSnapshotter]:
+    if request.param == "overlay":
+        require_overlay()
+    s = InProcessSnapshotter(tmp_path / "store", request.param)
+    yield s
+    for point in mounts_under(tmp_path):
+        umount(point)
+    s.close()
+
+
+def test_cleanup_rpc_mends_what_interrupted_calls_left(any_snap: InProcessSnapshotter) -> None:
+    """containerd's Cleanup (called after its garbage collection) finishes an
+    interrupted Remove and drops a half-made Prepare, rows and layers alike, and leaves
+    every whole snapshot as it was."""
+    sn, store = any_snap.client, any_snap.store
+    sn.prepare("base-a")
+    sn.commit("base", "base-a")
+    sn.prepare("keep", "base")
+    sn.prepare("going", "base")
+    gone = interrupted_removal(store, "going")
+    half = half_made_snapshot(store, "half")
+    for layer in (gone, half):
+        assert store.driver.layer_dir(layer).exists()
+    assert sorted(i.name for i in sn.walk()) == ["base", "keep"]  # neither is seen meanwhile
+    with pytest.raises(SnapshotError) as e:
+        sn.prepare("half")  # the key is taken until Cleanup frees it
+    assert e.value.code == EXISTS
+    sn.cleanup()
+    with store.records.read() as db:
+        rows = {s.key: s.layer for s in db.snapshots(ready_only=False)}
+        raw = {r.id: r.state for r in db.layers()}
+    assert set(rows) == {"base", "keep"}
+    assert set(raw) == set(rows.values()) and set(raw.values()) == {"ready"}
+    for layer in (gone, half):
+        assert not store.driver.layer_dir(layer).exists()
+    assert run_cli("--root", str(store.root), "check", "--fast").returncode == 0
+    sn.prepare("half")  # free again
+    sn.cleanup()  # nothing to do: changes nothing
+    assert sorted(i.name for i in sn.walk()) == ["base", "half", "keep"]
+
+
+def _du(path: str) -> tuple[int, int]:
+    """coreutils du's count of a tree: (bytes allocated, inodes), hard links once."""
+    size = subprocess.run(["du", "-s", "-B1", path], capture_output=True, text=True, check=True)
+    inodes = subprocess.run(["du", "-s", "--inodes", path], capture_output=True, text=True, check=True)
+    return int(size.stdout.split()[0]), int(inodes.stdout.split()[0])
+
+
+def _upperdir(mounts: list[Mount]) -> str:
+    (m,) = mounts
+    if m.type == "bind":
+        return m.source
+    return next(o.removeprefix("upperdir=") for o in m.options if o.startswith("upperdir="))
+
+
+def test_usage_on_overlay_is_what_du_counts(tmp_path: Path) -> None:
+    """Usage of an active snapshot is its own upper directory now (not its parents'),
+    of a committed one what it was at commit: bytes allocated and inodes, as du counts
+    them and containerd's overlayfs snapshotter reports."""
+    require_overlay()
+    snap = InProcessSnapshotter(tmp_path / "store", "overlay")
+    try:
+        sn = snap.client
+        m = sn.prepare("a")
+        with mounted(m, tmp_path / "a") as root:
+            (root / "dir").mkdir()
+            (root / "dir" / "four-k").write_bytes(b"x" * 4096)
+            (root / "forty-k").write_bytes(os.urandom(40960))
+            (root / "empty").write_bytes(b"")
+            os.link(root / "forty-k", root / "dir" / "same-inode")
+        size, inodes = sn.usage("a")
+        assert inodes == 5  # the root, dir and three files: the hard link adds none
+        assert size >= 4096 + 40960
+        assert (size, inodes) == _du(_upperdir(m))
+        sn.commit("A", "a")
+        assert sn.usage("A") == (size, inodes)
+        m = sn.prepare("b", "A")
+        with mounted(m, tmp_path / "b") as root:
+            assert (root / "forty-k").stat().st_size == 40960  # the parent's, not counted
+            (root / "new").write_bytes(b"y" * 8192)
+            with open(root / "dir" / "four-k", "ab") as f:  # a copy-up: the child's now
+                f.write(b"z")
+        b_size, b_inodes = sn.usage("b")
+        assert b_inodes == 4  # the root, the copied-up dir and file, the new file
+        assert 8192 + 4096 <= b_size < size
+        assert (b_size, b_inodes) == _du(_upperdir(m))
+        sn.commit("B", "b")
+        assert sn.usage("B") == (b_size, b_inodes)
+        assert sn.usage("A") == (size, inodes)
+    finally:
+        for point in mounts_under(tmp_path):
+            umount(point)
+        snap.close()
 
 
 def test_snapshots_are_layers_of_the_store(snap: InProcessSnapshotter, tmp_path: Path) -> None:
