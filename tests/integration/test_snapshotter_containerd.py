@@ -27,7 +27,16 @@ from containerd import ContainerdDaemon, ContainerdError
 from dockerd import busybox_rootfs_tar, ensure_cgroups
 from images_support import Image, docker_save, layer_tar
 from lamina.fs.mount import mounts_under, umount
-from snapshotter_support import Mount, SnapshotterProcess, mount_one, short_socket_dir, unmount_all
+from lamina.snapshotter.service import SnapshotService
+from snapshotter_support import (
+    Mount,
+    SnapshotterProcess,
+    half_made_snapshot,
+    interrupted_removal,
+    mount_one,
+    short_socket_dir,
+    unmount_all,
+)
 
 IMAGE = "docker.io/lamina-test/union:1"
 
@@ -78,6 +87,13 @@ class Rig:
     def layer_ids(self) -> set[str]:
         with lamina.open(self.root) as store:
             return {r.id for r in store.layers()}
+
+    def raw(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(layer ID -> state, every record in any state; snapshot key -> layer, every
+        row, seen or not): what the API hides, to check what it must not show."""
+        with lamina.open(self.root) as store, store.records.read() as db:
+            return ({r.id: r.state.value for r in db.layers()},
+                    {s.key: s.layer for s in db.snapshots(ready_only=False)})
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +164,19 @@ def _reader(data: bytes) -> io.BytesIO:
 def test_run_writes_modifies_deletes(rig: Rig) -> None:
     script = ("echo new > /root/new.txt && echo changed >> /etc/motd && rm /data/keep.txt"
               " && cat /etc/motd && ls /data /opq")
+    rig.gc()  # what earlier tests removed goes first, so that before and after compare
+    layers_before, rows_before = rig.raw()
     out = rig.ctr("run", "--snapshotter", "lamina", "--rm", IMAGE, "t-rm", "sh", "-c", script)
     assert "third\nchanged" in out
     assert "keep.txt" not in out and "gone.txt" not in out and "old1" not in out
+    # --rm removes the container's own snapshot with it: at once from containerd's
+    # metadata; from lamina when containerd's garbage collector next runs (its Remove
+    # only marks it; this daemon collects on request), then no row, no layer, in any state
+    assert "t-rm" not in rig.ctr("snapshots", "--snapshotter", "lamina", "ls")
+    rig.gc()
+    layers_after, rows_after = rig.raw()
+    assert not [k for k in rows_after if k.endswith("/t-rm")]
+    assert rows_after == rows_before and layers_after == layers_before
     # a kept container: its rw layer seen by lamina's own changes
     rig.ctr("run", "--snapshotter", "lamina", IMAGE, "t-keep", "sh", "-c", script)
     snaps = rig.snapshots()
@@ -177,8 +203,14 @@ def test_ctr_snapshots_commands(rig: Rig) -> None:
     assert rows["s-committed"][1:] == [top, "Committed"]
     assert rows["s-view"][1:] == ["s-committed", "View"]
     assert "s-active" not in rows
-    tree = rig.ctr(*s, "tree")
-    assert "s-committed" in tree and "s-view" in tree
+    parents = tree_parents(rig.ctr(*s, "tree"))
+    # the image's chain from its base, then the committed snapshot, then the view on it
+    assert parents["s-view"] == "s-committed"
+    assert parents["s-committed"] == top
+    assert parents[top] == chain_id(rig.layers[:2])
+    assert parents[chain_id(rig.layers[:2])] == chain_id(rig.layers[:1])
+    assert parents[chain_id(rig.layers[:1])] is None
+    assert "s-active" not in parents
     usage = rig.ctr(*s, "usage", "s-committed")
     assert "s-committed" in usage
     rig.ctr(*s, "label", "s-committed", "lamina.test=yes")
@@ -188,6 +220,27 @@ def test_ctr_snapshots_commands(rig: Rig) -> None:
     rig.ctr(*s, "rm", "s-view")
     rig.ctr(*s, "rm", "s-committed")
     assert "s-committed" not in rig.ctr(*s, "ls")
+
+
+def tree_parents(text: str) -> dict[str, str | None]:
+    """``ctr snapshots tree`` as name -> parent: a root is printed as `` NAME``, a child
+    two spaces deeper per level as ``\\_ NAME``."""
+    parents: dict[str, str | None] = {}
+    stack: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        body = line.lstrip(" ")
+        if body.startswith("\\_"):
+            depth = (len(line) - len(body)) // 2
+            name = body[2:].strip()
+        else:
+            depth, name = 0, body.strip()
+        assert depth <= len(stack), f"a child deeper than its parent: {line!r}"
+        del stack[depth:]
+        parents[name] = stack[-1] if stack else None
+        stack.append(name)
+    return parents
 
 
 def test_image_rm_and_gc_remove_layers(rig: Rig, tmp_path: Path) -> None:
@@ -248,23 +301,49 @@ def test_lamina_killed_during_import_leaves_no_half_layer(rig: Rig, tmp_path: Pa
     rig.lamina.kill()
     imp.wait(120)
     assert imp.returncode != 0, "the import finished before lamina was killed: make it bigger"
-    # before lamina is back: whatever was half-made is not a layer, only a record to mend
-    with lamina.open(rig.root) as store:
-        assert all(r.state == "ready" for r in store.layers())
+    # before lamina is back: whatever was half-made (any record not ready) is named by
+    # no snapshot a call can see, and every snapshot a call sees has a whole layer
+    with lamina.open(rig.root) as store, store.records.read() as db:
+        raw = {r.id: r.state.value for r in db.layers()}
+        seen = {s.key: s.layer for s in db.snapshots()}
+    assert all(raw.get(layer) == "ready" for layer in seen.values()), (raw, seen)
+    assert not {lid for lid, state in raw.items() if state != "ready"} & set(seen.values())
     rig.lamina.start()
     check = run_cli("--root", str(rig.root), "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    with lamina.open(rig.root) as store:
-        assert all(r.state == "ready" for r in store.layers())
-        with store.records.read() as db:
-            states = {r.state for r in db.layers()}
-    assert states <= {"ready"}
+    # and after: every record whole, every row (seen or not) naming one
+    raw, rows = rig.raw()
+    assert set(raw.values()) <= {"ready"}, raw
+    assert all(raw.get(layer) == "ready" for layer in rows.values()), (raw, rows)
     # the same import, again, works
     rig.ctr("images", "import", "--snapshotter", "lamina", str(tar))
     out = rig.ctr("run", "--snapshotter", "lamina", "--rm", "docker.io/lamina-test/big:1", "t-big",
                   "ls", "/blob0.bin")
     assert "blob0.bin" in out
     rig.ctr("images", "rm", "--sync", "docker.io/lamina-test/big:1")
+
+
+def test_garbage_collection_calls_cleanup(rig: Rig) -> None:
+    """containerd calls the snapshotter's Cleanup after a garbage collection: what a
+    killed Prepare and a killed Remove left in lamina is gone after ``images rm --sync``,
+    without lamina restarting."""
+    with lamina.open(rig.root) as store:
+        svc = SnapshotService(store)
+        svc.prepare("gc-probe/going")
+        half = half_made_snapshot(store, "gc-probe/half")
+        going = interrupted_removal(store, "gc-probe/going")
+    raw, rows = rig.raw()
+    assert raw[half] == "creating" and raw[going] == "removing"
+    # containerd collects (and then cleans up) a snapshotter only when one of its
+    # snapshots went from its metadata since the last collection: remove one
+    s = ("snapshots", "--snapshotter", "lamina")
+    rig.ctr(*s, "prepare", "gc-probe-trigger")
+    rig.ctr(*s, "rm", "gc-probe-trigger")
+    rig.gc()
+    raw, rows = rig.raw()
+    assert half not in raw and going not in raw
+    assert not [k for k in rows if k.startswith("gc-probe/")]
+    assert "dropped half-made layer" in rig.lamina.log_path.read_text()
 
 
 def test_errors_reach_ctr_as_containerd_errors(rig: Rig) -> None:
