@@ -350,3 +350,31 @@ def test_errors_reach_ctr_as_containerd_errors(rig: Rig) -> None:
     s = ("snapshots", "--snapshotter", "lamina")
     with pytest.raises(ContainerdError, match="not found"):
         rig.ctr(*s, "info", "no-such-snapshot")
+
+
+#: layers of the deep image: past the 128 of containerd's own suite, and past overlay2's
+#: 128 lowers (the container's snapshot has one more layer than the image)
+DEEP = 130
+
+
+def test_a_container_runs_on_a_chain_of_130_layers(rig: Rig, tmp_path: Path) -> None:
+    """containerd unpacks 130 layers into lamina (each Prepare mounted over all before
+    it) and runs a container over them: its mounts are performed by containerd's own
+    mount code and the shim, and runc reads the result."""
+    base = busybox_rootfs_tar(tmp_path / "deep-root.tar", extra={"bottom.txt": b"from the bottom layer\n"})
+    layers = [base.read_bytes()] + [
+        layer_tar({f"layers/{i:03d}": b"%d\n" % i, "top.txt": b"from layer %d\n" % i}, dirs=["layers"])
+        for i in range(1, DEEP)]
+    tar = docker_save(tmp_path / "deep.tar", [Image(layers, names=["lamina-test/deep:1"])])
+    rig.ctr("images", "import", "--snapshotter", "lamina", str(tar))
+    try:
+        top = chain_id(layers)
+        snaps = rig.snapshots()
+        key = next(k for k in snaps if k.endswith("/" + top))
+        with lamina.open(rig.root) as store:
+            assert len(store.chain(snaps[key].layer)) == DEEP
+        out = rig.ctr("run", "--rm", "--snapshotter", "lamina", "docker.io/lamina-test/deep:1", "t-deep",
+                      "sh", "-c", "cat /bottom.txt /top.txt; ls /layers | wc -l")
+        assert out.split("\n") == ["from the bottom layer", f"from layer {DEEP - 1}", str(DEEP - 1), ""]
+    finally:
+        rig.ctr("images", "rm", "--sync", "docker.io/lamina-test/deep:1", check=False)
