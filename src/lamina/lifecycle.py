@@ -2,7 +2,9 @@
 
 Making (design §3): the record is written *creating* before any byte of the layer is,
 under the layer's work lock (:mod:`lamina.worklocks`), which the making process holds
-until the record says *ready*; the layer's files are synced (one ``syncfs``) before that.
+until the record says *ready*; the layer's files are made durable before that (one
+``syncfs``, or the driver's fsyncs of the few names an empty layer is), and the
+*ready* record is the one flushed to disk: it carries the *creating* one with it.
 A crash leaves a creating record whose lock is free (a *half-made* layer), which
 :meth:`Lifecycle.abandon` undoes: content, mount references, tar-split, record.
 
@@ -33,7 +35,6 @@ from lamina.errors import (
     NoSpace,
     ParentNotFound,
 )
-from lamina.fs.durable import syncfs
 from lamina.liveness import boot_id
 from lamina.mounts import Mounts
 from lamina.records import LayerState, Records, Writer
@@ -60,9 +61,16 @@ class Lifecycle:
 
     def begin(self, layer_id: str, parent: str | None, *, rw: bool, opts: CreateOptions,
               record: RecordHook | None = None) -> None:
-        """Write the *creating* record; drop the remains of an earlier attempt that died."""
+        """Write the *creating* record; drop the remains of an earlier attempt that died.
+
+        Not flushed to disk (atomic, and kept by a killed process, but not promised
+        past a power loss): nothing is promised about the layer until :meth:`commit`,
+        whose flush carries this record with it (SQLite's WAL keeps transactions in
+        order). A power loss before that loses the record or keeps it; either way
+        cleanup removes what was made (an orphan directory, or a half-made layer). One
+        flush of the records per layer made, not two."""
         stale = False
-        with self._records.write() as db:
+        with self._records.write(durable=False) as db:
             old = db.layer(layer_id)
             if old is not None:
                 if old.state is LayerState.READY:
@@ -106,7 +114,7 @@ class Lifecycle:
         try:
             self._driver.create(layer_id, parent or None, rw=rw, opts=opts)
             if sync:
-                syncfs(self._root)
+                self._driver.make_durable(layer_id, parent or None)
         except BaseException as e:
             self.abandon(layer_id)
             raise_no_space(layer_id, e)

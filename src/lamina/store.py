@@ -313,8 +313,11 @@ class Store:
         (containerd mounts what its snapshotter returns). Writable for a read-write
         layer, read-only otherwise. No reference is taken: the store does not see these
         mounts, so the caller must not remove a layer it still has mounted."""
-        rec = self._ready(layer_id)
-        with self.records.read() as db:
+        check_id(layer_id)
+        with self.records.read() as db:  # the record and its chain in one read
+            rec = db.layer(layer_id)
+            if rec is None or not rec.complete:
+                raise LayerNotFound(f"layer {layer_id} not found")
             chain = db.chain(layer_id)
         if self.native.mount_specs is None:
             raise DriverUnavailable(f"driver {self.driver.name} cannot describe its mounts for another program")

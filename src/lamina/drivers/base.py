@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import IO, ClassVar, Protocol, runtime_checkable
 
 from lamina.archive.change import Change
+from lamina.fs.durable import syncfs
 from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
 
 
@@ -165,6 +166,14 @@ class Driver(abc.ABC):
     def unmount(self, layer_id: str) -> None:
         """Undo :meth:`mount`. Called for the last reference, and by cleanup for stale
         mounts: must not fail if nothing is mounted."""
+
+    def make_durable(self, layer_id: str, parent: str | None) -> None:
+        """Make what :meth:`create` just made for ``layer_id`` survive a power loss; the
+        store calls it before it records the layer ready. The default flushes the store's
+        whole filesystem (``syncfs``), right whatever ``create`` wrote (vfs copies the
+        parent's files); a driver that knows the few things it made may fsync just
+        those, sparing the flush of everything else being written meanwhile."""
+        syncfs(self.ctx.root)
 
     def own_mounts(self) -> set[str]:
         """Mount points the driver keeps by itself, outside :meth:`mount` (e.g. the sized
