@@ -56,6 +56,7 @@ describes a layer against its own parent); the store then does it the naive way.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +102,12 @@ class DriverContext:
     uid_map: Sequence[tuple[int, int, int]] = ()
     gid_map: Sequence[tuple[int, int, int]] = ()
 
-    @property
+    # cached: every layer path is made from these, several times per call
+    @functools.cached_property
     def layers(self) -> Path:
         return self.root / "layers"
 
-    @property
+    @functools.cached_property
     def tmp(self) -> Path:
         return self.root / "tmp"
 
