@@ -32,7 +32,7 @@ from pathlib import Path
 from lamina.errors import LoopImageBusy, QuotaNotSupported
 from lamina.fs import loopdev, newmount
 from lamina.fs.locks import locked
-from lamina.fs.mount import is_mountpoint, mount, umount
+from lamina.fs.mount import is_mountpoint, mount, mounts_naming, umount
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.quotactl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
@@ -315,10 +315,14 @@ def release_image(mountpoint: Path, image: Path) -> bool:
     an overlay with its upper directory inside (the unmount succeeds, but the loop
     device stays attached: the filesystem lives on). The second case is told by
     waiting up to :data:`DETACH_WAIT` for the device to detach; if it does not, the
-    same device is mounted back, so the store goes on seeing the one filesystem."""
+    same device is mounted back, so the store goes on seeing the one filesystem. An
+    overlay in this mount namespace whose options name a directory inside is seen
+    before anything is unmounted (:func:`lamina.fs.mount.mounts_naming`)."""
     with locked(image):
         if not is_mountpoint(mountpoint):
             return not loopdev.devices_of(image)
+        if mounts_naming(mountpoint):
+            return False  # seen at once: an overlay over it in this namespace
         for device in loopdev.devices_of(image):
             loopdev.set_autoclear(device)  # a crash between attach and mount may have left it unset
         try:
