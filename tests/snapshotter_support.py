@@ -304,13 +304,16 @@ class SnapshotterProcess:
     """``lamina serve containerd-snapshotter`` as a process of its own (start, stop,
     kill as a crash, start again), logging to ``workdir/snapshotter.log``."""
 
-    def __init__(self, workdir: Path, root: Path, driver: str, socket_path: Path) -> None:
+    def __init__(self, workdir: Path, root: Path, driver: str, socket_path: Path,
+                 options: Mapping[str, str] | None = None) -> None:
         self.workdir, self.root, self.driver, self.socket = Path(workdir), Path(root), driver, Path(socket_path)
+        self.options = dict(options or {})
         self.log_path = self.workdir / "snapshotter.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "lamina", "--root", str(self.root), "--driver", self.driver,
+        opts = [a for k, v in self.options.items() for a in ("--opt", f"{k}={v}")]
+        return [sys.executable, "-m", "lamina", "--root", str(self.root), "--driver", self.driver, *opts,
                 "serve", "containerd-snapshotter", "--socket", str(self.socket)]
 
     def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None, *, wait: bool = True) -> None:

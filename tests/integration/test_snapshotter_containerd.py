@@ -7,6 +7,7 @@ and, across faces, with lamina's own store API on the same root.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -59,11 +60,11 @@ def chain_id(layers: list[bytes]) -> str:
 
 
 class Rig:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, options: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.root = tmp / "lamina"
         self.sockdir = short_socket_dir()
-        self.lamina = SnapshotterProcess(tmp, self.root, "overlay", self.sockdir / "l.sock")
+        self.lamina = SnapshotterProcess(tmp, self.root, "overlay", self.sockdir / "l.sock", options)
         self.containerd = ContainerdDaemon(tmp / "containerd", proxy={"lamina": self.lamina.socket})
         self.layers = _layers(tmp)
         self.image_tar = docker_save(tmp / "image.tar", [Image(self.layers, names=["lamina-test/union:1"])])
@@ -96,11 +97,11 @@ class Rig:
                     {s.key: s.layer for s in db.snapshots(ready_only=False)})
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@contextlib.contextmanager
+def running_rig(tmp: Path, options: dict[str, str] | None = None) -> Iterator[Rig]:
     require_containerd()
     ensure_cgroups()
-    r = Rig(tmp_path_factory.mktemp("ctd"))
+    r = Rig(tmp, options)
     r.lamina.start()
     try:
         r.containerd.start()
@@ -112,6 +113,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         for point in sorted(mounts_under(r.tmp), reverse=True):
             umount(point)
         shutil.rmtree(r.sockdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    with running_rig(tmp_path_factory.mktemp("ctd")) as r:
+        yield r
 
 
 def test_plugin_is_loaded(rig: Rig) -> None:
@@ -378,3 +385,47 @@ def test_a_container_runs_on_a_chain_of_130_layers(rig: Rig, tmp_path: Path) -> 
         assert out.split("\n") == ["from the bottom layer", f"from layer {DEEP - 1}", str(DEEP - 1), ""]
     finally:
         rig.ctr("images", "rm", "--sync", "docker.io/lamina-test/deep:1", check=False)
+
+
+def _loop_devices(image: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True, check=True).stdout
+    return [line.split(":", 1)[0] for line in out.splitlines()]
+
+
+def test_cleanup_of_the_store_keeps_a_running_containers_sized_snapshot(tmp_path: Path) -> None:
+    """Every active snapshot has a size limit (``overlay.size``, on loop images): a
+    container runs on one, mounted by containerd's shim where the store does not see it.
+    ``lamina cleanup --unmount-all`` (what the Docker plugin's Cleanup does too, on a
+    shared store) must leave its image mounted and say so, and containerd's next Mounts
+    must not put the image on a second loop device under the running container."""
+    from conftest import require_loop
+
+    require_loop()
+    opts = {"overlay.size": "64M", "overlay.quota": "loop"}
+    with running_rig(tmp_path / "rig", opts) as r:
+        r.ctr("run", "-d", "--snapshotter", "lamina", IMAGE, "t-sized", "sleep", "300")
+        try:
+            key = next(k for k in r.snapshots() if k.endswith("/t-sized"))
+            layer = r.snapshots()[key].layer
+            image = r.root / "layers" / layer / "size.img"
+            assert len(_loop_devices(image)) == 1
+            r.ctr("tasks", "exec", "--exec-id", "w1", "t-sized", "sh", "-c", "echo before > /kept")
+            cli_opts = [a for k, v in opts.items() for a in ("--opt", f"{k}={v}")]
+            out = run_cli("--root", str(r.root), *cli_opts, "cleanup", "--unmount-all")
+            assert out.returncode == 1, out
+            assert f"not released: layer {layer}" in out.stderr.decode()
+            assert len(_loop_devices(image)) == 1
+            r.ctr("snapshots", "--snapshotter", "lamina", "mounts", str(tmp_path / "m"), "t-sized")  # Mounts
+            r.ctr("snapshots", "--snapshotter", "lamina", "usage", "t-sized")  # Usage
+            assert len(_loop_devices(image)) == 1, "one image on two loop devices: two filesystems on one file"
+            out = r.ctr("tasks", "exec", "--exec-id", "w2", "t-sized", "sh", "-c",
+                        "echo after >> /kept && cat /kept")
+            assert out == "before\nafter\n"
+        finally:
+            r.ctr("tasks", "kill", "-s", "SIGKILL", "t-sized", check=False)
+            time.sleep(0.5)
+            r.ctr("tasks", "delete", "-f", "t-sized", check=False)
+            r.ctr("containers", "rm", "t-sized", check=False)
+        r.gc()
+        assert layer not in r.layer_ids()
+        assert _loop_devices(image) == []
