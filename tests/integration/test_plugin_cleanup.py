@@ -21,6 +21,7 @@ import pytest
 
 import lamina
 from conftest import require_loop, require_overlay, run_cli
+from lamina.fs.locks import FileLock
 from lamina.fs.mount import mounts_under
 from lamina.plugin.docker import DockerPlugin
 from lamina.snapshotter.service import SnapshotService
@@ -166,3 +167,24 @@ def test_cli_cleanup_unmount_all_keeps_what_containerd_mounts(
     assert out.returncode == 0, out
     assert f"released the size-limit image of layer {snap.layer}" in out.stdout.decode()
     assert _loop_devices(snap.image) == []
+
+
+def test_cleanup_that_cannot_judge_the_mounts_says_so(plugin: tuple[Dockerd, Path]) -> None:
+    """When the store's mounts keep being made (here: one held in flight for the whole
+    call) Cleanup cannot tell what is safe to release: it answers an error saying so,
+    not OK, and leaves the sized image mounted."""
+    docker, home = plugin
+    docker.ok("Create", ID=BASE)
+    docker.ok("CreateReadWrite", ID=SIZED, Parent=BASE, StorageOpt={"size": "50M"})
+    docker.ok("Get", ID=SIZED)
+    docker.ok("Put", ID=SIZED)
+    in_flight = FileLock(home / "locks" / "mounting.lock")
+    in_flight.acquire(shared=True)  # what every kernel mount of the store holds
+    try:
+        err = docker.call("Cleanup").json.get("Err", "")
+    finally:
+        in_flight.release()
+    assert "mounts kept being made" in err, err
+    assert _left(home, settle=False)[1], "the sized image stays attached"
+    docker.ok("Cleanup")
+    assert _left(home) == ([], "")
