@@ -16,9 +16,12 @@ Targets (issue 11): import ≤ 1.1×, run ≤ 1.1× (lamina / overlayfs, best ru
 each RPC p50 ≤ 5 ms. Each line prints the ratio, the target and ok/OVER, and the spread
 (min–max over runs) so a reader can tell load from a real difference: the machine is
 shared and wall clock is noisy. ``--quick`` uses a small generated image and few calls
-(the smoke run in the tests); its numbers mean little.
+(the smoke run in the tests); its numbers mean little. ``--calls-only`` times lamina's
+own socket alone (no containerd, no image): a fresh store per run on a fresh filesystem,
+Prepare+Mounts and Commit over a committed three-layer chain, as the full run's "lamina
+direct" line does; it is what to run while working on the snapshotter's speed.
 
-    python bench/bench_containerd.py [--runs 3] [--calls 200] [--quick] [--dir DIR]
+    python bench/bench_containerd.py [--runs 3] [--calls 200] [--quick] [--calls-only] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -156,6 +159,53 @@ def rpc_p50s(socket_path: Path, parent: str, calls: int, snapshotter: str,
     return {"prepare+mounts": prep, "commit": commit}
 
 
+def calls_only(parent: Path, runs: int, calls: int) -> int:
+    """Time lamina's socket alone, ``runs`` fresh stores of ``calls`` calls each."""
+    series: dict[str, list[float]] = {"prepare+mounts": [], "commit": []}
+    for r in range(runs):
+        with workspace(parent) as ws:
+            sockdir = short_socket_dir()
+            lam = SnapshotterProcess(ws, ws / "lamina", "overlay", sockdir / "l.sock")
+            try:
+                lam.start()
+                top = _chain_over_socket(lam.socket, 3)
+                got = rpc_p50s(lam.socket, top, calls, "lamina", None)
+            finally:
+                lam.stop()
+                subprocess.run(["rm", "-rf", str(ws / "lamina")], check=False)
+                shutil.rmtree(sockdir, ignore_errors=True)
+        for call, ms in got.items():
+            series[call] += ms
+            log(f"run {r + 1}: {call:15} p50 {statistics.median(ms):6.2f} ms  p90 {pct(ms, 0.9):6.2f} ms")
+    summary = []
+    for call, ms in series.items():
+        p50 = statistics.median(ms)
+        ok = "ok" if p50 <= RPC_TARGET_MS else "OVER"
+        log(f"rpc lamina direct {call:15} p50 {p50:6.2f} ms  p90 {pct(ms, 0.9):6.2f} ms  (n={len(ms)}, "
+            f"{runs} stores)  target p50 <= {RPC_TARGET_MS} ms  {ok}")
+        summary.append(f"lamina_direct.{call}={p50:.2f}ms")
+    log(f"load average now {os.getloadavg()[0]:.1f} (2 cores, shared)")
+    log("summary: " + " ".join(summary))
+    return 0
+
+
+def _chain_over_socket(socket_path: Path, depth: int) -> str:
+    """Commit ``depth`` empty snapshots, each over the last; return the top's name."""
+    channel = grpc.insecure_channel(f"unix:{socket_path}")
+    stub = pb_grpc.SnapshotsStub(channel)
+    parent = ""
+    try:
+        for i in range(depth):
+            stub.Prepare(pb.PrepareSnapshotRequest(snapshotter="lamina", key=f"chain-{i}-a", parent=parent),
+                         timeout=60)
+            stub.Commit(pb.CommitSnapshotRequest(snapshotter="lamina", name=f"chain-{i}", key=f"chain-{i}-a"),
+                        timeout=60)
+            parent = f"chain-{i}"
+    finally:
+        channel.close()
+    return parent
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -166,8 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="fresh daemons per side (default 3)")
     ap.add_argument("--calls", type=int, default=200, help="RPC calls per measurement (default 200)")
     ap.add_argument("--quick", action="store_true", help="small image, 1 run, 20 calls: a smoke run")
+    ap.add_argument("--calls-only", action="store_true",
+                    help="time lamina's socket alone (no containerd, no image)")
     ap.add_argument("--dir", type=Path, default=None, help="where the work goes (default: bench/out)")
     args = ap.parse_args(argv)
+    if args.calls_only:
+        if os.geteuid() != 0:
+            log("bench_containerd --calls-only: needs root (overlay); skipped")
+            return 0
+        parent = args.dir or (HERE / "out")
+        parent.mkdir(parents=True, exist_ok=True)
+        return calls_only(parent, 1 if args.quick else args.runs, 20 if args.quick else args.calls)
     if os.geteuid() != 0 or not all(map(lambda t: subprocess.run(["which", t], capture_output=True).returncode == 0,
                                         ("containerd", "ctr", "runc"))):
         log("bench_containerd: needs root, containerd, ctr and runc; skipped")

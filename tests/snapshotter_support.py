@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +30,10 @@ from pathlib import Path
 import grpc
 
 import lamina
+from lamina.drivers.base import CreateOptions
 from lamina.fs.mount import MS_BIND, MS_RDONLY, mount, umount
 from lamina.fs.overlayfs import in_directory
+from lamina.records import SnapshotRecord, Writer
 from lamina.snapshotter.proto import snapshots_pb2 as pb
 from lamina.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lamina.snapshotter.server import SnapshotterServer
@@ -125,10 +129,17 @@ class Client:
         return Info.of(self._call("Update", req).info)  # type: ignore[attr-defined]
 
     def walk(self, *filters: str) -> list[Info]:
+        return list(self.walk_stream(*filters))
+
+    def walk_stream(self, *filters: str) -> Iterator[Info]:
+        """The List stream as it is read, one snapshot at a time: what containerd's
+        Walk callback sees, with the stream still open (StatInWalk calls Stat there)."""
         try:
             stream = self.stub.List(pb.ListSnapshotsRequest(snapshotter=self.name, filters=list(filters)),
                                     timeout=120)
-            return [Info.of(i) for resp in stream for i in resp.info]
+            for resp in stream:
+                for i in resp.info:
+                    yield Info.of(i)
         except grpc.RpcError as e:
             raise SnapshotError(e.code(), e.details() or "") from None
 
@@ -232,6 +243,38 @@ def mounted(mounts: Sequence[Mount], target: Path) -> Iterator[Path]:
         unmount_all(target)
 
 
+# -- what crashes leave -----------------------------------------------------------------
+
+
+def half_made_snapshot(store: lamina.Store, key: str) -> str:
+    """Leave what a Prepare killed between making its layer and marking it ready
+    leaves: the row and the layer's ``creating`` record, the layer's content on disk,
+    and nobody holding its work lock. Returns the layer ID."""
+    layer = secrets.token_hex(16)
+    now = time.time_ns()
+    opts = CreateOptions()
+
+    def record(db: Writer) -> None:
+        db.insert_snapshot(SnapshotRecord(key=key, layer=layer, kind="active", parent=None, labels={},
+                                          created_ns=now, updated_ns=now))
+
+    with store.work_locks.busy(layer):
+        store.lifecycle.begin(layer, None, rw=True, opts=opts, record=record)
+        store.driver.create(layer, None, rw=True, opts=opts)
+    return layer
+
+
+def interrupted_removal(store: lamina.Store, key: str) -> str:
+    """Leave what a Remove killed after marking the snapshot's layer ``removing`` leaves:
+    the row, the record, the content. Returns the layer ID."""
+    with store.records.read() as db:
+        snap = db.snapshot(key)
+    assert snap is not None, key
+    with store.work_locks.busy(snap.layer):
+        store.lifecycle.mark_removing(snap.layer, snapshot=key)
+    return snap.layer
+
+
 # -- servers ----------------------------------------------------------------------------
 
 
@@ -249,9 +292,11 @@ class InProcessSnapshotter:
         self.client.wait_ready()
 
     def close(self) -> None:
+        """The snapshotter's Close: the client's connection, the server, the service
+        (and its store). Closing again does nothing."""
         self.client.close()
         self.server.stop(grace=1)
-        self.store.close()
+        self.service.close()
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
@@ -259,20 +304,27 @@ class SnapshotterProcess:
     """``lamina serve containerd-snapshotter`` as a process of its own (start, stop,
     kill as a crash, start again), logging to ``workdir/snapshotter.log``."""
 
-    def __init__(self, workdir: Path, root: Path, driver: str, socket_path: Path) -> None:
+    def __init__(self, workdir: Path, root: Path, driver: str, socket_path: Path,
+                 options: Mapping[str, str] | None = None) -> None:
         self.workdir, self.root, self.driver, self.socket = Path(workdir), Path(root), driver, Path(socket_path)
+        self.options = dict(options or {})
         self.log_path = self.workdir / "snapshotter.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "lamina", "--root", str(self.root), "--driver", self.driver,
+        opts = [a for k, v in self.options.items() for a in ("--opt", f"{k}={v}")]
+        return [sys.executable, "-m", "lamina", "--root", str(self.root), "--driver", self.driver, *opts,
                 "serve", "containerd-snapshotter", "--socket", str(self.socket)]
 
-    def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None) -> None:
+    def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None, *, wait: bool = True) -> None:
+        """Start the server; with ``wait`` (the default) return once it answers calls,
+        else at once (a test that must see readiness by other means)."""
         full = dict(os.environ)
         full["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full.get("PYTHONPATH", "")
         full.update(env or {})
         self.proc = start_logged(self.command(), self.log_path, full)
+        if not wait:
+            return
         wait_until(self.proc, self.answers, timeout=timeout, what="snapshotter", log_tail=self.log_tail,
                    give_up=self.kill)
 

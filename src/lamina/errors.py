@@ -41,6 +41,34 @@ class LayerBusy(LaminaError):
     """The layer is mounted, or another process is changing it."""
 
 
+class LoopImageBusy(LayerBusy):
+    """A sized layer's filesystem image is on loop devices lamina cannot use safely (two
+    at once, or one that neither works nor goes away): attaching it again would put
+    two filesystems on one file."""
+
+
+class LayerNamedBySnapshot(LayerBusy):
+    """The layer is a containerd snapshot (``key``): only the snapshotter removes it
+    (containerd's Remove or garbage collector), or containerd would be left with a
+    snapshot whose layer is gone under a container or image."""
+
+    def __init__(self, layer_id: str, key: str, kind: str) -> None:
+        self.layer_id, self.key, self.kind = layer_id, key, kind
+        super().__init__(f"layer {layer_id} is the {kind} containerd snapshot {key!r}; remove it through "
+                         f"containerd (ctr snapshots rm, or its garbage collector), not as a layer")
+
+
+class MountKept(LaminaError):
+    """Something the store mounted could not be released because it is still in use
+    (``cleanup`` with ``unmount_all``); it was left mounted. ``kept`` names each such
+    mount, one line each; ``done`` is what the cleanup did mend meanwhile."""
+
+    def __init__(self, message: str, kept: list[str] | None = None, done: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.kept = list(kept) if kept is not None else [message]
+        self.done = list(done or [])
+
+
 class LayerHasChildren(LaminaError):
     """The layer cannot be removed while other layers are built on it."""
 

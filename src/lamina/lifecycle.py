@@ -2,7 +2,9 @@
 
 Making (design §3): the record is written *creating* before any byte of the layer is,
 under the layer's work lock (:mod:`lamina.worklocks`), which the making process holds
-until the record says *ready*; the layer's files are synced (one ``syncfs``) before that.
+until the record says *ready*; the layer's files are made durable before that (one
+``syncfs``, or the driver's fsyncs of the few names an empty layer is), and the
+*ready* record is the one flushed to disk: it carries the *creating* one with it.
 A crash leaves a creating record whose lock is free (a *half-made* layer), which
 :meth:`Lifecycle.abandon` undoes: content, mount references, tar-split, record.
 
@@ -28,11 +30,11 @@ from lamina.errors import (
     LayerBusy,
     LayerExists,
     LayerHasChildren,
+    LayerNamedBySnapshot,
     LayerNotFound,
     NoSpace,
     ParentNotFound,
 )
-from lamina.fs.durable import syncfs
 from lamina.liveness import boot_id
 from lamina.mounts import Mounts
 from lamina.records import LayerState, Records, Writer
@@ -64,9 +66,15 @@ class Lifecycle:
         ``parent_pending``: the parent is still *creating*, made by this same caller,
         which holds its work lock and commits it before this layer (a chain unpacked
         side by side, :mod:`lamina.chainapply`); it must exist all the same.
-        """
+
+        Not flushed to disk (atomic, and kept by a killed process, but not promised
+        past a power loss): nothing is promised about the layer until :meth:`commit`,
+        whose flush carries this record with it (SQLite's WAL keeps transactions in
+        order). A power loss before that loses the record or keeps it; either way
+        cleanup removes what was made (an orphan directory, or a half-made layer). One
+        flush of the records per layer made, not two."""
         stale = False
-        with self._records.write() as db:
+        with self._records.write(durable=False) as db:
             old = db.layer(layer_id)
             if old is not None:
                 if old.state is LayerState.READY:
@@ -111,7 +119,7 @@ class Lifecycle:
         try:
             self._driver.create(layer_id, parent or None, rw=rw, opts=opts)
             if sync:
-                syncfs(self._root)
+                self._driver.make_durable(layer_id, parent or None)
         except BaseException as e:
             self.abandon(layer_id)
             raise_no_space(layer_id, e)
@@ -135,12 +143,17 @@ class Lifecycle:
 
     # -- removing -----------------------------------------------------------------------
 
-    def mark_removing(self, layer_id: str) -> None:
-        """The first step of a removal, refused for a layer with children or mounts."""
+    def mark_removing(self, layer_id: str, *, snapshot: str | None = None) -> None:
+        """The first step of a removal, refused for a layer with children or mounts, and
+        for a layer a containerd snapshot names unless ``snapshot`` is that key (the
+        snapshotter removing its own)."""
         with self._mounts.settled(layer_id), self._records.write() as db:
             rec = db.layer(layer_id)
             if rec is None:
                 raise LayerNotFound(f"layer {layer_id} not found")
+            owner = db.snapshot_of_layer(layer_id)
+            if owner is not None and owner.key != snapshot:
+                raise LayerNamedBySnapshot(layer_id, owner.key, owner.kind)
             kids = db.children(layer_id)
             if kids:
                 more = f" and {len(kids) - 3} more" if len(kids) > 3 else ""

@@ -207,6 +207,16 @@ class MountClaim:
     refs: int
 
 
+#: a layer and its ancestors, nearest first (?1 the layer, ?2 the most rows: a loop in
+#: corrupt records would otherwise never end)
+_CHAIN = ("WITH RECURSIVE up(id, parent, depth) AS ("
+          " SELECT id, parent, 0 FROM layers WHERE id = ?1"
+          " UNION ALL SELECT l.id, l.parent, up.depth + 1 FROM layers l JOIN up ON l.id = up.parent"
+          " WHERE up.depth < ?2)"
+          " SELECT id, parent FROM up ORDER BY depth")
+#: far past any chain a driver can mount (the kernel stops at 500 lowers)
+_MAX_CHAIN = 10_000
+
 _LAYER_COLUMNS = ("SELECT id, parent, rw, state, created, size, mount_label, size_limit, tarsplit,"
                   " diff_id, (SELECT COUNT(*) FROM refs WHERE refs.id = layers.id) FROM layers")
 
@@ -231,18 +241,23 @@ class Reader:
         return [r[0] for r in self._db.execute("SELECT id FROM layers WHERE parent = ? ORDER BY id", (layer_id,))]
 
     def chain(self, layer_id: str) -> list[str]:
-        """The layer and its ancestors, nearest first; StoreCorrupt on a loop or a gap."""
-        chain, seen = [], set()
-        cur: str | None = layer_id
-        while cur is not None:
-            if cur in seen:
-                raise StoreCorrupt(f"layer {layer_id}: its parents form a loop at {cur}")
-            seen.add(cur)
-            chain.append(cur)
-            row = self._db.execute("SELECT parent FROM layers WHERE id = ?", (cur,)).fetchone()
-            if row is None:
-                raise StoreCorrupt(f"layer {layer_id}: ancestor {cur} has no record")
-            cur = row[0]
+        """The layer and its ancestors, nearest first; StoreCorrupt on a loop or a gap.
+
+        One recursive query, not one per ancestor: a chain is read on every mount and
+        every containerd Prepare and Mounts, and chains run to hundreds of layers."""
+        rows = self._db.execute(_CHAIN, (layer_id, _MAX_CHAIN)).fetchall()
+        if not rows:
+            raise StoreCorrupt(f"layer {layer_id}: ancestor {layer_id} has no record")
+        chain: list[str] = []
+        seen: set[str] = set()
+        for lid, _ in rows:
+            if lid in seen:
+                raise StoreCorrupt(f"layer {layer_id}: its parents form a loop at {lid}")
+            seen.add(lid)
+            chain.append(lid)
+        gap = rows[-1][1]
+        if gap is not None:
+            raise StoreCorrupt(f"layer {layer_id}: ancestor {gap} has no record")
         return chain
 
     def count(self, state: LayerState) -> int:
@@ -287,6 +302,15 @@ class Reader:
     def snapshots(self, *, ready_only: bool = True) -> list[SnapshotRecord]:
         where = f" WHERE {_READY_LAYER}" if ready_only else ""
         return [_snapshot(r) for r in self._db.execute(_SNAPSHOT_COLUMNS + where + " ORDER BY key")]
+
+    def snapshot_of_layer(self, layer_id: str) -> SnapshotRecord | None:
+        """The snapshot (in any state) whose layer is ``layer_id``, if any."""
+        row = self._db.execute(_SNAPSHOT_COLUMNS + " WHERE layer = ?", (layer_id,)).fetchone()
+        return _snapshot(row) if row else None
+
+    def snapshot_keys(self) -> dict[str, str]:
+        """layer ID -> the containerd key (or committed name) of every snapshot row."""
+        return dict((r[0], r[1]) for r in self._db.execute("SELECT layer, key FROM snapshots"))
 
     def snapshot_children(self, key: str) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT key FROM snapshots WHERE parent = ? ORDER BY key", (key,))]
@@ -407,17 +431,6 @@ class Writer(Reader):
 
     def delete_snapshot(self, key: str) -> None:
         self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
-
-    def drop_snapshots_without_layer(self, keep: set[str]) -> list[str]:
-        """Forget snapshots whose layer has no record at all (a Prepare that died before
-        its layer was begun, a Remove that died after its layer went), except the keys in
-        ``keep`` (calls still running in this process). Returns the keys forgotten."""
-        rows = self._db.execute("SELECT key FROM snapshots WHERE layer NOT IN (SELECT id FROM layers)"
-                                " ORDER BY key").fetchall()
-        gone = [r[0] for r in rows if r[0] not in keep]
-        for key in gone:
-            self._db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
-        return gone
 
 
 def _put_order(persistent: bool) -> str:

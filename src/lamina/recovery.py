@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 from lamina import liveness
 from lamina.archive.tar.split import reassemble
-from lamina.errors import LaminaError
+from lamina.errors import LaminaError, MountKept
 from lamina.fs import staging
 from lamina.fs.mount import mounts_under, umount
 from lamina.ids import check_id
-from lamina.records import LayerRecord, LayerState, MountRef
+from lamina.records import LayerRecord, LayerState, MountRef, SnapshotRecord
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -50,6 +50,9 @@ class Kind(enum.Enum):
     LEAKED_MOUNT = "mount under the root that no record names"
     HALF_MADE = "layer whose creation was interrupted"
     HALF_REMOVED = "layer whose removal was interrupted"
+    SNAPSHOT_WITHOUT_LAYER = "containerd snapshot whose layer has no record"
+    SNAPSHOT_UNFINISHED = "containerd snapshot whose layer's creation or removal was interrupted"
+    SNAPSHOT_MISMATCH = "containerd snapshot that disagrees with its layer"
     LEFTOVER = "work of an interrupted operation left in tmp/"
     ORPHAN_DIRECTORY = "layer directory with no record"
     ORPHAN_TARSPLIT = "tar-split with no layer"
@@ -63,7 +66,7 @@ class Kind(enum.Enum):
         return self not in _NOT_REPAIRABLE
 
 
-_NOT_REPAIRABLE = {Kind.LOST_PARENT, Kind.MISSING_CONTENT, Kind.CONTENT_MISMATCH}
+_NOT_REPAIRABLE = {Kind.LOST_PARENT, Kind.MISSING_CONTENT, Kind.CONTENT_MISMATCH, Kind.SNAPSHOT_MISMATCH}
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ def scan(store: Store, *, content: bool = False) -> list[Problem]:
         records = {r.id: r for r in db.layers()}
         refs = db.refs()
         mounts = db.mounts()
-    problems = _layers(store, records) + _references(store, refs, mounts) + _leaks(store)
+        snapshots = db.snapshots(ready_only=False)
+    problems = _layers(store, records) + _snapshots(store, records, snapshots)
+    problems += _references(store, refs, mounts) + _leaks(store)
     problems += _files(store, records)
     if content:
         problems += _content(store, records)
@@ -121,6 +126,49 @@ def _layers(store: Store, records: dict[str, LayerRecord]) -> list[Problem]:
             out.append(Problem(Kind.LOST_TARSPLIT, rec.id,
                                "tar-split record is missing (diff will not be byte-exact)"))
     return out
+
+
+def _snapshots(store: Store, records: dict[str, LayerRecord], snapshots: list[SnapshotRecord]) -> list[Problem]:
+    """The containerd snapshotter's rows against the layers they name. A row is written
+    in the transaction of its layer's first record and dropped in that of its last, so
+    a row whose layer has no record, or an unfinished one nobody is at work on, is what
+    a crash (or a cleanup that finished a removal without the snapshotter) left; a row
+    that disagrees with its layer (kind, parent) is damage no repair can undo."""
+    out: list[Problem] = []
+    by_key = {s.key: s for s in snapshots}
+    for snap in snapshots:
+        rec = records.get(snap.layer)
+        named = f"containerd snapshot {snap.key!r}"
+        if rec is None:
+            out.append(Problem(Kind.SNAPSHOT_WITHOUT_LAYER, snap.layer, f"{named} names this layer, which has no record",
+                               snap.key))
+            continue
+        if not rec.complete:
+            if store.work_locks.is_idle(rec.id):  # else a Prepare or Remove is at work
+                what = "creation" if rec.state is LayerState.CREATING else "removal"
+                out.append(Problem(Kind.SNAPSHOT_UNFINISHED, snap.layer,
+                                   f"{named} names this layer, whose {what} was interrupted", snap.key))
+            continue
+        wrong = _snapshot_disagrees(snap, rec, by_key)
+        if wrong:
+            out.append(Problem(Kind.SNAPSHOT_MISMATCH, snap.layer, f"{named}: {wrong}", snap.key))
+    return out
+
+
+def _snapshot_disagrees(snap: SnapshotRecord, rec: LayerRecord, by_key: dict[str, SnapshotRecord]) -> str:
+    """What is wrong between a snapshot row and its complete layer ("" if nothing): an
+    active snapshot is a read-write layer, a view or committed one a read-only layer,
+    and the parent snapshot's layer is the layer's parent."""
+    if rec.rw != (snap.kind == "active"):
+        return f"it is {snap.kind} but its layer is {'read-write' if rec.rw else 'read-only'}"
+    if snap.parent is None:
+        return f"it has no parent but its layer has parent {rec.parent}" if rec.parent is not None else ""
+    parent = by_key.get(snap.parent)
+    if parent is None:
+        return f"its parent snapshot {snap.parent!r} has no record"
+    if parent.layer != rec.parent:
+        return f"its parent {snap.parent!r} is layer {parent.layer}, but its layer's parent is {rec.parent}"
+    return ""
 
 
 def _references(store: Store, refs: list[MountRef], mounts: list) -> list[Problem]:  # type: ignore[type-arg]
@@ -338,6 +386,18 @@ def _orphan_tarsplit(store: Store, p: Problem) -> list[str]:
     return [f"removed orphan tar-split {name}"]
 
 
+def _forget_snapshot(store: Store, p: Problem) -> list[str]:
+    """Forget a snapshot row whose layer has no record (any more: for an unfinished
+    layer, its own repair runs first and may have dropped it)."""
+    key = str(p.subject)
+    with store.records.write() as db:
+        snap = db.snapshot(key, ready_only=False)
+        if snap is None or snap.layer != p.layer or db.layer(snap.layer) is not None:
+            return []
+        db.delete_snapshot(key)
+    return [f"forgot snapshot {key!r}: its layer is gone"]
+
+
 def _lost_tarsplit(store: Store, p: Problem) -> list[str]:
     assert p.layer is not None
     with store.records.write() as db:
@@ -354,6 +414,8 @@ _REPAIRS: dict[Kind, Callable[[Store, Problem], list[str]]] = {
     Kind.LEAKED_MOUNT: _leaked_mount,
     Kind.HALF_MADE: _unfinished_layer,
     Kind.HALF_REMOVED: _unfinished_layer,
+    Kind.SNAPSHOT_WITHOUT_LAYER: _forget_snapshot,
+    Kind.SNAPSHOT_UNFINISHED: _forget_snapshot,
     Kind.LEFTOVER: _leftover,
     Kind.ORPHAN_DIRECTORY: _orphan_directory,
     Kind.ORPHAN_TARSPLIT: _orphan_tarsplit,
@@ -367,7 +429,10 @@ _REPAIRS: dict[Kind, Callable[[Store, Problem], list[str]]] = {
 def cleanup(store: Store, *, unmount_all: bool = False) -> list[str]:
     """``Store.cleanup``: repair every repairable problem the scan finds (content is not
     re-hashed), then let the driver tidy its own. With ``unmount_all`` every reference
-    is dropped first, so every view is unmounted (dockerd's Cleanup at shutdown)."""
+    is dropped first, so every view is unmounted (dockerd's Cleanup at shutdown), and
+    then the driver's own mounts go too; what is still in use stays mounted and is
+    raised at the end as :class:`MountKept` (carrying what was mended meanwhile), so a
+    face can never answer "all released" when it was not."""
     done: list[str] = []
     if unmount_all:
         done += _reset_boot(store)  # said as such, before the rest goes unsaid
@@ -377,20 +442,31 @@ def cleanup(store: Store, *, unmount_all: bool = False) -> list[str]:
         known = {r.id for r in db.layers()}
     done += store.driver.cleanup(known)
     if unmount_all:
-        done += release_own_mounts(store)
+        released, kept = release_own_mounts(store)
+        done += released
+        if kept:
+            for line in kept:
+                log.warning("not released: %s", line)
+            raise MountKept(f"{len(kept)} mount(s) of the store could not be released: " + "; ".join(kept),
+                            kept=kept, done=done)
     return done
 
 
-def release_own_mounts(store: Store) -> list[str]:
+def release_own_mounts(store: Store) -> tuple[list[str], list[str]]:
     """At the end of use, what the driver keeps mounted by itself goes too (overlay's
     size-limit images and their loop devices), for every layer held idle: no view of it
-    or of a layer built on it is mounted, nobody is at work on it. New mounts wait
-    meanwhile; the driver mounts what it needs again when a layer is next used."""
+    or of a layer built on it is mounted, nobody is at work on it, and nothing outside
+    the store still uses it (the driver checks that). New mounts wait meanwhile; the
+    driver mounts what it needs again when a layer is next used.
+
+    Returns (lines released, lines kept): each of the driver's own mounts still mounted
+    afterwards is one kept line saying why."""
     done: list[str] = []
+    kept: list[str] = []
     with store.mounts.no_mount_in_flight() as quiet:
         if not quiet:
-            log.info("mounts kept being made; the driver's own mounts stay until next time")
-            return done
+            return done, ["the driver's own mounts (size-limit images) were not released: "
+                          "the store's mounts kept being made for 2 s; run the cleanup again"]
         with store.records.read() as db:
             records = {r.id: r for r in db.layers()}
             mounted = {m.layer for m in db.mounts()}
@@ -400,8 +476,22 @@ def release_own_mounts(store: Store) -> list[str]:
             while cur is not None and cur not in in_use:  # a view shows its whole chain
                 in_use.add(cur)
                 cur = records[cur].parent if cur in records else None
+        refused: set[str] = set()
         for lid in sorted(set(records) - in_use):
             with store.work_locks.idle(lid) as free:
-                if free:
+                if not free:
+                    continue
+                try:
                     done += store.driver.release_own_mounts(lid)
-    return done
+                except MountKept as e:
+                    kept.append(str(e))
+                    refused.add(lid)
+        still = {os.path.realpath(p) for p in store.driver.own_mounts()} & set(mounts_under(store.root))
+        for point in sorted(still):
+            owner = next((lid for lid in records if point.startswith(
+                os.path.realpath(store.driver.layer_dir(lid)) + "/")), None)
+            if owner in refused:
+                continue
+            why = "in use by the store (a view of it or of a layer above it, or work on it)"
+            kept.append(f"{'layer ' + owner + ': ' if owner else ''}{point} is still mounted: {why}")
+    return done, kept

@@ -288,6 +288,12 @@ class Store:
         with self.records.read() as db:
             return [r for r in db.layers() if r.complete]
 
+    def snapshot_keys(self) -> dict[str, str]:
+        """layer ID -> containerd key (or committed name), for the layers that are
+        containerd snapshots (``lamina ls`` tells them apart by it)."""
+        with self.records.read() as db:
+            return db.snapshot_keys()
+
     def children(self, layer_id: str) -> list[str]:
         self._ready(layer_id)
         with self.records.read() as db:
@@ -316,8 +322,11 @@ class Store:
         (containerd mounts what its snapshotter returns). Writable for a read-write
         layer, read-only otherwise. No reference is taken: the store does not see these
         mounts, so the caller must not remove a layer it still has mounted."""
-        rec = self._ready(layer_id)
-        with self.records.read() as db:
+        check_id(layer_id)
+        with self.records.read() as db:  # the record and its chain in one read
+            rec = db.layer(layer_id)
+            if rec is None or not rec.complete:
+                raise LayerNotFound(f"layer {layer_id} not found")
             chain = db.chain(layer_id)
         if self.native.mount_specs is None:
             raise DriverUnavailable(f"driver {self.driver.name} cannot describe its mounts for another program")
@@ -362,18 +371,22 @@ class Store:
 
     # -- removing -------------------------------------------------------------------------
 
-    def remove(self, layer_id: str, *, record: Callable[[Writer], None] | None = None) -> None:
+    def remove(self, layer_id: str, *, record: Callable[[Writer], None] | None = None,
+               snapshot: str | None = None) -> None:
         """Remove a layer, crash-safely [Remove].
 
         Refused with :class:`LayerHasChildren` or :class:`LayerBusy` (mounted, or being
-        changed by another process). The record is marked ``removing`` before anything is
-        deleted, so an interrupted removal is finished by ``cleanup``. ``record(db)`` runs
-        in the transaction that drops the layer's record (a face forgetting its own
-        name for the layer); after a crash, cleanup finishes the removal without it.
+        changed by another process), and with :class:`LayerNamedBySnapshot` for a layer
+        that a containerd snapshot holds, unless ``snapshot`` names that snapshot's key
+        (the snapshotter's own Remove). The record is marked ``removing`` before
+        anything is deleted, so an interrupted removal is finished by ``cleanup``.
+        ``record(db)`` runs in the transaction that drops the layer's record (a face
+        forgetting its own name for the layer); after a crash, cleanup finishes the
+        removal without it.
         """
         check_id(layer_id)
         with self.work_locks.busy(layer_id):
-            self.lifecycle.mark_removing(layer_id)
+            self.lifecycle.mark_removing(layer_id, snapshot=snapshot)
             self.lifecycle.finish_remove(layer_id, record=record)
 
     # -- recovery -------------------------------------------------------------------------

@@ -602,11 +602,12 @@ def test_contrib_spec_and_unit_name_the_default_socket() -> None:
     assert "Type=notify" in unit
 
 
-def test_contrib_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["lamina-docker-plugin.service", "lamina-containerd-snapshotter.service"])
+def test_contrib_unit_passes_systemd_analyze(tmp_path: Path, name: str) -> None:
     require_tool("systemd-analyze")
-    unit = (REPO / "contrib" / "lamina-docker-plugin.service").read_text()
+    unit = (REPO / "contrib" / name).read_text()
     # verify checks that ExecStart's program exists: point it at one that does
-    copy = tmp_path / "lamina-docker-plugin.service"
+    copy = tmp_path / name
     copy.write_text(unit.replace("/usr/local/bin/lamina", "/bin/true"))
     res = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

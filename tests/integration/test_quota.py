@@ -22,9 +22,9 @@ import pytest
 from conftest import require_loop, require_overlay, require_tool
 from lamina.drivers.base import CreateOptions, DriverContext
 from lamina.drivers.overlay import OverlayDriver
-from lamina.errors import QuotaNotSupported
-from lamina.fs import quota
-from lamina.fs.mount import is_mountpoint, mounts_under, umount
+from lamina.errors import LoopImageBusy, QuotaNotSupported
+from lamina.fs import loopdev, quota
+from lamina.fs.mount import MS_BIND, is_mountpoint, mount, mounts_under, umount
 
 MIB = 1 << 20
 
@@ -71,8 +71,8 @@ def test_kernel_structures_have_their_abi_sizes() -> None:
     """linux/fs.h, linux/dqblk_xfs.h, linux/loop.h: a wrong size would corrupt memory."""
     assert ctypes.sizeof(quota._FsXattr) == 28
     assert ctypes.sizeof(quota._FsDiskQuota) == 112
-    assert ctypes.sizeof(quota._LoopInfo64) == 232
-    assert ctypes.sizeof(quota._LoopConfig) == 304
+    assert ctypes.sizeof(loopdev._LoopInfo64) == 232
+    assert ctypes.sizeof(loopdev._LoopConfig) == 304
 
 
 # -- sized images ----------------------------------------------------------------------
@@ -116,6 +116,68 @@ def test_concurrent_mounts_of_one_image_attach_it_once(tidy: Path) -> None:
     assert len(loop_devices_of(image)) == 1
     quota.unmount_image(point, image)
     assert detached(image)
+
+
+def _outside_mount(image: Path, point: Path, outside: Path) -> None:
+    """Mount ``image`` at ``point`` and bind a directory of it at ``outside``, as an
+    overlay of containerd's holds the filesystem: a mount the image's owner never sees."""
+    point.mkdir()
+    quota.create_image(image, point, 16 * MIB)
+    (point / "diff").mkdir()
+    (point / "diff" / "f").write_bytes(b"one filesystem")
+    outside.mkdir()
+    mount(str(point / "diff"), outside, None, MS_BIND)
+
+
+def test_an_image_still_mounted_elsewhere_is_mounted_again_from_its_device(tidy: Path) -> None:
+    """The image's own mount point went (a lazy unmount, anyone's) while another mount
+    holds its filesystem: mounting it again must use that loop device, not a second."""
+    require_loop()
+    image, point, outside = tidy / "img", tidy / "mnt", tidy / "outside"
+    _outside_mount(image, point, outside)
+    (device,) = loop_devices_of(image)
+    umount(point)  # lazy
+    assert loop_devices_of(image) == [device], "the outside mount keeps the filesystem alive"
+    quota.mount_image(image, point)
+    assert loop_devices_of(image) == [device]
+    (point / "diff" / "g").write_bytes(b"seen on both sides")
+    assert (outside / "g").read_bytes() == b"seen on both sides"
+    umount(outside, lazy=False)
+    quota.unmount_image(point, image)
+    assert detached(image)
+
+
+def test_an_image_on_two_loop_devices_is_refused(tidy: Path) -> None:
+    require_loop()
+    image, point = tidy / "img", tidy / "mnt"
+    point.mkdir()
+    quota.create_image(image, point, 16 * MIB)
+    quota.unmount_image(point, image)
+    assert detached(image)
+    extra = [subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True,
+                            check=True).stdout.strip() for _ in range(2)]
+    try:
+        with pytest.raises(LoopImageBusy, match="two filesystems on one file"):
+            quota.mount_image(image, point)
+        assert not is_mountpoint(point)
+    finally:
+        for dev in extra:
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_release_keeps_an_image_in_use_and_lets_an_idle_one_go(tidy: Path) -> None:
+    require_loop()
+    image, point, outside = tidy / "img", tidy / "mnt", tidy / "outside"
+    _outside_mount(image, point, outside)
+    (device,) = loop_devices_of(image)
+    assert not quota.release_image(point, image), "a mount outside holds it"
+    assert is_mountpoint(point) and loop_devices_of(image) == [device]
+    umount(outside, lazy=False)
+    with open(point / "diff" / "f", "rb"):  # a file open under the mount point: EBUSY
+        assert not quota.release_image(point, image)
+        assert is_mountpoint(point)
+    assert quota.release_image(point, image)
+    assert not is_mountpoint(point) and loop_devices_of(image) == []
 
 
 def test_sized_layer_write_past_the_limit_fails_and_the_store_is_unaffected(tidy: Path) -> None:

@@ -150,3 +150,33 @@ def test_unknown_layer_everywhere(store) -> None:
                store.metadata, store.chain):
         with pytest.raises(LayerNotFound, match="nope"):
             op("nope")
+
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_content_whose_creating_record_a_power_loss_took_is_removed(tmp_path: Path, driver: str) -> None:
+    """A layer's first (creating) record is committed without a flush: a power loss
+    before its ready record may keep what the driver made and lose the record. That is
+    an orphan, and cleanup removes all of it (the overlay short link too)."""
+    if driver == "overlay":
+        from conftest import require_overlay
+
+        require_overlay()
+    from lamina.drivers.base import CreateOptions
+
+    s = lamina.open(tmp_path / "store", driver=driver)
+    try:
+        s.create("base")
+        # what survives: the driver's work, no record naming it
+        s.driver.create("lost", "base", rw=True, opts=CreateOptions())
+        links_before = sorted(os.listdir(s.root / "l")) if driver == "overlay" else []
+        problems = check(s, content=False)[0]
+        assert any("orphan directory" in str(p) for p in problems), problems
+        s.cleanup()
+        assert not s.driver.layer_dir("lost").exists()
+        assert check(s, content=False)[0] == []
+        if driver == "overlay":
+            assert len(os.listdir(s.root / "l")) == len(links_before) - 1, "the lost layer's l/ link"
+        s.create_rw("lost", "base")  # the ID is free again
+        assert [r.id for r in s.layers()] == ["base", "lost"]
+    finally:
+        s.close()

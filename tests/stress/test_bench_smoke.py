@@ -79,6 +79,25 @@ def test_bench_containerd_quick_prints_ratios(tmp_path: Path) -> None:
     assert summary and "import=" in summary.group(1), out
 
 
+def test_bench_containerd_calls_only_times_lamina_socket(tmp_path: Path) -> None:
+    """--calls-only --quick: Prepare+Mounts and Commit on lamina's socket alone, each
+    with its p50, p90, target and ok/OVER (no containerd needed)."""
+    from conftest import require_overlay
+
+    require_overlay()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_containerd.py"), "--calls-only", "--quick",
+         "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for call in ("prepare\\+mounts", "commit"):
+        assert re.search(rf"^rpc lamina direct {call}\s+p50 +\d+\.\d+ ms\s+p90 +\d+\.\d+ ms .*"
+                         rf"target p50 <= 5\.0 ms\s+(ok|OVER)$", out, re.M), out
+    summary = re.search(r"^summary: (.*)$", out, re.M)
+    assert summary and "lamina_direct.prepare+mounts=" in summary.group(1), out
+
+
 def test_bench_docker_quick_times_plugin_calls() -> None:
     """bench_docker.py --quick: Exists and Get+Put over the plugin's socket against a
     bare aiohttp handler, each with its ratio, target and ok/OVER (no dockerd needed)."""

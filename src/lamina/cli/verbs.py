@@ -13,7 +13,7 @@ import traceback
 
 from lamina.cli.invocation import Handler, Invocation, parse_options
 from lamina.cli.output import UsageError, check_not_terminal, one_line, table
-from lamina.errors import InvalidArchive, LaminaError
+from lamina.errors import InvalidArchive, LaminaError, MountKept
 from lamina.ids import check_id, parse_size
 from lamina.progress import human_bytes
 
@@ -57,12 +57,21 @@ def cmd_info(inv: Invocation) -> int:
 
 
 def cmd_ls(inv: Invocation) -> int:
+    """The complete layers; a layer that is a containerd snapshot shows its key (or
+    committed name) in a last SNAPSHOT column (only when the store has any) and as
+    ``snapshot`` in ``--json`` (null for the others)."""
     records = inv.store.layers()
+    keys = inv.store.snapshot_keys()
     rows = [[r.id, r.parent or "-", "rw" if r.rw else "ro",
              human_bytes(r.size) if r.size is not None else "-", str(r.mount_count)]
             for r in records]
-    text = table(["ID", "PARENT", "KIND", "SIZE", "MOUNTS"], rows) if rows else []
-    inv.emit([r.to_json() for r in records], text)
+    header = ["ID", "PARENT", "KIND", "SIZE", "MOUNTS"]
+    if any(r.id in keys for r in records):
+        header.append("SNAPSHOT")
+        for row, r in zip(rows, records, strict=True):
+            row.append(keys.get(r.id, "-"))
+    text = table(header, rows) if rows else []
+    inv.emit([{**r.to_json(), "snapshot": keys.get(r.id)} for r in records], text)
     return 0
 
 
@@ -182,12 +191,23 @@ def cmd_metadata(inv: Invocation) -> int:
 
 
 def cmd_cleanup(inv: Invocation) -> int:
+    """Mend what crashes left; with ``--unmount-all`` release every mount too, and exit 1
+    naming each one still in use (left mounted) on stderr."""
     from lamina.images import recover as recover_images
 
-    mended = inv.store.cleanup(unmount_all=inv.args.unmount_all)
+    kept: MountKept | None = None
+    try:
+        mended = inv.store.cleanup(unmount_all=inv.args.unmount_all)
+    except MountKept as e:  # the rest was done: say what, then what is still mounted
+        kept, mended = e, e.done
     mended += recover_images(inv.store)  # layers of killed image loads (no image owns them)
-    inv.emit({"mended": mended}, mended)
-    return 0
+    if kept is None:
+        inv.emit({"mended": mended}, mended)
+        return 0
+    inv.emit({"mended": mended, "kept": kept.kept}, mended)
+    for line in kept.kept:
+        print(f"lamina: not released: {line}", file=inv.stderr)
+    return 1
 
 
 def cmd_check(inv: Invocation) -> int:

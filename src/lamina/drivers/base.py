@@ -57,6 +57,7 @@ describes a layer against its own parent); the store then does it the naive way.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from typing import IO, ClassVar, Protocol, runtime_checkable
 
 from lamina.archive.apply import ApplyOptions
 from lamina.archive.change import Change
+from lamina.fs.durable import syncfs
 from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
 
 
@@ -102,11 +104,12 @@ class DriverContext:
     uid_map: Sequence[tuple[int, int, int]] = ()
     gid_map: Sequence[tuple[int, int, int]] = ()
 
-    @property
+    # cached: every layer path is made from these, several times per call
+    @functools.cached_property
     def layers(self) -> Path:
         return self.root / "layers"
 
-    @property
+    @functools.cached_property
     def tmp(self) -> Path:
         return self.root / "tmp"
 
@@ -168,6 +171,14 @@ class Driver(abc.ABC):
         """Undo :meth:`mount`. Called for the last reference, and by cleanup for stale
         mounts: must not fail if nothing is mounted."""
 
+    def make_durable(self, layer_id: str, parent: str | None) -> None:
+        """Make what :meth:`create` just made for ``layer_id`` survive a power loss; the
+        store calls it before it records the layer ready. The default flushes the store's
+        whole filesystem (``syncfs``), right whatever ``create`` wrote (vfs copies the
+        parent's files); a driver that knows the few things it made may fsync just
+        those, sparing the flush of everything else being written meanwhile."""
+        syncfs(self.ctx.root)
+
     def own_mounts(self) -> set[str]:
         """Mount points the driver keeps by itself, outside :meth:`mount` (e.g. the sized
         filesystem image under a read-write layer), so ``check`` does not call them leaked."""
@@ -178,7 +189,10 @@ class Driver(abc.ABC):
         :meth:`own_mounts`), to be mounted again when the layer is next used; one line
         per thing released. The store calls it at the end of use (``cleanup`` with
         ``unmount_all``) for a layer it holds idle: no view of it, or of a layer built on
-        it, is mounted, and nobody is at work on it."""
+        it, is mounted, and nobody is at work on it. Something the store cannot see may
+        still use it (a mount containerd made from the layer's snapshot): then it is
+        left as it is and :class:`lamina.errors.MountKept` is raised, never a lazy
+        unmount that would let a later use attach it a second time."""
         return []
 
     def is_mounted(self, layer_id: str) -> bool:

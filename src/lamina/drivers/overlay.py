@@ -74,11 +74,13 @@ from lamina.errors import (
     DriverUnavailable,
     InvalidOption,
     LaminaError,
+    MountKept,
     QuotaNotSupported,
     UnsupportedFilesystem,
 )
 from lamina.fs import quota, staging
 from lamina.fs.backingfs import NO_UPPER, existing_ancestor
+from lamina.fs.durable import fsync_all
 from lamina.fs.getter import DirFileGetter
 from lamina.fs.mount import MS_BIND, MS_RDONLY, is_mountpoint, mount, mounts_under, umount
 from lamina.fs.overlayfs import (
@@ -205,13 +207,18 @@ class OverlayDriver(Driver):
         quota.mount_image(d / "size.img", sized)
 
     def release_own_mounts(self, layer_id: str) -> list[str]:
-        """Unmount a sized layer's image (and with it its loop device); the next use of
-        the layer mounts it again (:meth:`_upper`)."""
+        """Unmount a sized layer's image (and with it its loop device) unless its
+        filesystem is still in use, such as under a container that containerd mounted
+        from this layer's snapshot (:func:`lamina.fs.quota.release_image`); the next use
+        of the layer mounts it again (:meth:`_upper`). Raises :class:`MountKept` when
+        it stays."""
         d = self.layer_dir(layer_id)
         sized = d / "sized"
         if not (d / "size.img").exists() or not is_mountpoint(sized) or is_mountpoint(d / "merged"):
             return []
-        quota.unmount_image(sized, d / "size.img")
+        if not quota.release_image(sized, d / "size.img"):
+            raise MountKept(f"layer {layer_id}: its size-limit image {sized} is still in use (a mount "
+                            "outside the store, such as a container's, or a process inside it); kept mounted")
         return [f"released the size-limit image of layer {layer_id}"]
 
     def _link(self, layer_id: str) -> str:
@@ -284,6 +291,25 @@ class OverlayDriver(Driver):
         except BaseException:
             self._discard(work)
             raise
+
+    def make_durable(self, layer_id: str, parent: str | None) -> None:
+        """An overlay layer is born empty: what :meth:`create` made is a handful of
+        names (its directory with ``diff/``, ``work/``, ``link`` and ``lower``, its
+        ``l/`` short link, the parent's ``committed`` marker), so those are fsynced, not
+        the whole filesystem (a Prepare's ``syncfs`` also waited for every other
+        writer's dirty pages). A layer with a size image (a fresh ext4 made by
+        mkfs and mounted) is flushed whole, as by default."""
+        d = self.layer_dir(layer_id)
+        if (d / "size.img").exists():
+            super().make_durable(layer_id, parent)
+            return
+        # the files' content, the layer directory's names, the rename into layers/,
+        # the short link, the parent's marker (the rename's source in tmp/ may come
+        # back after a power loss: cleanup removes it as a leftover)
+        names = [d / "link", d, self.ctx.layers, self.ctx.root / "l"]
+        if parent is not None:
+            names += [d / "lower", self.layer_dir(parent)]
+        fsync_all(names)
 
     def _build(self, layer_id: str, d: Path, lower: list[str], size: int | None) -> None:
         uid, gid = self._root_owner()

@@ -58,6 +58,7 @@ from lamina.errors import (
     LaminaError,
     LayerBusy,
     LayerExists,
+    MountKept,
     ParentNotFound,
     StoreCorrupt,
     UnsupportedFilesystem,
@@ -332,7 +333,8 @@ class WindowsFilterDriver(Driver):
         folder = self.dir(self.resolve_id(layer_id))
         if not is_mountpoint(folder / SANDBOX_MOUNT) or is_mountpoint(folder / VIEW):
             return []
-        quota.unmount_image(folder / SANDBOX_MOUNT, folder / SANDBOX_IMAGE)
+        if not quota.release_image(folder / SANDBOX_MOUNT, folder / SANDBOX_IMAGE):
+            raise MountKept(f"layer {layer_id}: its sandbox image is still in use; kept mounted")
         return [f"released the sandbox image of layer {layer_id}"]
 
     def unmount(self, layer_id: str) -> None:

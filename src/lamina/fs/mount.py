@@ -75,6 +75,27 @@ def mounts_under(prefix: str | Path) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+def mounts_naming(path: str | Path) -> list[str]:
+    """Mount points of this mount namespace whose filesystem options name a path at or
+    below ``path`` (an overlay with its ``upperdir`` or a ``lowerdir`` there): mounts
+    that use a directory without being mounted on it. Only what the options spell out
+    is seen (not a lower given through a symlink, nor a mount of another namespace)."""
+    want = os.path.realpath(path)
+    found: list[str] = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.rstrip(b"\n").partition(b" - ")
+            fields = right.split(b" ", 2)
+            if len(fields) < 3:
+                continue
+            for opt in _unescape(fields[2]).split(","):
+                _, _, value = opt.partition("=")
+                if any(p == want or p.startswith(want + "/") for p in value.split(":")):
+                    found.append(_unescape(left.split(b" ")[4]))
+                    break
+    return found
+
+
 def _unescape(field: bytes) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal ``\\NNN``."""
     out = bytearray()

@@ -25,13 +25,14 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lamina.errors import QuotaNotSupported
-from lamina.fs import newmount
+from lamina.errors import LoopImageBusy, QuotaNotSupported
+from lamina.fs import loopdev, newmount
 from lamina.fs.locks import locked
-from lamina.fs.mount import is_mountpoint, mount, umount
+from lamina.fs.mount import is_mountpoint, mount, mounts_naming, umount
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.quotactl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
@@ -234,26 +235,10 @@ class ProjectQuota:
 # -- sized filesystem images -----------------------------------------------------------
 
 
-class _LoopInfo64(ctypes.Structure):
-    _fields_ = [("lo_device", ctypes.c_uint64), ("lo_inode", ctypes.c_uint64),
-                ("lo_rdevice", ctypes.c_uint64), ("lo_offset", ctypes.c_uint64),
-                ("lo_sizelimit", ctypes.c_uint64), ("lo_number", ctypes.c_uint32),
-                ("lo_encrypt_type", ctypes.c_uint32), ("lo_encrypt_key_size", ctypes.c_uint32),
-                ("lo_flags", ctypes.c_uint32), ("lo_file_name", ctypes.c_char * 64),
-                ("lo_crypt_name", ctypes.c_char * 64), ("lo_encrypt_key", ctypes.c_ubyte * 32),
-                ("lo_init", ctypes.c_uint64 * 2)]
-
-
-class _LoopConfig(ctypes.Structure):
-    _fields_ = [("fd", ctypes.c_uint32), ("block_size", ctypes.c_uint32),
-                ("info", _LoopInfo64), ("reserved", ctypes.c_uint64 * 8)]
-
-
-LOOP_CONFIGURE = 0x4C0A
-LOOP_CTL_GET_FREE = 0x4C82
-LO_FLAGS_AUTOCLEAR = 4
-LO_FLAGS_DIRECT_IO = 16
 MIB = 1 << 20
+#: how long a released image's loop device may take to detach before the image is
+#: taken to be still in use by a mount outside the store
+DETACH_WAIT = 1.0
 
 
 def loop_image_reason() -> str | None:
@@ -267,68 +252,47 @@ def loop_image_reason() -> str | None:
     return None
 
 
-def attach_loop(image: Path) -> str:
-    """Attach ``image`` to a free loop device that detaches itself when its last user
-    (the mount) goes away; return the device path. The caller must mount it before
-    closing nothing: this function holds no fd open on return."""
-    flags = os.O_RDWR | os.O_CLOEXEC
-    img_fd = os.open(image, flags)
-    try:
-        ctl = os.open("/dev/loop-control", flags)
-        try:
-            for _ in range(16):  # another process may take the free device first
-                number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-                device = f"/dev/loop{number}"
-                dev_fd = os.open(device, flags)
-                try:
-                    cfg = _LoopConfig()
-                    cfg.fd = img_fd
-                    cfg.info.lo_flags = LO_FLAGS_DIRECT_IO
-                    cfg.info.lo_file_name = os.fsencode(str(image))[-63:]
-                    try:
-                        fcntl.ioctl(dev_fd, LOOP_CONFIGURE, cfg)
-                    except OSError as e:
-                        if e.errno == errno.EBUSY:
-                            continue
-                        raise
-                    return device
-                finally:
-                    os.close(dev_fd)
-            raise OSError(errno.EBUSY, "no free loop device after 16 tries")
-        finally:
-            os.close(ctl)
-    finally:
-        os.close(img_fd)
-
-
-def _set_autoclear(device: str) -> None:
-    """Mark a mounted loop device to detach when unmounted (LOOP_CLR_FD on a busy
-    device does exactly that)."""
-    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, 0x4C01)  # LOOP_CLR_FD
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def mount_image(image: Path, mountpoint: Path) -> None:
     """Mount the ext4 image at ``mountpoint`` through a loop device (idempotent).
 
     One mounter at a time per image, across threads and processes (an flock on the
     image): two that both saw it unmounted would attach it twice, and two loop devices
-    on one image are two filesystems writing one file."""
+    on one image are two filesystems writing one file. For the same reason an image
+    that is on a loop device already (its filesystem still mounted somewhere the store
+    does not see, such as containerd's overlay over a snapshot) is mounted from that
+    device, the same filesystem again, never attached a second time; an image found on
+    two devices is refused."""
     with locked(image):
         if is_mountpoint(mountpoint):
             return
-        device = attach_loop(image)
-        try:
-            mount(device, mountpoint, "ext4", 0, "")
-        except OSError:
-            _set_autoclear(device)
-            raise
-        _set_autoclear(device)
+        _mount_locked(image, mountpoint)
+
+
+def _mount_locked(image: Path, mountpoint: Path) -> None:
+    """:func:`mount_image` under the image's lock."""
+    deadline = time.monotonic() + 10 * DETACH_WAIT
+    while True:
+        devices = loopdev.devices_of(image)
+        if len(devices) > 1:
+            raise LoopImageBusy(f"{image} is attached to {' and '.join(devices)}: two filesystems on one file; "
+                                "stop what uses them, unmount them and detach the devices before using the layer")
+        if not devices:
+            device = loopdev.attach(image)
+            try:
+                mount(device, mountpoint, "ext4", 0, "")
+            finally:
+                loopdev.set_autoclear(device)
+            return
+        with loopdev.hold(devices[0], image) as bound:
+            if bound:
+                # the filesystem on it (if any) is the image's one: mount it again
+                mount(devices[0], mountpoint, "ext4", 0, "")
+                loopdev.set_autoclear(devices[0])
+                return
+        # the device is being detached: wait for it to go, then attach afresh
+        if time.monotonic() > deadline:
+            raise LoopImageBusy(f"{image}: its loop device {devices[0]} neither goes away nor can be opened")
+        time.sleep(0.005)
 
 
 def unmount_image(mountpoint: Path, image: Path | None = None) -> None:
@@ -339,6 +303,49 @@ def unmount_image(mountpoint: Path, image: Path | None = None) -> None:
         return
     with locked(image):
         umount(mountpoint)
+
+
+def release_image(mountpoint: Path, image: Path) -> bool:
+    """Unmount an image for good if nothing else uses its filesystem; True if it and
+    its loop device are gone, False if it is still in use (then it stays mounted at
+    ``mountpoint`` as it was).
+
+    In use means: a file open or a working directory under ``mountpoint`` (the unmount
+    is refused with EBUSY; it is not lazy), or a mount made from it elsewhere, such as
+    an overlay with its upper directory inside (the unmount succeeds, but the loop
+    device stays attached: the filesystem lives on). The second case is told by
+    waiting up to :data:`DETACH_WAIT` for the device to detach; if it does not, the
+    same device is mounted back, so the store goes on seeing the one filesystem. An
+    overlay in this mount namespace whose options name a directory inside is seen
+    before anything is unmounted (:func:`lamina.fs.mount.mounts_naming`)."""
+    with locked(image):
+        if not is_mountpoint(mountpoint):
+            return not loopdev.devices_of(image)
+        if mounts_naming(mountpoint):
+            return False  # seen at once: an overlay over it in this namespace
+        for device in loopdev.devices_of(image):
+            loopdev.set_autoclear(device)  # a crash between attach and mount may have left it unset
+        try:
+            umount(mountpoint, lazy=False)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return False
+            raise
+        if _detached(image, DETACH_WAIT):
+            return True
+        _mount_locked(image, mountpoint)
+        return False
+
+
+def _detached(image: Path, wait: float) -> bool:
+    """Whether ``image`` is on no loop device, waiting up to ``wait`` seconds for the
+    kernel to let go of one whose last user just went."""
+    deadline = time.monotonic() + wait
+    while loopdev.devices_of(image):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _mkfs(image: Path, size: int, root_owner: tuple[int, int]) -> None:
@@ -374,6 +381,10 @@ def create_image(image: Path, mountpoint: Path, size: int, *,
         free = st.f_bavail * st.f_frsize
         if free >= size:
             return
-        unmount_image(mountpoint)
+        # made again in place: its loop device must be gone before the file is rewritten
+        with locked(image):
+            umount(mountpoint, lazy=False)
+            if not _detached(image, 10 * DETACH_WAIT):
+                raise QuotaNotSupported(f"{image}: its loop device stays attached after unmounting")
         total += size - free + MIB
     raise QuotaNotSupported(f"cannot size an image for {size} bytes at {image}")

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from lamina.errors import LaminaError, LayerBusy, LayerNotFound
+from lamina.errors import LaminaError, LayerBusy, LayerNotFound, MountKept
 from lamina.fs.durable import atomic_write
 from lamina.plugin import wire
 from lamina.plugin.bridge import BodyPipe, send_stream
@@ -329,9 +329,18 @@ class DockerPlugin:
             return wire.metadata(await self._run(self.store.metadata, req.id))
 
     async def cleanup(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Release every mount; what is still in use (a sized layer's image under a
+        container that containerd runs from the same store) stays mounted, and dockerd
+        is told so: the answer is an error naming it, not OK."""
         store = self._store
         if store is not None:
-            for line in await self._run(store.cleanup, unmount_all=True):
+            try:
+                done = await self._run(store.cleanup, unmount_all=True)
+            except MountKept as e:
+                for line in e.done:
+                    log.info("Cleanup: %s", line)
+                raise
+            for line in done:
                 log.info("Cleanup: %s", line)
         return wire.ok()
 

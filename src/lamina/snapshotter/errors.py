@@ -24,6 +24,10 @@ class FailedPrecondition(LaminaError):
     """The snapshot is not in a state for this call: not active, has children (ErrFailedPrecondition)."""
 
 
+class SnapshotterClosed(LaminaError):
+    """The snapshotter was closed: it takes no more calls (ErrUnavailable)."""
+
+
 class InvalidArgument(LaminaError, ValueError):
     """The request itself is wrong: an empty key, a parent that is not committed, an
     immutable field to update (ErrInvalidArgument)."""

@@ -45,6 +45,7 @@ from lamina.snapshotter.errors import (
     InvalidArgument,
     SnapshotExists,
     SnapshotNotFound,
+    SnapshotterClosed,
 )
 from lamina.snapshotter.proto import snapshots_pb2 as pb
 from lamina.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
@@ -70,6 +71,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidLayerID, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # filters.InvalidFilter
     (NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SnapshotterClosed, grpc.StatusCode.UNAVAILABLE),
 ]
 
 _KIND_TO_PB = {ACTIVE: pb.ACTIVE, VIEW: pb.VIEW, COMMITTED: pb.COMMITTED}
@@ -220,3 +222,4 @@ def serve(service: SnapshotService, socket_path: Path, *, workers: int = 8) -> N
         notify_systemd("STOPPING=1")
     finally:
         server.stop()
+        service.close()

@@ -26,13 +26,18 @@ store's cleanup has dropped the half-made layer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
-from lamina.drivers.base import MountSpec
+from lamina.drivers import registry
+from lamina.drivers.base import MountDescriber, MountSpec, UsageMeter
 from lamina.errors import LayerNotFound
 from lamina.records import Reader, SnapshotRecord, Writer
 from lamina.snapshotter.errors import (
@@ -40,6 +45,7 @@ from lamina.snapshotter.errors import (
     InvalidArgument,
     SnapshotExists,
     SnapshotNotFound,
+    SnapshotterClosed,
 )
 from lamina.snapshotter.filters import parse_all
 from lamina.store import Store
@@ -49,8 +55,33 @@ log = logging.getLogger(__name__)
 ACTIVE, VIEW, COMMITTED = "active", "view", "committed"
 #: containerd's metadata store refuses a label whose key and value exceed this together
 MAX_LABEL_BYTES = 4096
-#: drivers whose layers containerd can mount from a description
-SERVING_DRIVERS = ("overlay", "vfs")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@functools.cache
+def serving_drivers() -> tuple[str, ...]:
+    """The registered drivers that can serve containerd: those that describe a layer's
+    mounts for another program to perform and measure a layer's own usage (the
+    driver registry decides; no list to keep in step here)."""
+    return tuple(name for name in registry.names()
+                 if issubclass(registry.driver_class(name), MountDescriber)
+                 and issubclass(registry.driver_class(name), UsageMeter))
+
+
+def _while_open(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a call only while the service is open, and let :meth:`SnapshotService.close`
+    wait for it: a closed service refuses with :class:`SnapshotterClosed` instead of
+    failing somewhere inside a closed store."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        assert isinstance(self, SnapshotService)
+        with self._calling():
+            return method(*args, **kwargs)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -74,24 +105,56 @@ class SnapshotService:
     """The ten snapshotter calls over one store. Thread-safe; calls run concurrently."""
 
     def __init__(self, store: Store) -> None:
-        if store.driver.name not in SERVING_DRIVERS:
+        if store.driver.name not in serving_drivers():
             raise InvalidArgument(f"driver {store.driver.name} cannot serve containerd snapshots; "
-                                  f"use one of {', '.join(SERVING_DRIVERS)}")
+                                  f"use one of {', '.join(serving_drivers())}")
         self.store = store
+        self._state = threading.Condition()
+        self._calls = 0
+        self._closed = False
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """containerd's Snapshotter.Close: no call is taken after it (each raises
+        :class:`SnapshotterClosed`), calls under way finish first, then the store is
+        closed. Closing again does nothing, as containerd's suite requires (CloseTwice)."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            while self._calls:
+                self._state.wait()
+        self.store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        with self._state:
+            if self._closed:
+                raise SnapshotterClosed("the snapshotter is closed")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._calls -= 1
+                if not self._calls:
+                    self._state.notify_all()
 
     # -- start-up and Cleanup ----------------------------------------------------------
 
+    @_while_open
     def recover(self) -> list[str]:
-        """Finish what a crash left: the store's own cleanup, then forget snapshot rows
-        whose layer is gone. One line per thing mended."""
-        done = self.store.cleanup()
-        # a row is written with its layer's first record, so no call still running
-        # has a row without a layer record
-        with self.store.records.write() as db:
-            gone = db.drop_snapshots_without_layer(set())
-        done += [f"forgot snapshot {key!r}: its layer is gone" for key in gone]
-        return done
+        """Finish what a crash left: the store's own cleanup, whose recovery engine also
+        forgets snapshot rows whose layer is gone (:mod:`lamina.recovery`, the same
+        that ``lamina check --repair`` runs). One line per thing mended."""
+        return self.store.cleanup()
 
+    @_while_open
     def cleanup(self) -> list[str]:
         """containerd's Cleanup, called after its garbage collector has removed what it
         no longer references: nothing is deleted that a snapshot still names; what
@@ -100,6 +163,7 @@ class SnapshotService:
 
     # -- reading -----------------------------------------------------------------------
 
+    @_while_open
     def stat(self, key: str) -> SnapshotRecord:
         with self.store.records.read() as db:
             snap = db.snapshot(key)
@@ -107,21 +171,23 @@ class SnapshotService:
             raise SnapshotNotFound(f"snapshot {key}: not found")
         return snap
 
+    @_while_open
     def list(self, filters: Sequence[str] = ()) -> Iterator[SnapshotRecord]:
         """Every snapshot that matches any of ``filters`` (all when there are none)."""
         flt = parse_all(filters)
         with self.store.records.read() as db:
             snaps = db.snapshots()
-        for snap in snaps:
-            if flt.matches(_fields(snap)):
-                yield snap
+        # read now, while the service is open, not when the caller iterates
+        return iter([snap for snap in snaps if flt.matches(_fields(snap))])
 
+    @_while_open
     def mounts(self, key: str) -> list[MountSpec]:
         snap = self.stat(key)
         if snap.kind not in (ACTIVE, VIEW):
             raise FailedPrecondition(f"requested snapshot {key} not active or view")
         return self.store.mount_specs(snap.layer)
 
+    @_while_open
     def usage(self, key: str) -> Usage:
         """Of the snapshot alone, not its parents: measured now for an active snapshot,
         as measured at commit for a committed one, nothing for a view."""
@@ -133,9 +199,11 @@ class SnapshotService:
 
     # -- making ------------------------------------------------------------------------
 
+    @_while_open
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
         return self._create(ACTIVE, key, parent, labels or {})
 
+    @_while_open
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
         return self._create(VIEW, key, parent, labels or {})
 
@@ -168,14 +236,28 @@ class SnapshotService:
             made = True
             # a chain whose mounts containerd could not perform is refused here
             return self.store.mount_specs(layer)
-        except BaseException:
+        except BaseException as e:
+            self._roll_back(kind, key, layer, made, e)
+            raise
+
+    def _roll_back(self, kind: str, key: str, layer: str, made: bool, cause: BaseException) -> None:
+        """Undo a failed Prepare or View. The caller re-raises ``cause``, the error the
+        client must see: a failure here is logged and noted on it, never raised in its
+        place. If the layer cannot be removed its row stays: the snapshot is then
+        there for containerd's garbage collector (it removes what its metadata does not
+        name) or for Cleanup, instead of a layer no key names."""
+        try:
             if made:
-                self.store.remove(layer)
+                self.store.remove(layer, snapshot=key)
             with self.store.records.write() as db:
                 cur = db.snapshot(key, ready_only=False)
                 if cur is not None and cur.layer == layer:
                     db.delete_snapshot(key)
-            raise
+        except Exception as failure:  # noqa: BLE001 - reported, and the cause is what is raised
+            log.error("%s %r failed (%s) and undoing it failed too: %s; its layer %s is left for "
+                      "Cleanup or containerd's garbage collector", "view" if kind == VIEW else "prepare", key, cause,
+                      failure, layer)
+            cause.add_note(f"undoing it failed too: {failure!r} (layer {layer} left for cleanup)")
 
     @staticmethod
     def _parent_layer(db: Reader, parent: str) -> str | None:
@@ -188,6 +270,7 @@ class SnapshotService:
             raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
         return prec.layer
 
+    @_while_open
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """The active snapshot ``key`` becomes the committed snapshot ``name``, its layer
         sealed in place; its labels are those given here, its times now."""
@@ -215,6 +298,7 @@ class SnapshotService:
 
         self.store.seal(snap.layer, then=rename)
 
+    @_while_open
     def update(self, key: str, labels: Mapping[str, str], paths: Sequence[str] = ()) -> SnapshotRecord:
         """Change a snapshot's labels: all of them (no paths, or ``labels``), or single
         ones (``labels.KEY``; a key missing from ``labels`` is removed). Any other path
@@ -241,6 +325,7 @@ class SnapshotService:
         assert snap is not None
         return snap
 
+    @_while_open
     def remove(self, key: str) -> None:
         """Drop a snapshot and its layer; refused while other snapshots are built on it."""
         snap = self.stat(key)
@@ -250,7 +335,7 @@ class SnapshotService:
             raise FailedPrecondition(f"cannot remove snapshot {key} with child ({kids[0]})")
         try:
             # the row goes in the transaction that drops the layer's record
-            self.store.remove(snap.layer, record=lambda db: db.delete_snapshot(key))
+            self.store.remove(snap.layer, record=lambda db: db.delete_snapshot(key), snapshot=key)
         except LayerNotFound:
             with self.store.records.write() as db:  # an earlier removal got this far
                 db.delete_snapshot(key)
