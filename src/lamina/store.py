@@ -113,7 +113,8 @@ class Store:
         self.tarsplits = TarSplits(self.root)
         self.lifecycle = Lifecycle(self.root, self.records, self.driver, self.mounts, self.tarsplits)
         self.native = Capabilities.of(self.driver)
-        self.naive = Naive(self.mounts, self.driver.ctx)
+        self.naive = Naive(self.mounts, self.driver.ctx,
+                           drop_overlay_xattrs=self.driver.shows_through_overlayfs)
         self.diffs = Diffs(self.records, self.work_locks, self.tarsplits, self.native, self.naive,
                            own_chain=self.driver.exports_against_own_chain)
 

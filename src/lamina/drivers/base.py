@@ -122,6 +122,10 @@ class Driver(abc.ABC):
     #: asked for (a Windows layer is exported against its own chain), so the store
     #: replays an imported layer's tar-split for any parent
     exports_against_own_chain: ClassVar[bool] = False
+    #: whether layers are shown through overlayfs (overlay, windowsfilter): then the
+    #: xattrs overlayfs reads as its own (``trusted.overlay.*``, ``user.overlay.*``) must
+    #: never come from a tar, on any layer, and ``check`` reports them
+    shows_through_overlayfs: ClassVar[bool] = False
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx

@@ -113,6 +113,7 @@ class OverlayDriver(Driver):
     """
 
     name = "overlay"
+    shows_through_overlayfs = True
 
     def __init__(self, ctx: DriverContext) -> None:
         super().__init__(ctx)
@@ -469,6 +470,7 @@ class OverlayDriver(Driver):
             uid_map=self.ctx.uid_map, gid_map=self.ctx.gid_map,
             lower_roots=[self._upper(p) for p in chain[1:]],
             tarsplit=tarsplit,
+            drop_overlay_xattrs=True,  # a base layer (delete mode) is a lower dir too
         )
         return apply_tar(self._upper(layer_id), stream, opts)
 

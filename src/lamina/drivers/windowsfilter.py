@@ -112,6 +112,8 @@ class WindowsFilterDriver(Driver):
     name = "windowsfilter"
     content_model = "windows"
     exports_against_own_chain = True
+    #: its import keeps no Linux xattr from a tar at all (only Windows records)
+    shows_through_overlayfs = True
 
     @classmethod
     def unavailable_reason(cls, root: Path) -> str | None:
