@@ -41,6 +41,7 @@ from lamina.drivers.base import (
     DriverContext,
     FileGetter,
     MountSpec,
+    refuse_unknown,
 )
 from lamina.drivers.registry import driver_class
 from lamina.errors import (
@@ -161,12 +162,14 @@ class Store:
             self.lifecycle.build(layer_id, parent, rw=rw, opts=opts)
             self.lifecycle.commit(layer_id, size=0 if parent is None else None)
 
-    @staticmethod
-    def _create_options(size: str | int | None, storage_opt: dict[str, str] | None,
+    def _create_options(self, size: str | int | None, storage_opt: dict[str, str] | None,
                         mount_label: str) -> CreateOptions:
+        """Refuse storage options the driver does not know (keys case-blind, as
+        overlay2); ``size`` (or a ``size`` storage option) becomes the limit."""
         sopt = dict(storage_opt or {})
-        if size is None and "size" in sopt:
-            size = sopt["size"]
+        refuse_unknown(sopt, self.driver.storage_opt_keys, "storage option", self.driver.name)
+        if size is None:
+            size = next((v for k, v in sopt.items() if k.lower() == "size"), None)
         limit = parse_size(size) if size not in (None, "", 0) else None
         return CreateOptions(size=limit or None, mount_label=mount_label, storage_opt=sopt)
 

@@ -56,12 +56,13 @@ describes a layer against its own parent); the store then does it the naive way.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, ClassVar, Protocol, runtime_checkable
 
 from lamina.archive.change import Change
+from lamina.errors import InvalidOption
 from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
 
 
@@ -126,6 +127,11 @@ class Driver(abc.ABC):
     #: xattrs overlayfs reads as its own (``trusted.overlay.*``, ``user.overlay.*``) must
     #: never come from a tar, on any layer, and ``check`` reports them
     shows_through_overlayfs: ClassVar[bool] = False
+    #: the per-layer storage options (``--storage-opt``, Docker's StorageOpt) the driver
+    #: knows, lower case; keys match case-blind, as overlay2's do. Any other key is
+    #: refused (:func:`refuse_unknown`): a misspelt ``siz=10G`` must not make an
+    #: unlimited layer
+    storage_opt_keys: ClassVar[frozenset[str]] = frozenset({"size"})
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
@@ -204,6 +210,17 @@ class Driver(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: most drivers hold nothing
         """Release process resources (open fds); the store's mounts stay."""
+
+
+def refuse_unknown(given: Iterable[str], known: Iterable[str], what: str, driver: str) -> None:
+    """Raise :class:`InvalidOption` for the first key of ``given`` that is not one of
+    ``known`` (compared case-blind), naming it and listing the known ones: an option
+    nobody reads is a mistake the user should hear about, as overlay2 says so."""
+    allowed = {k.lower() for k in known}
+    for key in given:
+        if key.lower() not in allowed:
+            listing = ", ".join(sorted(allowed)) if allowed else "none"
+            raise InvalidOption(f"unknown {what} {key!r} for driver {driver} (known: {listing})")
 
 
 # -- optional capabilities -------------------------------------------------------------
@@ -299,4 +316,4 @@ class Capabilities:
 
 __all__ = ["Capabilities", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountDescriber",
            "MountSpec", "NativeApply", "NativeChanges", "NativeDiff", "NativeDiffSize", "NativeFileGetter",
-           "UsageMeter"]
+           "UsageMeter", "refuse_unknown"]

@@ -66,6 +66,7 @@ from lamina.drivers.base import (
     DriverContext,
     FileGetter,
     MountSpec,
+    refuse_unknown,
 )
 from lamina.errors import (
     ChainTooDeep,
@@ -589,9 +590,18 @@ class OverlayDriver(Driver):
         return done
 
 
+#: the driver options overlay knows, each also as ``overlay.KEY`` and ``overlay2.KEY``
+OPTION_KEYS = ("size", "quota", "mount_api")
+
+
 def _parse_options(options: dict[str, str]) -> dict[str, Any]:
+    """The driver options; an unknown key is refused, prefixed or not (overlay2 says
+    "Unknown option"), and keys match case-blind as overlay2's do."""
+    known = [f"{prefix}{k}" for prefix in ("", "overlay.", "overlay2.") for k in OPTION_KEYS]
+    refuse_unknown(options, known, "driver option", "overlay")
     parsed: dict[str, Any] = {}
     for key, value in options.items():
+        key = key.lower()
         short = key.split(".", 1)[1] if key.startswith(("overlay.", "overlay2.")) else key
         if short == "size":
             from lamina.ids import parse_size
@@ -604,8 +614,6 @@ def _parse_options(options: dict[str, str]) -> dict[str, Any]:
             if value not in ("auto", "legacy"):
                 raise InvalidOption(f"overlay.mount_api={value}: use auto or legacy")
             parsed["mount_api"] = value
-        elif key.startswith(("overlay.", "overlay2.")):
-            raise InvalidOption(f"unknown overlay option {key!r}")
     return parsed
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import IO
 
 from lamina.archive.apply import ApplyOptions, apply_tar
-from lamina.drivers.base import CreateOptions, Driver, FileGetter, MountSpec
+from lamina.drivers.base import (
+    CreateOptions,
+    Driver,
+    DriverContext,
+    FileGetter,
+    MountSpec,
+    refuse_unknown,
+)
 from lamina.errors import QuotaNotSupported
 from lamina.fs import staging
 from lamina.fs.copy import copy_tree
@@ -27,6 +34,12 @@ class VfsDriver(Driver):
     """Full copies per layer (Docker's vfs)."""
 
     name = "vfs"
+
+    def __init__(self, ctx: DriverContext) -> None:
+        super().__init__(ctx)
+        # vfs has no driver options: any given is a mistake (a key meant for another
+        # driver, a typo), said now rather than ignored
+        refuse_unknown(ctx.options, (), "driver option", self.name)
 
     def create(self, layer_id: str, parent: str | None, *, rw: bool, opts: CreateOptions) -> None:
         if opts.size:

@@ -51,7 +51,7 @@ import lamina
 from lamina.archive import wintar
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.winexport import ExportItem, write_tar
-from lamina.drivers.base import CreateOptions, Driver, DriverContext, FileGetter
+from lamina.drivers.base import CreateOptions, Driver, DriverContext, FileGetter, refuse_unknown
 from lamina.drivers.windowsfilter_meta import TAR_RECORD, XATTR_NAME, read_meta
 from lamina.errors import (
     InvalidOption,
@@ -82,9 +82,11 @@ LAYER_CHAIN = "layerchain.json"
 LAYER_ID_NAMES = ("layerID", "layerId")
 NOREEXEC_ENV = "LAMINA_WINDOWSFILTER_NOREEXEC"
 
-def parse_storage_opt(storage_opt: dict[str, str]) -> int:
-    """The seed's parseStorageOpt: keys case-blind, ``size`` in RAMInBytes units,
-    other keys ignored; 0 when no size is given."""
+def parse_storage_opt(storage_opt: dict[str, str], what: str = "storage option") -> int:
+    """The seed's parseStorageOpt: keys case-blind, ``size`` in RAMInBytes units; 0
+    when no size is given. Other keys are refused (the seed ignored them, so a
+    misspelt ``siz`` made a sandbox of the default size without a word)."""
+    refuse_unknown(storage_opt, ("size",), what, "windowsfilter")
     size = 0
     for key, value in storage_opt.items():
         if key.lower() == "size":
@@ -137,7 +139,7 @@ class WindowsFilterDriver(Driver):
                 f"{ctx.layers} is on a {backing_fs(ctx.layers)} filesystem, which {reason} - "
                 "it is not supported by windowsfilter")
         #: the size every sandbox has at least (driver option ``size``, seed parsing)
-        self.sandbox_size = parse_storage_opt(ctx.options) or DEFAULT_SANDBOX_SIZE
+        self.sandbox_size = parse_storage_opt(ctx.options, "driver option") or DEFAULT_SANDBOX_SIZE
         self._empty = ctx.root / self.name / "empty"
         self._empty.mkdir(parents=True, exist_ok=True)
         #: what overlayfs can do here, probed as for the overlay driver (cached beside _empty)
