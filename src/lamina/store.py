@@ -54,12 +54,13 @@ from lamina.errors import (
     LayerNotFound,
 )
 from lamina.fs.durable import EarlyWriteback, syncfs
+from lamina.fs.private import PRIVATE_FILE, ROOT_MODE, narrow, private_dir, private_file
 from lamina.ids import check_id, parse_size
 from lamina.lifecycle import Lifecycle, raise_no_space
 from lamina.mounts import Mounts
 from lamina.naive import Naive
 from lamina.records import LayerRecord, LayerState, Records, Writer
-from lamina.storeconfig import settle_driver
+from lamina.storeconfig import CONFIG_NAME, settle_driver
 from lamina.streams import HashingReader
 from lamina.tarsplits import TarSplits
 from lamina.worklocks import WorkLocks
@@ -99,16 +100,23 @@ class Store:
     def __init__(self, root: Path, driver: str | None, options: dict[str, str], *,
                  uid_map: list[tuple[int, int, int]], gid_map: list[tuple[int, int, int]]) -> None:
         self.root = root.absolute()
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        # the store's own metadata is private, and a store made before that is narrowed
+        # now (lamina.fs.private says why the root keeps o+x)
+        self.root.mkdir(parents=True, exist_ok=True, mode=ROOT_MODE)
+        narrow(self.root, ROOT_MODE)
         for sub in ("layers", "tmp", "locks", "tarsplit"):
-            (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+            private_dir(self.root / sub)
         self.work_locks = WorkLocks(self.root / "locks")
         name = settle_driver(self.root, driver)
+        narrow(self.root / CONFIG_NAME, PRIVATE_FILE)
         cls = driver_class(name)
         reason = cls.unavailable_reason(self.root)
         if reason:
             raise DriverUnavailable(f"driver {name} cannot run here: {reason}")
+        private_file(self.root / "meta.db")  # SQLite gives its WAL files the same mode
         self.records = Records(self.root / "meta.db")
+        for wal in ("meta.db-wal", "meta.db-shm"):
+            narrow(self.root / wal, PRIVATE_FILE)
         self.driver: Driver = cls(DriverContext(self.root, dict(options), uid_map, gid_map))
         self.mounts = Mounts(self.records, self.driver, self.root / "locks")
         self.tarsplits = TarSplits(self.root)

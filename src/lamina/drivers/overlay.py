@@ -88,6 +88,7 @@ from lamina.fs.overlayfs import (
     probe,
     userns_overlay_reason,
 )
+from lamina.fs.private import private_dir
 from lamina.fs.usage import disk_usage
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class OverlayDriver(Driver):
         if reason:
             raise _unavailable_error(reason)
         for d in (ctx.layers, ctx.tmp, ctx.root / "l", ctx.root / "overlay"):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)  # l/ names every layer: 0700, as overlay2's (lamina.fs.private)
         self.features = probe(ctx.root)
         if self._opts.get("mount_api") == "legacy":
             self.features.lowerdir_plus = False

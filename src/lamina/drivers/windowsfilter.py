@@ -67,6 +67,7 @@ from lamina.fs.backingfs import backing_fs, supports_d_type
 from lamina.fs.durable import atomic_write
 from lamina.fs.mount import is_mountpoint, mounts_under, umount
 from lamina.fs.overlayfs import mount_overlay, probe
+from lamina.fs.private import private_dir
 from lamina.fs.staging import REMOVING_SUFFIX
 from lamina.ids import check_id, parse_size
 
@@ -140,6 +141,7 @@ class WindowsFilterDriver(Driver):
                 "it is not supported by windowsfilter")
         #: the size every sandbox has at least (driver option ``size``, seed parsing)
         self.sandbox_size = parse_storage_opt(ctx.options, "driver option") or DEFAULT_SANDBOX_SIZE
+        private_dir(ctx.root / self.name)  # the driver's own state (lamina.fs.private)
         self._empty = ctx.root / self.name / "empty"
         self._empty.mkdir(parents=True, exist_ok=True)
         #: what overlayfs can do here, probed as for the overlay driver (cached beside _empty)
