@@ -24,9 +24,9 @@ from lamina.drivers.base import (
 )
 from lamina.errors import QuotaNotSupported
 from lamina.fs import staging
+from lamina.fs.backingfs import backing_fs
 from lamina.fs.copy import copy_tree
 from lamina.fs.getter import DirFileGetter
-from lamina.fs.mount import fs_type
 from lamina.fs.usage import disk_usage
 
 
@@ -98,7 +98,8 @@ class VfsDriver(Driver):
         return DirFileGetter(self.layer_dir(layer_id))
 
     def status(self) -> list[tuple[str, str]]:
-        return [("Backing Filesystem", fs_type(self.ctx.root))]
+        # statfs's name, as overlay's status says it (Docker's spelling: "extfs" for ext4)
+        return [("Backing Filesystem", backing_fs(self.ctx.root))]
 
     def metadata(self, layer_id: str) -> dict[str, str]:
         return {"Dir": str(self.layer_dir(layer_id))}
