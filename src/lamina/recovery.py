@@ -22,9 +22,9 @@ import enum
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamina import liveness
@@ -32,6 +32,7 @@ from lamina.archive.tar.split import reassemble
 from lamina.errors import LaminaError
 from lamina.fs import staging
 from lamina.fs.mount import mounts_under, umount
+from lamina.fs.relax import force_rmtree
 from lamina.ids import check_id
 from lamina.records import LayerRecord, LayerState, MountRef
 
@@ -304,11 +305,13 @@ def _leftover(store: Store, p: Problem) -> list[str]:
                     return []  # its layer's work goes on
         if not os.path.lexists(entry):
             return []
-        if os.path.isdir(entry) and not os.path.islink(entry):
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            os.unlink(entry)
-    return [f"removed leftover {os.path.relpath(entry, store.root)}"]
+        rel = os.path.relpath(entry, store.root)
+        try:
+            force_rmtree(Path(entry))  # widens 0000 dirs an unprivileged owner may hold
+        except OSError as e:  # said as it is: the leftover stays, and check says so
+            return [f"could not remove leftover {rel} ({e.filename or rel}: {e.strerror or e}); "
+                    "run cleanup again"]
+    return [f"removed leftover {rel}"]
 
 
 def _orphan_directory(store: Store, p: Problem) -> list[str]:

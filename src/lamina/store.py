@@ -125,7 +125,7 @@ class Store:
         self.naive = Naive(self.mounts, self.driver.ctx,
                            drop_overlay_xattrs=self.driver.shows_through_overlayfs)
         self.diffs = Diffs(self.records, self.work_locks, self.tarsplits, self.native, self.naive,
-                           own_chain=self.driver.exports_against_own_chain)
+                           own_chain=self.driver.exports_against_own_chain, readable=self.driver.readable)
 
     # -- small helpers ----------------------------------------------------------------
 

@@ -56,6 +56,7 @@ describes a layer against its own parent); the store then does it the naive way.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,12 @@ class Driver(abc.ABC):
         ``unmount_all``) for a layer it holds idle: no view of it, or of a layer built on
         it, is mounted, and nobody is at work on it."""
         return []
+
+    def readable(self, layer_id: str) -> contextlib.AbstractContextManager[None]:
+        """Make the layer's own files readable to this process while the context lasts
+        (a reader of its content is inside): for a driver whose unprivileged owner may
+        hold directories of mode 0000. Nothing, by default."""
+        return contextlib.nullcontext()
 
     def is_mounted(self, layer_id: str) -> bool:
         """Whether the view of ``layer_id`` is mounted now (for cleanup and check)."""

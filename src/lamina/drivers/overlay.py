@@ -51,7 +51,6 @@ import base64
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -89,6 +88,7 @@ from lamina.fs.overlayfs import (
     userns_overlay_reason,
 )
 from lamina.fs.private import private_dir
+from lamina.fs.relax import force_rmtree
 from lamina.fs.usage import disk_usage
 
 log = logging.getLogger(__name__)
@@ -626,16 +626,4 @@ def _unavailable_error(reason: str) -> LaminaError:
 
 def _rmtree(path: Path) -> None:
     """Remove a tree even where modes forbid it (overlay's work/work is mode 000)."""
-
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700, follow_symlinks=False)
-        except OSError:
-            pass
-        try:
-            func(p)
-        except FileNotFoundError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
+    force_rmtree(path)
