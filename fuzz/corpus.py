@@ -199,8 +199,19 @@ def cases() -> Iterator[Case]:
     yield Case("path-over-path-max", long_path_tar(4509), "contained")
     yield Case("path-just-under-path-max", long_path_tar(4000), "contained")
     # -- type changes ------------------------------------------------------------------------
+    # a non-directory where a directory held content from the same tar: that content is gone
+    # from the layer, so tar-split could never rebuild the tar (check found it: issue 16)
     yield Case("dir-replaced-by-file", tar(entry("d", typeflag=DIR), entry("d/in", b"x"), entry("d", b"file")),
+               "error", "replaces or whites out content")
+    yield Case("dir-replaced-by-empty-file", tar(entry("dd", typeflag=DIR), entry("dd/in", b"x"), entry("dd", b"")),
+               "error", "replaces or whites out content")
+    yield Case("dir-replaced-by-symlink", tar(entry("ds/sub", typeflag=DIR), entry("ds/sub/in", b"x"),
+                                              entry("ds", typeflag=SYM, linkname="elsewhere")),
+               "error", "replaces or whites out content")
+    yield Case("empty-dir-replaced-by-file", tar(entry("de", typeflag=DIR), entry("de/in", b""), entry("de", b"f")),
                "contained")
+    yield Case("dir-repeated-as-dir", tar(entry("dr", typeflag=DIR), entry("dr/in", b"x"),
+                                          entry("dr", typeflag=DIR, mode=0o700)), "contained")
     yield Case("file-replaced-by-dir", tar(entry("f", b"file"), entry("f", typeflag=DIR), entry("f/in", b"x")),
                "contained")
     yield Case("file-replaced-by-symlink-then-write",

@@ -255,7 +255,7 @@ class _Applier:
             if reader.remaining:
                 self._copy_data(-1)
             if split is not None:
-                split.file(e.name_bytes, e.size, self.digest if e.size else None)
+                split.file(e.name_bytes, e.size, self.digest if e.size else None, is_dir=e.type == DIR)
         self._finish_dirs()
         if split is not None:
             split.segment(reader.end_raw)

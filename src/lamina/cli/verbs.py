@@ -200,7 +200,7 @@ def cmd_check(inv: Invocation) -> int:
     # after a repair, check again: only what is really gone counts as mended
     left = remaining(inv.store, content=content) if inv.args.repair and problems else problems
     data = {
-        "problems": [{"layer": p.layer, "message": p.message, "repairable": p.repairable}
+        "problems": [{"layer": p.layer, "kind": p.kind.value, "message": p.message, "repairable": p.repairable}
                      for p in problems],
         "repaired": repairs,
         "ok": not left,

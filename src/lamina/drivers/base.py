@@ -60,7 +60,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, ClassVar, Protocol, runtime_checkable
+from typing import IO, ClassVar, Literal, Protocol, runtime_checkable
 
 from lamina.archive.change import Change
 from lamina.errors import InvalidOption
@@ -87,6 +87,20 @@ class CreateOptions:
     mount_label: str = ""
     #: every StorageOpt as given, for driver-specific keys
     storage_opt: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContentTree:
+    """Where a driver keeps a layer's files as the layer's tar put them, for ``check``
+    to compare with the tar's headers (:mod:`lamina.treecheck`)."""
+
+    path: Path
+    #: the tree holds the layer's whole chain (vfs); else the layer's own changes only
+    whole_chain: bool
+    #: how whiteouts were applied into it (lamina.archive.apply.ApplyOptions.whiteouts)
+    whiteouts: Literal["delete", "overlay"]
+    #: the xattr that marks an opaque directory, in "overlay" mode
+    opaque_xattr: str = ""
 
 
 @dataclass
@@ -189,6 +203,11 @@ class Driver(abc.ABC):
         ``unmount_all``) for a layer it holds idle: no view of it, or of a layer built on
         it, is mounted, and nobody is at work on it."""
         return []
+
+    def content_tree(self, layer_id: str, parent: str | None) -> ContentTree | None:
+        """Where the layer's files are as its tar made them (the layer has a parent
+        ``parent``), or None if the driver keeps them otherwise (Windows layers)."""
+        return None
 
     def readable(self, layer_id: str) -> contextlib.AbstractContextManager[None]:
         """Make the layer's own files readable to this process while the context lasts
@@ -321,6 +340,6 @@ class Capabilities:
                    mount_specs=cap(MountDescriber), usage=cap(UsageMeter))  # type: ignore[arg-type]
 
 
-__all__ = ["Capabilities", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountDescriber",
+__all__ = ["Capabilities", "ContentTree", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountDescriber",
            "MountSpec", "NativeApply", "NativeChanges", "NativeDiff", "NativeDiffSize", "NativeFileGetter",
            "UsageMeter", "refuse_unknown"]

@@ -60,6 +60,7 @@ from lamina.archive.change import Change
 from lamina.archive.changes import changes_overlay, tree_size
 from lamina.archive.export import tar_tree
 from lamina.drivers.base import (
+    ContentTree,
     CreateOptions,
     Driver,
     DriverContext,
@@ -496,6 +497,11 @@ class OverlayDriver(Driver):
 
     def diff_getter(self, layer_id: str) -> FileGetter:
         return DirFileGetter(self._upper(layer_id))
+
+    def content_tree(self, layer_id: str, parent: str | None) -> ContentTree:
+        """The upper directory: the layer's own changes, as apply_diff wrote them."""
+        return ContentTree(self._upper(layer_id), whole_chain=False,
+                           whiteouts="overlay" if parent else "delete", opaque_xattr=self.opaque_xattr)
 
     # -- information and housekeeping ----------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import IO
 
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.drivers.base import (
+    ContentTree,
     CreateOptions,
     Driver,
     DriverContext,
@@ -103,6 +104,10 @@ class VfsDriver(Driver):
 
     def diff_getter(self, layer_id: str) -> FileGetter:
         return DirFileGetter(self.layer_dir(layer_id))
+
+    def content_tree(self, layer_id: str, parent: str | None) -> ContentTree:
+        """The layer's directory: its whole chain, whiteouts applied by deleting."""
+        return ContentTree(self.layer_dir(layer_id), whole_chain=True, whiteouts="delete")
 
     @contextlib.contextmanager
     def readable(self, layer_id: str) -> Iterator[None]:
