@@ -130,6 +130,8 @@ def test_a_layer_with_0000_dirs_is_a_parent_is_read_and_goes(nobody: Nobody) -> 
         assert mode(copy / "locked/inner") == 0 and mode(copy / "locked/inner/f") == 0
         assert (copy / "locked/inner/f").read_bytes() == b"x"
         os.chmod(copy / "locked", 0)
+    assert nobody.ok("check").strip() == "ok"  # its tree against its tar, 0000 dirs and all
+    assert mode(z / "locked") == 0
     assert nobody.ok("changes", "y") == "A /other.txt\n"
     assert nobody.ok("changes", "c") == ""
     assert nobody.ok("diff-size", "y") == "1\n"
