@@ -29,7 +29,7 @@ skopeo           | skopeo                        | an independent registry clien
 xfsprogs         | mkfs.xfs xfs_quota            | xfs filesystems and project quotas
 zstd             | zstd                          | zstd-compressed layer archives
 util-linux       | losetup mount setpriv unshare | loop devices, mounts, dropping privileges
-e2fsprogs        | mkfs.ext4                     | loop-mounted ext4 images for size limits
+e2fsprogs        | mkfs.ext4 chattr              | loop-mounted ext4 images for size limits; immutable files
 busybox-static   | busybox                       | the rootfs of the images the dockerd tests import
 debootstrap      | debootstrap                   | a real Debian base image for the benches
 tar              | tar                           | GNU tar, the reference of the benches and tests

@@ -313,13 +313,16 @@ def test_check_reports_damage(cli: Cli, base_tar: Path) -> None:
     cli.ok("apply", "base", str(base_tar))
     assert cli.ok("check") == "ok\n"
     assert cli.json("check") == {"problems": [], "repaired": [], "ok": True}
-    (cli.root / "layers" / "base" / "a.txt").write_bytes(b"tampered\n")
+    (cli.root / "layers" / "base" / "a.txt").write_bytes(b"ALPHA\n")  # same size
     r = cli("--json", "check")
     assert r.returncode == 1
     report = json.loads(r.stdout)
     assert report["ok"] is False
     assert [p["layer"] for p in report["problems"]] == ["base"]
     assert cli("check", "--fast").returncode == 0  # content is not hashed
+    (cli.root / "layers" / "base" / "a.txt").write_bytes(b"tampered\n")
+    r = cli("check", "--fast")  # but sizes are compared with the tar's headers (issue 16)
+    assert (r.returncode, r.stdout) == (1, b"problem: layer base: /a.txt: size 9, its tar says 6 (not repairable)\n")
 
 
 # -- errors ------------------------------------------------------------------------------
