@@ -99,6 +99,8 @@ class _Copy:
                 stack.pop()
                 try:
                     self._metadata(dfd, None, st, parts, is_dir=True, src=sfd)
+                except OSError as e:
+                    raise _error(e, parts or (".",)) from None
                 finally:
                     if parts:
                         restore(sfd, old, READ_DIR)
