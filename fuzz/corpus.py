@@ -181,14 +181,77 @@ def cases() -> Iterator[Case]:
     v7[148:156] = b" " * 8
     v7[148:156] = f"{sum(v7):06o}".encode() + b"\0 "
     yield Case("v7-header-with-prefix", bytes(v7) + end(), "error", "v7-with-prefix")
+    # -- overlayfs's own xattrs (issue 16): never from a tar on overlay, base layer or not ------
+    for parent in (False, True):
+        where = "child" if parent else "base"
+        for key, value, entry_ in OVERLAY_XATTR_NEIGHBOURS:
+            yield Case(f"pax-xattr-{key.replace('.', '-')}-on-{where}",
+                       tar(pax(pax_record(f"SCHILY.xattr.{key}", value)), entry_), "contained",
+                       needs_parent=parent)
+    # -- modes an unprivileged owner cannot walk; paths past PATH_MAX (issue 16) -------------
+    yield Case("dir-mode-0000", tar(entry("locked", typeflag=DIR, mode=0), entry("open.txt", b"x")), "contained")
+    yield Case("dir-mode-0000-with-content",
+               tar(entry("locked", typeflag=DIR, mode=0o755), entry("locked/inner", typeflag=DIR, mode=0o755),
+                   entry("locked/inner/f", b"x", mode=0), entry("locked/inner", typeflag=DIR, mode=0),
+                   entry("locked", typeflag=DIR, mode=0)), "contained")
+    yield Case("dir-mode-0100-search-only", tar(entry("x", typeflag=DIR, mode=0o755), entry("x/f", b"y"),
+                                                entry("x", typeflag=DIR, mode=0o100)), "contained")
+    yield Case("path-over-path-max", long_path_tar(4509), "contained")
+    yield Case("path-just-under-path-max", long_path_tar(4000), "contained")
     # -- type changes ------------------------------------------------------------------------
+    # a non-directory where a directory held content from the same tar: that content is gone
+    # from the layer, so tar-split could never rebuild the tar (check found it: issue 16)
     yield Case("dir-replaced-by-file", tar(entry("d", typeflag=DIR), entry("d/in", b"x"), entry("d", b"file")),
+               "error", "replaces or whites out content")
+    yield Case("dir-replaced-by-empty-file", tar(entry("dd", typeflag=DIR), entry("dd/in", b"x"), entry("dd", b"")),
+               "error", "replaces or whites out content")
+    yield Case("dir-replaced-by-symlink", tar(entry("ds/sub", typeflag=DIR), entry("ds/sub/in", b"x"),
+                                              entry("ds", typeflag=SYM, linkname="elsewhere")),
+               "error", "replaces or whites out content")
+    yield Case("empty-dir-replaced-by-file", tar(entry("de", typeflag=DIR), entry("de/in", b""), entry("de", b"f")),
                "contained")
+    yield Case("dir-repeated-as-dir", tar(entry("dr", typeflag=DIR), entry("dr/in", b"x"),
+                                          entry("dr", typeflag=DIR, mode=0o700)), "contained")
     yield Case("file-replaced-by-dir", tar(entry("f", b"file"), entry("f", typeflag=DIR), entry("f/in", b"x")),
                "contained")
     yield Case("file-replaced-by-symlink-then-write",
                tar(entry("f", b"file"), entry("f", typeflag=SYM, linkname="/tmp/lamina-hostile-canary"), entry("f/passwd", b"x")),
                "error", "f/passwd")
+
+
+#: a capability set of CAP_NET_ADMIN (VFS_CAP_REVISION_2, little-endian): a value the
+#: kernel takes, so the xattr is set rather than refused as malformed
+CAP_NET_ADMIN = (0x02000001).to_bytes(4, "little") + (1 << 12).to_bytes(4, "little") + bytes(12)
+
+#: (xattr, value, the entry carrying it): overlayfs's own names (dropped on overlay) and
+#: their neighbours (kept everywhere)
+OVERLAY_XATTR_NEIGHBOURS: list[tuple[str, bytes, bytes]] = [
+    ("trusted.overlay.redirect", b"/etc", entry("redirected", typeflag=DIR, mode=0o755)),
+    ("trusted.overlay.metacopy", b"", entry("metacopied", b"x")),
+    ("trusted.overlay.opaque", b"y", entry("opaqued", typeflag=DIR, mode=0o755)),
+    ("user.overlay.redirect", b"/etc", entry("u-redirected", typeflag=DIR, mode=0o755)),
+    ("user.overlay.metacopy", b"", entry("u-metacopied", b"x")),
+    ("user.overlay.opaque", b"y", entry("u-opaqued", typeflag=DIR, mode=0o755)),
+    ("trusted.overlayfoo", b"1", entry("not-overlay-trusted", b"x")),
+    ("user.overlayfoo", b"1", entry("not-overlay-user", b"x")),
+    ("security.capability", CAP_NET_ADMIN, entry("capable", b"x", mode=0o755)),
+]
+
+
+def long_path_tar(length: int) -> bytes:
+    """A file whose path is ``length`` bytes (about), in directories of 200-byte names:
+    past 4096 it is longer than any path a system call takes whole."""
+    parts, total = [], 0
+    while total + 201 < length:
+        parts.append(chr(ord("a") + len(parts) % 26) * 200)
+        total += 201
+    last = "f" * max(1, length - total)
+
+    def named(path: str, *args: object, **kw: object) -> bytes:  # the name in a PAX record
+        return pax(pax_record("path", path)) + entry("placeholder", *args, **kw)  # type: ignore[arg-type]
+
+    entries = [named("/".join(parts[:i + 1]), typeflag=DIR, mode=0o755) for i in range(len(parts))]
+    return tar(*entries, named("/".join([*parts, last]), b"deep\n"))
 
 
 def million_empty_entries(count: int = 1_000_000) -> Iterator[bytes]:

@@ -20,8 +20,10 @@ from lamina.store import Store
 
 
 def check(store: Store, *, repair: bool = False, content: bool = True) -> tuple[list[Problem], list[str]]:
-    """Return (problems found, repairs made). ``content=False`` skips re-hashing layers."""
-    problems = scan(store, content=content)
+    """Return (problems found, repairs made). Every read-only layer's tree is compared
+    with its tar's headers (entries, types, modes, owners, sizes, links); ``content=False``
+    skips re-hashing layers (metadata only: ``check --fast``)."""
+    problems = scan(store, content=content, trees=True)
     repairs: list[str] = []
     if repair and any(p.repairable for p in problems):
         repairs = store.cleanup()

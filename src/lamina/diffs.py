@@ -36,8 +36,11 @@ class Diffs:
     """The store's read operations on layer content (IDs already checked)."""
 
     def __init__(self, records: Records, work_locks: WorkLocks, tarsplits: TarSplits,
-                 native: Capabilities, naive: Naive, *, own_chain: bool = False) -> None:
+                 native: Capabilities, naive: Naive, *, own_chain: bool = False,
+                 readable: Callable[[str], contextlib.AbstractContextManager[None]] | None = None) -> None:
         self._records = records
+        #: the driver's Driver.readable: a pinned layer's files are readable to us until unpinned
+        self._readable = readable
         #: the driver's diffs ignore the parent asked for (Driver.exports_against_own_chain)
         self._own_chain = own_chain
         self._locks = work_locks
@@ -50,10 +53,14 @@ class Diffs:
     def pin(self, *layer_ids: str | None) -> Callable[[], None]:
         """Pin complete layers (None is skipped); return the function that lets go."""
         locks: list[KeyLock] = []
+        readable = contextlib.ExitStack()
 
         def release() -> None:
-            for lock in locks:
-                lock.release()
+            try:
+                readable.close()
+            finally:
+                for lock in locks:
+                    lock.release()
 
         try:
             for lid in layer_ids:
@@ -64,6 +71,8 @@ class Diffs:
                     raise LayerBusy(f"layer {lid} is being changed or removed by another operation")
                 locks.append(lock)
                 self._records.ready(lid)  # it cannot go away now; make sure it had not already
+                if self._readable is not None:
+                    readable.enter_context(self._readable(lid))
         except BaseException:
             release()
             raise

@@ -139,6 +139,11 @@ class InvalidOption(LaminaError, ValueError):
     """A storage option (size, driver option) that cannot be parsed or used."""
 
 
+class LayerUnreadable(LaminaError):
+    """A layer's files could not be read, copied or removed (a mode or owner this
+    process cannot get past); the message names the layer and the path."""
+
+
 class StoreCorrupt(LaminaError):
     """The store's records disagree with what is on disk in a way cleanup cannot mend."""
 

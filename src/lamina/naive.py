@@ -31,9 +31,11 @@ from lamina.mounts import Mounts
 class Naive:
     """Mount-and-walk versions of the driver's optional operations."""
 
-    def __init__(self, mounts: Mounts, ctx: DriverContext) -> None:
+    def __init__(self, mounts: Mounts, ctx: DriverContext, *, drop_overlay_xattrs: bool = False) -> None:
         self._mounts = mounts
         self._ctx = ctx
+        #: the driver shows layers through overlayfs: its own xattrs never come from a tar
+        self._drop_overlay_xattrs = drop_overlay_xattrs
 
     @contextlib.contextmanager
     def _view(self, layer_id: str) -> Iterator[Path]:
@@ -49,7 +51,8 @@ class Naive:
         path = self._mounts.get(layer_id, persistent=False, complete_only=False)
         try:
             return apply_tar(path, stream, ApplyOptions(uid_map=self._ctx.uid_map, gid_map=self._ctx.gid_map,
-                                                        tarsplit=tarsplit))
+                                                        tarsplit=tarsplit,
+                                                        drop_overlay_xattrs=self._drop_overlay_xattrs))
         finally:
             self._mounts.put(layer_id, persistent=False)
 

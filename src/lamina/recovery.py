@@ -22,9 +22,9 @@ import enum
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamina import liveness
@@ -32,8 +32,10 @@ from lamina.archive.tar.split import reassemble
 from lamina.errors import LaminaError, MountKept
 from lamina.fs import staging
 from lamina.fs.mount import mounts_under, umount
+from lamina.fs.relax import force_rmtree
 from lamina.ids import check_id
 from lamina.records import LayerRecord, LayerState, MountRef, SnapshotRecord
+from lamina.treecheck import check_trees
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -60,13 +62,16 @@ class Kind(enum.Enum):
     LOST_PARENT = "layer whose parent has no record"
     MISSING_CONTENT = "layer whose content directory is gone"
     CONTENT_MISMATCH = "layer whose content does not match its DiffID"
+    TREE_MISMATCH = "read-only layer whose files differ from the tar it was made from"
+    OVERLAY_XATTR = "layer holding overlayfs xattrs that the store did not set"
 
     @property
     def repairable(self) -> bool:
         return self not in _NOT_REPAIRABLE
 
 
-_NOT_REPAIRABLE = {Kind.LOST_PARENT, Kind.MISSING_CONTENT, Kind.CONTENT_MISMATCH, Kind.SNAPSHOT_MISMATCH}
+_NOT_REPAIRABLE = {Kind.LOST_PARENT, Kind.MISSING_CONTENT, Kind.CONTENT_MISMATCH, Kind.SNAPSHOT_MISMATCH,
+                   Kind.TREE_MISMATCH, Kind.OVERLAY_XATTR}
 
 
 @dataclass(frozen=True)
@@ -91,9 +96,11 @@ class Problem:
 # -- the scan ------------------------------------------------------------------------------
 
 
-def scan(store: Store, *, content: bool = False) -> list[Problem]:
+def scan(store: Store, *, content: bool = False, trees: bool = False) -> list[Problem]:
     """Everything wrong with the store; ``content`` also re-hashes every imported layer
-    against its DiffID (slow: it reads every byte)."""
+    against its DiffID (slow: it reads every byte); ``trees`` walks every read-only
+    layer's tree against its tar's headers (:mod:`lamina.treecheck`; ``check`` asks for
+    it, cleanup does not: it repairs nothing there and would walk every layer)."""
     with store.records.read() as db:
         records = {r.id: r for r in db.layers()}
         refs = db.refs()
@@ -104,6 +111,9 @@ def scan(store: Store, *, content: bool = False) -> list[Problem]:
     problems += _files(store, records)
     if content:
         problems += _content(store, records)
+    if trees:
+        problems += [Problem(Kind.OVERLAY_XATTR if f.overlay_xattr else Kind.TREE_MISMATCH, f.layer, f.message)
+                     for f in check_trees(store, records, content=content)]
     return problems
 
 
@@ -352,11 +362,13 @@ def _leftover(store: Store, p: Problem) -> list[str]:
                     return []  # its layer's work goes on
         if not os.path.lexists(entry):
             return []
-        if os.path.isdir(entry) and not os.path.islink(entry):
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            os.unlink(entry)
-    return [f"removed leftover {os.path.relpath(entry, store.root)}"]
+        rel = os.path.relpath(entry, store.root)
+        try:
+            force_rmtree(Path(entry))  # widens 0000 dirs an unprivileged owner may hold
+        except OSError as e:  # said as it is: the leftover stays, and check says so
+            return [f"could not remove leftover {rel} ({e.filename or rel}: {e.strerror or e}); "
+                    "run cleanup again"]
+    return [f"removed leftover {rel}"]
 
 
 def _orphan_directory(store: Store, p: Problem) -> list[str]:

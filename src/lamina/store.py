@@ -42,6 +42,7 @@ from lamina.drivers.base import (
     DriverContext,
     FileGetter,
     MountSpec,
+    refuse_unknown,
 )
 from lamina.drivers.registry import driver_class
 from lamina.errors import (
@@ -54,12 +55,13 @@ from lamina.errors import (
     LayerNotFound,
 )
 from lamina.fs.durable import EarlyWriteback, syncfs
+from lamina.fs.private import PRIVATE_FILE, ROOT_MODE, narrow, private_dir, private_file
 from lamina.ids import check_id, parse_size
 from lamina.lifecycle import Lifecycle, raise_no_space
 from lamina.mounts import Mounts
 from lamina.naive import Naive
 from lamina.records import LayerRecord, LayerState, Records, Writer
-from lamina.storeconfig import settle_driver
+from lamina.storeconfig import CONFIG_NAME, settle_driver
 from lamina.streams import HashingReader
 from lamina.tarsplits import TarSplits
 from lamina.worklocks import WorkLocks
@@ -99,24 +101,32 @@ class Store:
     def __init__(self, root: Path, driver: str | None, options: dict[str, str], *,
                  uid_map: list[tuple[int, int, int]], gid_map: list[tuple[int, int, int]]) -> None:
         self.root = root.absolute()
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        # the store's own metadata is private, and a store made before that is narrowed
+        # now (lamina.fs.private says why the root keeps o+x)
+        self.root.mkdir(parents=True, exist_ok=True, mode=ROOT_MODE)
+        narrow(self.root, ROOT_MODE)
         for sub in ("layers", "tmp", "locks", "tarsplit"):
-            (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+            private_dir(self.root / sub)
         self.work_locks = WorkLocks(self.root / "locks")
         name = settle_driver(self.root, driver)
+        narrow(self.root / CONFIG_NAME, PRIVATE_FILE)
         cls = driver_class(name)
         reason = cls.unavailable_reason(self.root)
         if reason:
             raise DriverUnavailable(f"driver {name} cannot run here: {reason}")
+        private_file(self.root / "meta.db")  # SQLite gives its WAL files the same mode
         self.records = Records(self.root / "meta.db")
+        for wal in ("meta.db-wal", "meta.db-shm"):
+            narrow(self.root / wal, PRIVATE_FILE)
         self.driver: Driver = cls(DriverContext(self.root, dict(options), uid_map, gid_map))
         self.mounts = Mounts(self.records, self.driver, self.root / "locks")
         self.tarsplits = TarSplits(self.root)
         self.lifecycle = Lifecycle(self.root, self.records, self.driver, self.mounts, self.tarsplits)
         self.native = Capabilities.of(self.driver)
-        self.naive = Naive(self.mounts, self.driver.ctx)
+        self.naive = Naive(self.mounts, self.driver.ctx,
+                           drop_overlay_xattrs=self.driver.shows_through_overlayfs)
         self.diffs = Diffs(self.records, self.work_locks, self.tarsplits, self.native, self.naive,
-                           own_chain=self.driver.exports_against_own_chain)
+                           own_chain=self.driver.exports_against_own_chain, readable=self.driver.readable)
 
     # -- small helpers ----------------------------------------------------------------
 
@@ -161,12 +171,14 @@ class Store:
             self.lifecycle.build(layer_id, parent, rw=rw, opts=opts)
             self.lifecycle.commit(layer_id, size=0 if parent is None else None)
 
-    @staticmethod
-    def _create_options(size: str | int | None, storage_opt: dict[str, str] | None,
+    def _create_options(self, size: str | int | None, storage_opt: dict[str, str] | None,
                         mount_label: str) -> CreateOptions:
+        """Refuse storage options the driver does not know (keys case-blind, as
+        overlay2); ``size`` (or a ``size`` storage option) becomes the limit."""
         sopt = dict(storage_opt or {})
-        if size is None and "size" in sopt:
-            size = sopt["size"]
+        refuse_unknown(sopt, self.driver.storage_opt_keys, "storage option", self.driver.name)
+        if size is None:
+            size = next((v for k, v in sopt.items() if k.lower() == "size"), None)
         limit = parse_size(size) if size not in (None, "", 0) else None
         return CreateOptions(size=limit or None, mount_label=mount_label, storage_opt=sopt)
 

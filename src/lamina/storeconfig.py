@@ -14,6 +14,7 @@ from lamina.drivers.registry import default_driver, driver_class
 from lamina.errors import DriverMismatch, StoreCorrupt
 from lamina.fs.durable import atomic_write
 from lamina.fs.locks import FileLock
+from lamina.fs.private import PRIVATE_FILE
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "lamina.json"
@@ -37,5 +38,6 @@ def settle_driver(root: Path, asked: str | None) -> str:
             return str(recorded)
         name = asked or default_driver(root)
         driver_class(name)  # unknown names fail before anything is recorded
-        atomic_write(cfg_path, json.dumps({"format": FORMAT_VERSION, "driver": name}).encode() + b"\n")
+        atomic_write(cfg_path, json.dumps({"format": FORMAT_VERSION, "driver": name}).encode() + b"\n",
+                     mode=PRIVATE_FILE)
         return name

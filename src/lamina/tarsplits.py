@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from lamina.fs import staging
+from lamina.fs.private import PRIVATE_FILE
 
 SUFFIX = ".json.gz"
 
@@ -42,7 +43,9 @@ class TarSplits:
         deleted if the block fails, and kept aside for :meth:`keep` if it ends well."""
         partial = staging.tarsplit(self._tmp, layer_id)
         try:
-            with gzip.open(partial, "wb", compresslevel=1) as out:
+            # born 0600: a tar-split names every file of the layer (lamina.fs.private)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE)
+            with open(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
                 yield out  # type: ignore[misc]
         except BaseException:
             partial.unlink(missing_ok=True)

@@ -271,6 +271,28 @@ def test_info(cli: Cli) -> None:
         assert d["available"] == (d["reason"] is None), name
 
 
+def test_info_names_the_backing_filesystem_alike_for_every_driver(tmp_path: Path) -> None:
+    """Issue 16: one spelling, statfs's as Docker shows it ("extfs" for ext4, as
+    ``docker info`` says for overlay2), whatever the driver; it was "ext4" for vfs and
+    windowsfilter and "extfs" for overlay on the same filesystem."""
+    from lamina.drivers.registry import unavailable_reason
+    from lamina.fs.backingfs import FS_NAMES, backing_fs, fs_magic
+
+    want = backing_fs(tmp_path)
+    assert want == FS_NAMES.get(fs_magic(tmp_path), want)
+    seen = {}
+    for driver in ("vfs", "overlay", "windowsfilter"):
+        root = tmp_path / driver
+        if unavailable_reason(driver, root):
+            continue
+        out = Cli(root, driver).json("info")
+        assert isinstance(out, dict)
+        seen[driver] = out["backing_filesystem"]
+        assert f"Backing Filesystem: {want}\n" in Cli(root, driver).ok("info")
+    assert "vfs" in seen
+    assert set(seen.values()) == {want}, seen
+
+
 def test_metadata(cli: Cli) -> None:
     cli.ok("create", "base")
     meta = cli.json("metadata", "base")
@@ -291,13 +313,16 @@ def test_check_reports_damage(cli: Cli, base_tar: Path) -> None:
     cli.ok("apply", "base", str(base_tar))
     assert cli.ok("check") == "ok\n"
     assert cli.json("check") == {"problems": [], "repaired": [], "ok": True}
-    (cli.root / "layers" / "base" / "a.txt").write_bytes(b"tampered\n")
+    (cli.root / "layers" / "base" / "a.txt").write_bytes(b"ALPHA\n")  # same size
     r = cli("--json", "check")
     assert r.returncode == 1
     report = json.loads(r.stdout)
     assert report["ok"] is False
     assert [p["layer"] for p in report["problems"]] == ["base"]
     assert cli("check", "--fast").returncode == 0  # content is not hashed
+    (cli.root / "layers" / "base" / "a.txt").write_bytes(b"tampered\n")
+    r = cli("check", "--fast")  # but sizes are compared with the tar's headers (issue 16)
+    assert (r.returncode, r.stdout) == (1, b"problem: layer base: /a.txt: size 9, its tar says 6 (not repairable)\n")
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from fuzz.corpus import Case, cases, million_empty_entries  # noqa: E402
 
 import lamina  # noqa: E402
 from conftest import require_overlay, require_root  # noqa: E402
+from lamina.check import check  # noqa: E402
 from lamina.errors import InvalidArchive  # noqa: E402
 from lamina.streams import open_chunks  # noqa: E402
 
@@ -84,6 +85,9 @@ def test_hostile_tar(store, case: Case) -> None:
         assert not s.exists("victim")
     else:
         assert case.expect == "contained", f"{case.name} was applied but must be refused"
+        # what was applied is what the tar says: check compares the tree with the tar's
+        # headers (issue 16) and must find nothing, whatever the tar was
+        assert [str(p) for p in check(s)[0]] == []
         s.remove("victim")
     assert _snapshot(watched) == before, "something outside the layer changed"
     assert not (s.root / "layers" / "victim").exists()

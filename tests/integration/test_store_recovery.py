@@ -15,7 +15,7 @@ import pytest
 
 import lamina
 from conftest import REPO
-from lamina.check import check
+from lamina.check import Kind, check
 from lamina.errors import DriverMismatch, LayerBusy, LayerNotFound
 from lamina.liveness import boot_id
 from lamina.records import LayerState
@@ -125,6 +125,9 @@ def test_check_finds_content_that_no_longer_matches(store) -> None:
     (store.driver.layer_dir("a") / "f1").write_text("tampered\n")
     problems, repairs = check(store, repair=True)
     assert [p.layer for p in problems] == ["a"] and not problems[0].repairable
+    # without hashing (issue 16), the tree check still sees the size change
+    assert [(p.kind, str(p)) for p in check(store, content=False)[0]] == [
+        (Kind.TREE_MISMATCH, "layer a: /f1: size 9, its tar says 7")]
     assert store.exists("a"), "repair never deletes a complete layer"
 
 

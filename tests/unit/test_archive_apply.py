@@ -420,6 +420,25 @@ def test_overlay_mode_drops_overlay_private_xattrs_from_the_tar(root: Path) -> N
     assert "user.overlay.redirect" not in os.listxattr(root / "d")
 
 
+@pytest.mark.parametrize(("key", "kept"), [
+    ("user.overlay.redirect", False), ("user.overlay.metacopy", False), ("user.overlay.opaque", False),
+    ("user.overlay.", False), ("user.overlayfoo", True), ("user.overlay", True), ("user.other", True),
+])
+def test_drop_overlay_xattrs_is_an_option_of_its_own(root: Path, key: str, kept: bool) -> None:
+    """Issue 16: in delete mode too (an overlay base layer), overlayfs's own names go,
+    their neighbours stay; without the option (vfs) everything stays."""
+    try:
+        os.setxattr(root, "user.probe", b"1")
+    except OSError:
+        skip_or_fail("no user xattrs on this filesystem")
+    data = tm.tar(tm.pax({f"SCHILY.xattr.{key}": b"/etc"}), tm.directory("d"))
+    apply(root, data, whiteouts="delete", drop_overlay_xattrs=True)
+    assert (key in os.listxattr(root / "d")) is kept
+    other = root.parent / "plain"
+    apply(other, data, whiteouts="delete")
+    assert key in os.listxattr(other / "d")
+
+
 def test_aufs_metadata_is_skipped(root: Path) -> None:
     apply(root, tm.tar(tm.directory(".wh..wh.plnk"), tm.file(".wh..wh.plnk/123.4", b"x"),
                        tm.file(".wh..wh.aufs"), tm.file("real", b"r")))

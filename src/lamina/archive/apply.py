@@ -47,8 +47,11 @@ Where we differ from Docker, on purpose:
 - AUFS hardlink farms (``.wh..wh.plnk``) are skipped, so a hardlink into one is
   refused as a missing target; Docker extracts them to a temporary directory.
 - GNU sparse files are refused (see :mod:`lamina.archive.tar.reader`).
-- in overlay mode, ``trusted.overlay.*``/``user.overlay.*`` xattrs from the tar are
-  not set: they would steer the overlay mount (redirects, opaque flags, origins).
+- with ``opts.drop_overlay_xattrs`` (and always in overlay mode),
+  ``trusted.overlay.*``/``user.overlay.*`` xattrs from the tar are not set: they would
+  steer the overlay mount (redirects, metacopy, opaque flags, origins). An option of its
+  own, not a part of the whiteout mode, because an overlay base layer is unpacked in
+  delete mode and is a lower directory all the same.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ WHITEOUT_OPAQUE = ".wh..wh..opq"
 IMPLIED_DIR_MODE = 0o755
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_OVERLAY_PRIVATE = ("trusted.overlay.", "user.overlay.")
+#: the xattr prefixes overlayfs reads as its own metadata (redirect, metacopy, opaque...)
+OVERLAY_PRIVATE_XATTRS = ("trusted.overlay.", "user.overlay.")
 #: xattr namespaces Linux has; a name outside them can only be a malformed tar
 _XATTR_NAMESPACES = ("user.", "trusted.", "security.", "system.")
 #: uid_t and gid_t are 32 bits, and (2^32 - 1) means "no change" to chown
@@ -126,6 +130,9 @@ class ApplyOptions:
     wait_for_lowers: Callable[[], None] | None = None
     #: write tar-split JSON lines here (uncompressed)
     tarsplit: IO[bytes] | None = None
+    #: do not set overlayfs's own xattrs (OVERLAY_PRIVATE_XATTRS) from the tar: for every
+    #: layer a driver shows through overlayfs (whiteout mode "overlay" implies it)
+    drop_overlay_xattrs: bool = False
 
 
 def apply_tar(root: Path, stream: IO[bytes], opts: ApplyOptions | None = None) -> int:
@@ -185,6 +192,7 @@ class _Applier:
             raise ValueError(f"unknown whiteout style {opts.whiteouts!r}")
         self.opts = opts
         self.overlay = opts.whiteouts == "overlay"
+        self.drop_private = opts.drop_overlay_xattrs or self.overlay
         self.privileged = (os.geteuid() == 0) if opts.privileged is None else opts.privileged
         self.euid = os.geteuid()
         self.egid = os.getegid()
@@ -250,7 +258,7 @@ class _Applier:
             if reader.remaining:
                 self._copy_data(-1)
             if split is not None:
-                split.file(e.name_bytes, e.size, self.digest if e.size else None)
+                split.file(e.name_bytes, e.size, self.digest if e.size else None, is_dir=e.type == DIR)
         self._finish_dirs()
         if split is not None:
             split.segment(reader.end_raw)
@@ -357,7 +365,7 @@ class _Applier:
             if not name.startswith(_XATTR_NAMESPACES):
                 # the kernel answers EOPNOTSUPP, which would blame the filesystem
                 raise InvalidArchive(f"xattr {name!r} is in no namespace Linux knows", e.name)
-            if self.overlay and name.startswith(_OVERLAY_PRIVATE):
+            if self.drop_private and name.startswith(OVERLAY_PRIVATE_XATTRS):
                 log.warning("%s: not setting overlayfs's own xattr %s", e.name, name)
                 continue
             try:

@@ -33,13 +33,14 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.tar import writer as tw
 from lamina.errors import InvalidArchive, UnsupportedFilesystem
+from lamina.fs.relax import original_modes
 from lamina.fs.safepath import UnsafePath, clean_parts, open_dir
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class _TarWriter:
         S_ISDIR = stat.S_ISDIR
         S_IFMT, S_IFREG = 0o170000, stat.S_IFREG
         big_file = _BIG_FILE
+        widened = original_modes()  # entries an unprivileged reader widened: their true modes
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack: list[tuple[bytes, int, Iterator[tuple[bytes, os.DirEntry[str]]]]] = []
         try:
@@ -224,7 +226,7 @@ class _TarWriter:
                                 size = st.st_size
                                 hdr = file_block(
                                     rel,
-                                    st.st_mode,
+                                    st.st_mode if not widened else _true_mode(st, widened),
                                     st.st_uid if map_uid is None else map_uid(st.st_uid, rel),
                                     st.st_gid if map_gid is None else map_gid(st.st_gid, rel),
                                     size,
@@ -342,7 +344,8 @@ class _TarWriter:
         and ``(fd, size, rel)`` is returned with a descriptor of its own: the caller
         streams the data (:meth:`_stream` closes it).
         """
-        mode = st.st_mode
+        widened = original_modes()
+        mode = st.st_mode if not widened else _true_mode(st, widened)
         fmt = stat.S_IFMT(mode)
         flag = _TYPEFLAG.get(fmt)
         if flag is None:
@@ -506,6 +509,13 @@ class _TarWriter:
                 f"{self._shown(rel)}: overlay {kind} mark; the upper directory alone cannot be exported"
             )
         return False
+
+
+def _true_mode(st: os.stat_result, widened: Mapping[tuple[int, int], int]) -> int:
+    """``st_mode`` with the permission bits it had before a reader widened them
+    (:func:`lamina.fs.relax.readable_tree`), so the tar says what the layer holds."""
+    old = widened.get((st.st_dev, st.st_ino))
+    return st.st_mode if old is None else stat.S_IFMT(st.st_mode) | old
 
 
 def _entries(dir_fd: int) -> list[tuple[bytes, os.DirEntry[str]]]:

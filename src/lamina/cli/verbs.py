@@ -22,12 +22,13 @@ from lamina.progress import human_bytes
 
 def cmd_info(inv: Invocation) -> int:
     from lamina.drivers import registry
-    from lamina.fs.mount import fs_type
+    from lamina.fs.backingfs import backing_fs
 
     store = inv.store
     status = [(str(k), str(v)) for k, v in store.status()]
     own = {"Driver", "Root", "Layers", "Backing Filesystem"}  # shown on their own lines
-    backing = dict(status).get("Backing Filesystem") or fs_type(store.root)
+    # one spelling for every driver: statfs's, as Docker names it ("extfs", not "ext4")
+    backing = dict(status).get("Backing Filesystem") or backing_fs(store.root)
     layers = len(store.layers())
     reasons = {name: None if name == store.driver.name else registry.unavailable_reason(name, store.root)
                for name in registry.DRIVERS}
@@ -219,7 +220,7 @@ def cmd_check(inv: Invocation) -> int:
     # after a repair, check again: only what is really gone counts as mended
     left = remaining(inv.store, content=content) if inv.args.repair and problems else problems
     data = {
-        "problems": [{"layer": p.layer, "message": p.message, "repairable": p.repairable}
+        "problems": [{"layer": p.layer, "kind": p.kind.value, "message": p.message, "repairable": p.repairable}
                      for p in problems],
         "repaired": repairs,
         "ok": not left,

@@ -57,14 +57,16 @@ describes a layer against its own parent); the store then does it the naive way.
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, ClassVar, Protocol, runtime_checkable
+from typing import IO, ClassVar, Literal, Protocol, runtime_checkable
 
 from lamina.archive.apply import ApplyOptions
 from lamina.archive.change import Change
+from lamina.errors import InvalidOption
 from lamina.fs.durable import syncfs
 from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
 
@@ -89,6 +91,20 @@ class CreateOptions:
     mount_label: str = ""
     #: every StorageOpt as given, for driver-specific keys
     storage_opt: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContentTree:
+    """Where a driver keeps a layer's files as the layer's tar put them, for ``check``
+    to compare with the tar's headers (:mod:`lamina.treecheck`)."""
+
+    path: Path
+    #: the tree holds the layer's whole chain (vfs); else the layer's own changes only
+    whole_chain: bool
+    #: how whiteouts were applied into it (lamina.archive.apply.ApplyOptions.whiteouts)
+    whiteouts: Literal["delete", "overlay"]
+    #: the xattr that marks an opaque directory, in "overlay" mode
+    opaque_xattr: str = ""
 
 
 @dataclass
@@ -127,6 +143,15 @@ class Driver(abc.ABC):
     #: asked for (a Windows layer is exported against its own chain), so the store
     #: replays an imported layer's tar-split for any parent
     exports_against_own_chain: ClassVar[bool] = False
+    #: whether layers are shown through overlayfs (overlay, windowsfilter): then the
+    #: xattrs overlayfs reads as its own (``trusted.overlay.*``, ``user.overlay.*``) must
+    #: never come from a tar, on any layer, and ``check`` reports them
+    shows_through_overlayfs: ClassVar[bool] = False
+    #: the per-layer storage options (``--storage-opt``, Docker's StorageOpt) the driver
+    #: knows, lower case; keys match case-blind, as overlay2's do. Any other key is
+    #: refused (:func:`refuse_unknown`): a misspelt ``siz=10G`` must not make an
+    #: unlimited layer
+    storage_opt_keys: ClassVar[frozenset[str]] = frozenset({"size"})
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
@@ -195,6 +220,17 @@ class Driver(abc.ABC):
         unmount that would let a later use attach it a second time."""
         return []
 
+    def content_tree(self, layer_id: str, parent: str | None) -> ContentTree | None:
+        """Where the layer's files are as its tar made them (the layer has a parent
+        ``parent``), or None if the driver keeps them otherwise (Windows layers)."""
+        return None
+
+    def readable(self, layer_id: str) -> contextlib.AbstractContextManager[None]:
+        """Make the layer's own files readable to this process while the context lasts
+        (a reader of its content is inside): for a driver whose unprivileged owner may
+        hold directories of mode 0000. Nothing, by default."""
+        return contextlib.nullcontext()
+
     def is_mounted(self, layer_id: str) -> bool:
         """Whether the view of ``layer_id`` is mounted now (for cleanup and check)."""
         return False
@@ -216,6 +252,17 @@ class Driver(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: most drivers hold nothing
         """Release process resources (open fds); the store's mounts stay."""
+
+
+def refuse_unknown(given: Iterable[str], known: Iterable[str], what: str, driver: str) -> None:
+    """Raise :class:`InvalidOption` for the first key of ``given`` that is not one of
+    ``known`` (compared case-blind), naming it and listing the known ones: an option
+    nobody reads is a mistake the user should hear about, as overlay2 says so."""
+    allowed = {k.lower() for k in known}
+    for key in given:
+        if key.lower() not in allowed:
+            listing = ", ".join(sorted(allowed)) if allowed else "none"
+            raise InvalidOption(f"unknown {what} {key!r} for driver {driver} (known: {listing})")
 
 
 # -- optional capabilities -------------------------------------------------------------
@@ -335,6 +382,7 @@ class Capabilities:
                    mount_specs=cap(MountDescriber), usage=cap(UsageMeter))  # type: ignore[arg-type]
 
 
-__all__ = ["ApplyPlan", "ApplyPlanner", "Capabilities", "CreateOptions", "Driver", "DriverContext", "FileGetter", "MountDescriber",
+__all__ = ["ApplyPlan", "ApplyPlanner", "Capabilities", "ContentTree", "CreateOptions", "Driver", "DriverContext",
+           "FileGetter", "MountDescriber",
            "MountSpec", "NativeApply", "NativeChanges", "NativeDiff", "NativeDiffSize", "NativeFileGetter",
-           "UsageMeter"]
+           "UsageMeter", "refuse_unknown"]

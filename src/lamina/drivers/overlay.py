@@ -52,7 +52,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -63,11 +62,13 @@ from lamina.archive.changes import changes_overlay, tree_size
 from lamina.archive.export import tar_tree
 from lamina.drivers.base import (
     ApplyPlan,
+    ContentTree,
     CreateOptions,
     Driver,
     DriverContext,
     FileGetter,
     MountSpec,
+    refuse_unknown,
 )
 from lamina.errors import (
     ChainTooDeep,
@@ -91,6 +92,8 @@ from lamina.fs.overlayfs import (
     probe,
     userns_overlay_reason,
 )
+from lamina.fs.private import private_dir
+from lamina.fs.relax import force_rmtree
 from lamina.fs.usage import disk_usage
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,7 @@ class OverlayDriver(Driver):
     """
 
     name = "overlay"
+    shows_through_overlayfs = True
 
     def __init__(self, ctx: DriverContext) -> None:
         super().__init__(ctx)
@@ -125,7 +129,7 @@ class OverlayDriver(Driver):
         if reason:
             raise _unavailable_error(reason)
         for d in (ctx.layers, ctx.tmp, ctx.root / "l", ctx.root / "overlay"):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)  # l/ names every layer: 0700, as overlay2's (lamina.fs.private)
         self.features = probe(ctx.root)
         if self._opts.get("mount_api") == "legacy":
             self.features.lowerdir_plus = False
@@ -497,6 +501,7 @@ class OverlayDriver(Driver):
             opaque_xattr=self.opaque_xattr,
             uid_map=self.ctx.uid_map, gid_map=self.ctx.gid_map,
             lower_roots=[self._upper(p) for p in chain[1:]],
+            drop_overlay_xattrs=True,  # a base layer (delete mode) is a lower dir too
         )
         return ApplyPlan(self._upper(layer_id), opts)
 
@@ -527,6 +532,11 @@ class OverlayDriver(Driver):
 
     def diff_getter(self, layer_id: str) -> FileGetter:
         return DirFileGetter(self._upper(layer_id))
+
+    def content_tree(self, layer_id: str, parent: str | None) -> ContentTree:
+        """The upper directory: the layer's own changes, as apply_diff wrote them."""
+        return ContentTree(self._upper(layer_id), whole_chain=False,
+                           whiteouts="overlay" if parent else "delete", opaque_xattr=self.opaque_xattr)
 
     # -- information and housekeeping ----------------------------------------------------
 
@@ -622,9 +632,18 @@ class OverlayDriver(Driver):
         return done
 
 
+#: the driver options overlay knows, each also as ``overlay.KEY`` and ``overlay2.KEY``
+OPTION_KEYS = ("size", "quota", "mount_api")
+
+
 def _parse_options(options: dict[str, str]) -> dict[str, Any]:
+    """The driver options; an unknown key is refused, prefixed or not (overlay2 says
+    "Unknown option"), and keys match case-blind as overlay2's do."""
+    known = [f"{prefix}{k}" for prefix in ("", "overlay.", "overlay2.") for k in OPTION_KEYS]
+    refuse_unknown(options, known, "driver option", "overlay")
     parsed: dict[str, Any] = {}
     for key, value in options.items():
+        key = key.lower()
         short = key.split(".", 1)[1] if key.startswith(("overlay.", "overlay2.")) else key
         if short == "size":
             from lamina.ids import parse_size
@@ -637,8 +656,6 @@ def _parse_options(options: dict[str, str]) -> dict[str, Any]:
             if value not in ("auto", "legacy"):
                 raise InvalidOption(f"overlay.mount_api={value}: use auto or legacy")
             parsed["mount_api"] = value
-        elif key.startswith(("overlay.", "overlay2.")):
-            raise InvalidOption(f"unknown overlay option {key!r}")
     return parsed
 
 
@@ -650,16 +667,4 @@ def _unavailable_error(reason: str) -> LaminaError:
 
 def _rmtree(path: Path) -> None:
     """Remove a tree even where modes forbid it (overlay's work/work is mode 000)."""
-
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700, follow_symlinks=False)
-        except OSError:
-            pass
-        try:
-            func(p)
-        except FileNotFoundError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
+    force_rmtree(path)

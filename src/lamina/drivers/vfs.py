@@ -7,19 +7,29 @@ filesystem supports reflinks, so on btrfs/xfs a child costs metadata only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 from lamina.archive.apply import ApplyOptions, apply_tar
-from lamina.drivers.base import CreateOptions, Driver, FileGetter, MountSpec
-from lamina.errors import QuotaNotSupported
+from lamina.drivers.base import (
+    ContentTree,
+    CreateOptions,
+    Driver,
+    DriverContext,
+    FileGetter,
+    MountSpec,
+    refuse_unknown,
+)
+from lamina.errors import LayerUnreadable, QuotaNotSupported
 from lamina.fs import staging
+from lamina.fs.backingfs import backing_fs
 from lamina.fs.copy import copy_tree
 from lamina.fs.getter import DirFileGetter
-from lamina.fs.mount import fs_type
+from lamina.fs.relax import force_rmtree, readable_tree
 from lamina.fs.usage import disk_usage
 
 
@@ -28,19 +38,32 @@ class VfsDriver(Driver):
 
     name = "vfs"
 
+    def __init__(self, ctx: DriverContext) -> None:
+        super().__init__(ctx)
+        # vfs has no driver options: any given is a mistake (a key meant for another
+        # driver, a typo), said now rather than ignored
+        refuse_unknown(ctx.options, (), "driver option", self.name)
+
     def create(self, layer_id: str, parent: str | None, *, rw: bool, opts: CreateOptions) -> None:
         if opts.size:
             raise QuotaNotSupported(
                 f"layer {layer_id}: the vfs driver cannot limit a layer's size; use the overlay driver"
             )
         work = staging.creating(self.ctx.tmp, layer_id)
-        if work.exists():
-            shutil.rmtree(work)
+        force_rmtree(work)
         if parent is None:
             os.mkdir(work, 0o755)
             os.chmod(work, 0o755)  # mkdir is subject to umask
         else:
-            copy_tree(self.layer_dir(parent), work)
+            try:
+                copy_tree(self.layer_dir(parent), work)
+            except OSError as e:
+                force_rmtree(work)  # no half-made copy stays behind
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    raise LayerUnreadable(f"layer {layer_id}: cannot copy {e.filename or '.'} of parent "
+                                          f"{parent}: {e.strerror}") from None
+                e.add_note(f"while copying parent {parent} for layer {layer_id}")
+                raise
         os.rename(work, self.layer_dir(layer_id))
 
     def remove(self, layer_id: str) -> None:
@@ -51,10 +74,8 @@ class VfsDriver(Driver):
         except FileNotFoundError:
             pass
         else:
-            _rmtree(doomed)
-        leftover = staging.creating(self.ctx.tmp, layer_id)
-        if leftover.exists():
-            _rmtree(leftover)
+            _remove(layer_id, doomed)
+        _remove(layer_id, staging.creating(self.ctx.tmp, layer_id))
 
     def mount(self, layer_id: str, chain: Sequence[str], *, rw: bool, mount_label: str = "") -> Path:
         return self.layer_dir(layer_id)
@@ -84,22 +105,34 @@ class VfsDriver(Driver):
     def diff_getter(self, layer_id: str) -> FileGetter:
         return DirFileGetter(self.layer_dir(layer_id))
 
+    def content_tree(self, layer_id: str, parent: str | None) -> ContentTree:
+        """The layer's directory: its whole chain, whiteouts applied by deleting."""
+        return ContentTree(self.layer_dir(layer_id), whole_chain=True, whiteouts="delete")
+
+    @contextlib.contextmanager
+    def readable(self, layer_id: str) -> Iterator[None]:
+        """An unprivileged owner's layer may hold 0000 directories (from the image, or a
+        container's chmod): they are widened for the reader and put back after
+        (:func:`lamina.fs.relax.readable_tree`); nothing happens for root."""
+        try:
+            with readable_tree(self.layer_dir(layer_id)):
+                yield
+        except PermissionError as e:
+            raise LayerUnreadable(f"layer {layer_id}: cannot read {e.filename or '.'}: {e.strerror}") from None
+
     def status(self) -> list[tuple[str, str]]:
-        return [("Backing Filesystem", fs_type(self.ctx.root))]
+        # statfs's name, as overlay's status says it (Docker's spelling: "extfs" for ext4)
+        return [("Backing Filesystem", backing_fs(self.ctx.root))]
 
     def metadata(self, layer_id: str) -> dict[str, str]:
         return {"Dir": str(self.layer_dir(layer_id))}
 
 
-def _rmtree(path: Path) -> None:
-    """Remove a tree even where modes forbid it (a layer may hold 0000 dirs)."""
-
-    def onerror(func, p, exc):  # type: ignore[no-untyped-def]
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700, follow_symlinks=False)
-        except OSError:
-            pass
-        func(p)
-
-    shutil.rmtree(path, onerror=onerror)
+def _remove(layer_id: str, path: Path) -> None:
+    """Remove a tree even where modes forbid it (a layer may hold 0000 dirs, which an
+    unprivileged owner widens first); what cannot go is named with its layer."""
+    try:
+        force_rmtree(path)
+    except OSError as e:
+        raise LayerUnreadable(f"layer {layer_id}: cannot remove {e.filename or path}: "
+                              f"{e.strerror}") from None

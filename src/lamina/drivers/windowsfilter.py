@@ -51,7 +51,7 @@ import lamina
 from lamina.archive import wintar
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.winexport import ExportItem, write_tar
-from lamina.drivers.base import CreateOptions, Driver, DriverContext, FileGetter
+from lamina.drivers.base import CreateOptions, Driver, DriverContext, FileGetter, refuse_unknown
 from lamina.drivers.windowsfilter_meta import TAR_RECORD, XATTR_NAME, read_meta
 from lamina.errors import (
     InvalidOption,
@@ -68,6 +68,7 @@ from lamina.fs.backingfs import backing_fs, supports_d_type
 from lamina.fs.durable import atomic_write
 from lamina.fs.mount import is_mountpoint, mounts_under, umount
 from lamina.fs.overlayfs import mount_overlay, probe
+from lamina.fs.private import private_dir
 from lamina.fs.staging import REMOVING_SUFFIX
 from lamina.ids import check_id, parse_size
 
@@ -83,9 +84,11 @@ LAYER_CHAIN = "layerchain.json"
 LAYER_ID_NAMES = ("layerID", "layerId")
 NOREEXEC_ENV = "LAMINA_WINDOWSFILTER_NOREEXEC"
 
-def parse_storage_opt(storage_opt: dict[str, str]) -> int:
-    """The seed's parseStorageOpt: keys case-blind, ``size`` in RAMInBytes units,
-    other keys ignored; 0 when no size is given."""
+def parse_storage_opt(storage_opt: dict[str, str], what: str = "storage option") -> int:
+    """The seed's parseStorageOpt: keys case-blind, ``size`` in RAMInBytes units; 0
+    when no size is given. Other keys are refused (the seed ignored them, so a
+    misspelt ``siz`` made a sandbox of the default size without a word)."""
+    refuse_unknown(storage_opt, ("size",), what, "windowsfilter")
     size = 0
     for key, value in storage_opt.items():
         if key.lower() == "size":
@@ -113,6 +116,8 @@ class WindowsFilterDriver(Driver):
     name = "windowsfilter"
     content_model = "windows"
     exports_against_own_chain = True
+    #: its import keeps no Linux xattr from a tar at all (only Windows records)
+    shows_through_overlayfs = True
 
     @classmethod
     def unavailable_reason(cls, root: Path) -> str | None:
@@ -136,7 +141,8 @@ class WindowsFilterDriver(Driver):
                 f"{ctx.layers} is on a {backing_fs(ctx.layers)} filesystem, which {reason} - "
                 "it is not supported by windowsfilter")
         #: the size every sandbox has at least (driver option ``size``, seed parsing)
-        self.sandbox_size = parse_storage_opt(ctx.options) or DEFAULT_SANDBOX_SIZE
+        self.sandbox_size = parse_storage_opt(ctx.options, "driver option") or DEFAULT_SANDBOX_SIZE
+        private_dir(ctx.root / self.name)  # the driver's own state (lamina.fs.private)
         self._empty = ctx.root / self.name / "empty"
         self._empty.mkdir(parents=True, exist_ok=True)
         #: what overlayfs can do here, probed as for the overlay driver (cached beside _empty)

@@ -8,10 +8,10 @@ shapes, config digests, one DiffID per layer); the layer bytes are checked by th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from lamina import jsontext
 from lamina.errors import ImageError
 from lamina.images.digest import chain_ids, check_digest, sha256_digest
 
@@ -60,11 +60,11 @@ def load_json(data: bytes, what: str) -> Any:
     bad JSON, not let through as Python's RecursionError.
     """
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        return jsontext.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
         raise ImageError(f"{what} is not valid JSON ({e})") from e
-    except RecursionError:
-        raise ImageError(f"{what} is not valid JSON (nested too deeply)") from None
+    except jsontext.JSONTextError as e:
+        raise ImageError(f"{what} is not valid JSON ({e})") from None
 
 
 def expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:

@@ -113,13 +113,24 @@ async def _write_all(loop: asyncio.AbstractEventLoop, fd: int, data: bytes) -> N
         view = view[n:]
 
 
+class StalledClient(Exception):
+    """The client of a streamed response took no byte for longer than the idle limit."""
+
+
 async def send_stream(request: web.Request, stream: IO[bytes], pool: Executor,
-                      content_type: str = "application/x-tar") -> web.StreamResponse:
+                      content_type: str = "application/x-tar", *,
+                      idle_timeout: float | None = None) -> web.StreamResponse:
     """Send ``stream`` as a chunked 200 response, reading it in ``pool``; closes it.
 
     An error while reading after the headers went out is re-raised: aiohttp then closes
     the connection without the terminating chunk, which the client reports as an
     unexpected EOF, never as a complete tar.
+
+    ``idle_timeout``: a client that takes no byte for that many seconds (it read a few
+    and stalled) has its connection aborted and :class:`StalledClient` raised, so the
+    stream is closed and whatever the caller holds for it (the layer's lock, the store's
+    pins) is let go. Without it such a client held them for ever. Idle, not total: a
+    slow reader that keeps reading (dockerd pushing to a slow registry) is never cut.
     """
     loop = asyncio.get_running_loop()
     try:
@@ -130,8 +141,41 @@ async def send_stream(request: web.Request, stream: IO[bytes], pool: Executor,
             chunk = await loop.run_in_executor(pool, stream.read, CHUNK)
             if not chunk:
                 break
-            await response.write(chunk)
+            if idle_timeout is None:
+                await response.write(chunk)
+            else:
+                await _write_watched(request, response, chunk, idle_timeout)
         await response.write_eof()
         return response
     finally:
         await loop.run_in_executor(pool, stream.close)
+
+
+async def _write_watched(request: web.Request, response: web.StreamResponse, chunk: bytes,
+                         idle_timeout: float) -> None:
+    """``response.write(chunk)``, watching the transport's send buffer: it shrinks as
+    the client reads; if it has not for ``idle_timeout`` seconds the connection is
+    aborted (the write then cannot finish) and :class:`StalledClient` raised."""
+    loop = asyncio.get_running_loop()
+    write = asyncio.ensure_future(response.write(chunk))
+    transport = request.transport
+    buffered = transport.get_write_buffer_size() if transport is not None else 0
+    progress = loop.time()
+    while True:
+        done, _ = await asyncio.wait({write}, timeout=min(idle_timeout, 1.0))
+        if done:
+            write.result()
+            return
+        now = loop.time()
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        if size < buffered:
+            buffered, progress = size, now
+        elif now - progress >= idle_timeout:
+            write.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await write
+            if transport is not None:
+                transport.abort()
+            raise StalledClient(f"the client took no byte for {idle_timeout:g} s")
+        else:
+            buffered = size

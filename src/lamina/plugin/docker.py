@@ -56,7 +56,7 @@ from aiohttp import web
 from lamina.errors import LaminaError, LayerBusy, LayerNotFound, MountKept
 from lamina.fs.durable import atomic_write
 from lamina.plugin import wire
-from lamina.plugin.bridge import BodyPipe, send_stream
+from lamina.plugin.bridge import BodyPipe, StalledClient, send_stream
 from lamina.plugin.layerlocks import LayerLocks
 from lamina.serving import notify_systemd, prepare_socket
 
@@ -77,6 +77,13 @@ class DiffRefused(LaminaError):
     """An ApplyDiff this process cannot trust to carry a whole tar (see the module doc)."""
 
 
+#: the largest JSON request body read (aiohttp's client_max_size): dockerd's requests are
+#: a few hundred bytes; ApplyDiff's tar is streamed and not bound by it
+MAX_JSON_BODY = 1 << 20
+#: seconds a Diff client may take no byte before its stream is aborted and the layer let go
+DIFF_IDLE_TIMEOUT = 120.0
+
+
 def _reply(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.json_response(data, status=status, content_type=wire.MEDIA_TYPE)
 
@@ -85,7 +92,8 @@ class DockerPlugin:
     """The graph-driver endpoints over one lamina store (opened by Init)."""
 
     def __init__(self, *, driver: str | None = None, options: dict[str, str] | None = None,
-                 state_path: Path | None = None, exact_diffs: bool = True, workers: int = 16) -> None:
+                 state_path: Path | None = None, exact_diffs: bool = True, workers: int = 16,
+                 diff_idle_timeout: float = DIFF_IDLE_TIMEOUT) -> None:
         #: the lamina driver for a new store (None: the store's recorded one, or the default)
         self.driver = driver
         self.options = dict(options or {})
@@ -101,6 +109,8 @@ class DockerPlugin:
         self._awaiting_diff: set[str] = set()
         #: requests on one layer wait for the one changing it (see layerlocks)
         self._locks = LayerLocks()
+        #: a Diff client idle this long loses its stream (it holds the layer meanwhile)
+        self.diff_idle_timeout = diff_idle_timeout
 
     # -- the store ----------------------------------------------------------------------
 
@@ -173,7 +183,7 @@ class DockerPlugin:
 
     def application(self) -> web.Application:
         """The aiohttp application: one POST route per endpoint, JSON 404 elsewhere."""
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_JSON_BODY)
         routes: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "/Plugin.Activate": self.activate,
             "/GraphDriver.Init": self.init,
@@ -209,6 +219,10 @@ class DockerPlugin:
             except wire.BadRequest as e:
                 log.warning("%s: %s", name, e)
                 return _reply(wire.error(str(e)), 400)
+            except web.HTTPRequestEntityTooLarge:
+                msg = f"{name}: request body larger than {MAX_JSON_BODY} bytes refused"
+                log.warning("%s", msg)
+                return _reply(wire.error(msg), 413)
             except LaminaError as e:
                 log.info("%s: %s", name, e)
                 return _reply(wire.error(str(e)), 500)
@@ -357,9 +371,14 @@ class DockerPlugin:
 
     async def diff(self, request: web.Request) -> web.StreamResponse:
         req = wire.LayerRequest.parse(wire.parse_body(await request.read()), "Diff")
-        async with self._locks.using(req.id):  # until the whole tar is sent
+        async with self._locks.using(req.id):  # until the whole tar is sent, or the client stalls
             stream = await self._run(self.store.diff, req.id, req.parent)
-            return await send_stream(request, stream, self._pool)
+            try:
+                return await send_stream(request, stream, self._pool,
+                                         idle_timeout=self.diff_idle_timeout)
+            except StalledClient as e:
+                log.warning("Diff %s: %s; the stream was aborted and the layer let go", req.id, e)
+                raise
 
     async def apply_diff(self, request: web.Request) -> web.StreamResponse:
         # dockerd builds this query with Sprintf and no escaping; IDs are plain hex
@@ -368,6 +387,7 @@ class DockerPlugin:
         if not layer_id:
             raise wire.BadRequest("ApplyDiff: query has no id")
         store = self.store
+        self._check_parent(store, layer_id, parent)
         if layer_id not in self._awaiting_diff:
             raise DiffRefused(
                 f"ApplyDiff {layer_id}: refused: the layer was not made by Create since this plugin "
@@ -379,6 +399,24 @@ class DockerPlugin:
             size = await self._apply(store, layer_id, parent, request)
         log.info("ApplyDiff %s: applied %d bytes", layer_id, size)
         return _reply(wire.size(size))
+
+    @staticmethod
+    def _check_parent(store: Store, layer_id: str, parent: str) -> None:
+        """The query's ``parent`` must be the one Create recorded: the tar is a diff
+        against that parent, and unpacked over another it would mean other files. An
+        empty parent is a base layer's."""
+        try:
+            recorded = store.layer(layer_id).parent or ""
+        except LayerNotFound:
+            return  # said by the refusal that follows, in its own words
+        if parent == recorded:
+            return
+        if not recorded:
+            why = "was created without a parent"
+        else:
+            why = f"was created on parent {recorded}"
+        asked = f"parent {parent}" if parent else "no parent"
+        raise wire.BadRequest(f"ApplyDiff {layer_id}: the query names {asked}, but the layer {why}")
 
     async def _apply(self, store: Store, layer_id: str, parent: str, request: web.Request) -> int:
         """Unpack the request body into the layer in a worker while the loop feeds it."""

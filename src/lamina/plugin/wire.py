@@ -21,11 +21,11 @@ case-insensitively), since that is the contract dockerd's own Go plugins get.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lamina import jsontext
 from lamina.archive.change import Change
 from lamina.errors import LaminaError
 
@@ -66,9 +66,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not JSON: {e}") from e
+        body = jsontext.loads(raw)
+    except jsontext.JSONTextError as e:  # nested too deeply, a number too long: plainly
+        raise BadRequest(f"request body is not JSON: {e}") from None
     if body is None:
         return {}
     if not isinstance(body, dict):

@@ -19,11 +19,11 @@ chosen.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform as _platform
 from dataclasses import dataclass, field
 from typing import Any
 
+from lamina import jsontext
 from lamina.errors import ImageError
 from lamina.images.digest import check_digest
 from lamina.registry.transport import RegistryClient, RegistryError, error_detail
@@ -125,11 +125,9 @@ class Manifest:
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise RegistryError(f"{what}: not valid JSON ({e})") from e
-    except RecursionError:  # [[[[... a hundred thousand deep
-        raise RegistryError(f"{what}: not valid JSON (nested too deeply)") from None
+        doc = jsontext.loads(data)
+    except jsontext.JSONTextError as e:  # [[[[... a hundred thousand deep, too
+        raise RegistryError(f"{what}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise RegistryError(f"{what}: not a JSON object")
     return doc

@@ -350,3 +350,18 @@ def test_export_reads_back_with_tarfile_and_keeps_records(wf: WindowsFilterDrive
 def test_metadata_xattrs_use_the_trusted_namespace(wf: WindowsFilterDriver) -> None:
     import_layer(wf, "base", None, rich_base())
     assert os.listxattr(files(wf, "base") / "link", follow_symlinks=False) == [XATTR_NAME]
+
+
+@pytest.mark.parametrize("key", ["trusted.overlay.redirect", "trusted.overlay.metacopy",
+                                 "trusted.overlay.opaque", "user.overlay.redirect",
+                                 "trusted.overlayfoo", "security.capability"])
+def test_no_linux_xattr_from_the_tar_is_set(wf: WindowsFilterDriver, key: str) -> None:
+    """Issue 16: overlayfs's own xattrs (and every other Linux xattr) in a tar's PAX records
+    never reach a windowsfilter layer, whose Files/ are overlay lowers: only the one
+    metadata xattr of the import is there."""
+    t = a_base()
+    t.file("Files/redirected.exe", b"MZ", meta=Meta(0x20, extra={f"SCHILY.xattr.{key}": "/Files"}))
+    t.dir("Files/opaque", meta=Meta(0x10, extra={f"SCHILY.xattr.{key}": "y"}))
+    import_layer(wf, "base", None, t.bytes())
+    for name in ("redirected.exe", "opaque"):
+        assert os.listxattr(files(wf, "base") / name, follow_symlinks=False) == [XATTR_NAME]

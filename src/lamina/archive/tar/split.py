@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Protocol
 
 from lamina.archive.tar.crc64 import Crc64
-from lamina.archive.tar.reader import TarEntry, TarReader
+from lamina.archive.tar.reader import DIR, TarEntry, TarReader
 from lamina.errors import InvalidArchive
 
 SEGMENT = 2
@@ -122,8 +122,11 @@ class TarSplitWriter:
                    + b'","position":' + str(self._position).encode() + b"}\n")
         self._position += 1
 
-    def file(self, name: bytes, size: int, checksum: bytes | None) -> None:
-        """Record an entry; ``checksum`` is the CRC-64 digest (None when size is 0)."""
+    def file(self, name: bytes, size: int, checksum: bytes | None, *, is_dir: bool = False) -> None:
+        """Record an entry; ``checksum`` is the CRC-64 digest (None when size is 0).
+        ``is_dir``: the entry is a directory, which merges with one already there;
+        anything else put where a directory holding earlier content was removes that
+        content, so the tar could never be rebuilt (refused as a shadowing repeat)."""
         try:
             text: str | None = name.decode("utf-8")
             shown = text
@@ -131,7 +134,8 @@ class TarSplitWriter:
             text = None
             shown = name.decode("utf-8", "surrogateescape")
         key = _clean_key(shown)
-        if key in self._with_content and self._shadowed is None:
+        if self._shadowed is None and (key in self._with_content
+                                       or (not is_dir and key in self._content_dirs)):
             self._shadowed = shown
         if size:
             self._with_content.add(key)
@@ -373,7 +377,7 @@ class RecordingReader:
     def _file(self, size: int, checksum: bytes | None) -> None:
         if self._split is not None and self._current is not None and not self._filed:
             self._flush()
-            self._split.file(self._current.name_bytes, size, checksum)
+            self._split.file(self._current.name_bytes, size, checksum, is_dir=self._current.type == DIR)
         self._filed = True
 
     def _segment(self, raw: bytes) -> None:
