@@ -31,8 +31,8 @@ docker-registry  | docker-registry               | a private registry for the pu
 skopeo           | skopeo                        | an independent registry client to check pull and push | test_registry test_registry_pipeline test_bench_smoke
 xfsprogs         | mkfs.xfs xfs_quota            | xfs filesystems and project quotas                   | test_quota
 zstd             | zstd                          | zstd-compressed layer archives                       | test_hostile_input
-util-linux       | losetup mount setpriv unshare | loop devices, mounts, dropping privileges            | test_demo test_overlay_driver test_quota test_plugin_cleanup test_win_inspect test_fulldisk
-e2fsprogs        | mkfs.ext4 chattr              | loop-mounted ext4 images for size limits; immutable files | test_overlay_driver test_quota test_plugin_cleanup test_win_inspect test_fulldisk test_locked_trees
+util-linux       | losetup mount setpriv unshare | loop devices, mounts, dropping privileges            | test_demo test_overlay_driver test_quota test_plugin_cleanup test_win_inspect test_fulldisk test_locked_trees test_snapshotter_containerd
+e2fsprogs        | mkfs.ext4 chattr              | loop-mounted ext4 images for size limits; immutable files | test_overlay_driver test_quota test_plugin_cleanup test_win_inspect test_fulldisk test_locked_trees test_snapshotter_containerd
 busybox-static   | busybox                       | the rootfs of the images the dockerd tests import    | test_plugin_dockerd test_images_docker test_snapshotter_containerd
 debootstrap      | debootstrap                   | a real Debian base image for the benches             | (the benches: make bench)
 tar              | tar                           | GNU tar, the reference of the benches and tests      | test_archive_export test_bench_smoke
