@@ -45,7 +45,7 @@ from lamina import liveness
 from lamina.drivers.base import Driver
 from lamina.errors import LayerNotFound
 from lamina.fs.locks import FileLock, KeyLockTable
-from lamina.records import LayerState, MountRef, Records, Writer
+from lamina.records import LayerState, MountRef, Records
 
 
 class Mounts:
@@ -123,48 +123,52 @@ class Mounts:
     def try_get(self, layer_id: str, *, persistent: bool) -> Path | None:
         """:meth:`get` of a view that is mounted already, never waiting and never
         mounting: None where it would have to (the view is not mounted, someone holds the
-        layer's mount lock or the records); the caller then calls :meth:`get`."""
+        layer's mount lock or the records); the caller then calls :meth:`get`.
+
+        Why so terse: dockerd gets and puts a layer on every container start and exec,
+        and through the plugin each is a call on its event loop; one statement under
+        the layer's lock is what it costs."""
         pid, start = liveness.me()
-        boot = liveness.boot_id()
-        with self._at_once(layer_id) as db:
-            if db is None:
-                return None
-            claim = db.mount_claim(layer_id)
-            if claim is None or claim.state is not LayerState.READY:
-                raise LayerNotFound(f"layer {layer_id} not found")
-            if claim.path is None or claim.boot_id != boot or not claim.refs:
-                return None
-            db.add_ref(layer_id, pid=pid, pid_start=start, persistent=persistent, boot_id=boot)
-            return self._path(claim.path)
+        locks = self._layer_locks
+        if not locks.try_acquire(layer_id):
+            return None
+        try:
+            with self._records.try_write(durable=False) as db:
+                if db is None:
+                    return None
+                path = db.claim_mounted(layer_id, pid=pid, pid_start=start, persistent=persistent,
+                                        boot_id=liveness.boot_id())
+                if path is None:  # not the quick case: no layer is an error at once
+                    claim = db.mount_claim(layer_id)
+                    if claim is None or claim.state is not LayerState.READY:
+                        raise LayerNotFound(f"layer {layer_id} not found")
+                    return None
+        finally:
+            locks.release(layer_id)
+        return self._path(path)
 
     def try_put(self, layer_id: str, *, persistent: bool) -> bool | None:
         """:meth:`put` of a reference that is not the last, never waiting and never
-        unmounting: None where it would have to; the caller then calls :meth:`put`."""
+        unmounting: True if one was released, False if none was held, None where it
+        would have to wait or unmount (a lock held elsewhere, the last reference); the
+        caller then calls :meth:`put`. The quick case is one statement; the others ask
+        again, as they lead to a mount, an unmount or an error anyway."""
         pid, start = liveness.me()
-        with self._at_once(layer_id) as db:
-            if db is None:
-                return None
-            choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
-            if choice is None:
-                raise LayerNotFound(f"layer {layer_id} not found")
-            ref, count = choice
-            if ref is None:
-                return False
-            if count == 1:
-                return None  # the last: its put unmounts
-            db.drop_ref(ref)
-            return True
-
-    @contextlib.contextmanager
-    def _at_once(self, layer_id: str) -> Iterator[Writer | None]:
-        """The layer's mount lock and a reference transaction, or None where either
-        would have to wait (for :meth:`try_get` and :meth:`try_put`)."""
-        with self._layer_locks.try_held(layer_id) as got:
-            if not got:
-                yield None
-                return
+        locks = self._layer_locks
+        if not locks.try_acquire(layer_id):
+            return None
+        try:
             with self._records.try_write(durable=False) as db:
-                yield db
+                if db is None:
+                    return None
+                if db.release_not_last(layer_id, persistent=persistent, pid=pid, pid_start=start):
+                    return True
+                choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
+                if choice is None:
+                    raise LayerNotFound(f"layer {layer_id} not found")
+                return False if choice[0] is None else None  # none held; or the last: it unmounts
+        finally:
+            locks.release(layer_id)
 
     def put(self, layer_id: str, *, persistent: bool) -> bool:
         """Release one reference; the last one unmounts. False if none was held.

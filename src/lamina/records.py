@@ -364,6 +364,30 @@ class Writer(Reader):
         self._db.execute("INSERT INTO refs (id, pid, pid_start, persistent, boot_id) VALUES (?, ?, ?, ?, ?)",
                          (layer_id, pid, pid_start, int(persistent), boot_id))
 
+    def claim_mounted(self, layer_id: str, *, pid: int, pid_start: str, persistent: bool,
+                      boot_id: str) -> str | None:
+        """A get's quick case in one statement: add a reference to a complete layer whose
+        view is mounted in this boot and referenced already, and return the view's
+        recorded path; None (nothing written) in every other case, which the waiting
+        get then sorts out (mount, error)."""
+        row = self._db.execute(
+            "INSERT INTO refs (id, pid, pid_start, persistent, boot_id)"
+            " SELECT l.id, ?2, ?3, ?4, ?5 FROM layers l JOIN mounts m ON m.id = l.id"
+            " WHERE l.id = ?1 AND l.state = 'ready' AND m.boot_id = ?5"
+            " AND EXISTS (SELECT 1 FROM refs r WHERE r.id = ?1)"
+            " RETURNING (SELECT path FROM mounts WHERE mounts.id = refs.id)",
+            (layer_id, pid, pid_start, int(persistent), boot_id)).fetchone()
+        return None if row is None else str(row[0])
+
+    def release_not_last(self, layer_id: str, *, persistent: bool, pid: int, pid_start: str) -> bool:
+        """A put's quick case in one statement: release the reference :meth:`pick_ref`
+        would pick, if it is not the layer's last. False (nothing written) otherwise: no
+        reference, or the last one, whose put unmounts."""
+        return self._db.execute(
+            f"DELETE FROM refs WHERE ref = (SELECT ref FROM refs WHERE id = ?1 {_put_order(persistent)} LIMIT 1)"
+            " AND (SELECT COUNT(*) FROM refs WHERE id = ?1) > 1",
+            _put_params(layer_id, persistent, pid, pid_start)).rowcount > 0
+
     def pick_ref(self, layer_id: str, *, persistent: bool, pid: int, pid_start: str) -> int | None:
         """The reference a put releases: with ``persistent`` a persistent one first, else
         this process's own first, then other non-persistent ones, oldest first."""
