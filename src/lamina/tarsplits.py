@@ -20,6 +20,11 @@ from typing import IO
 
 from lamina.fs import staging
 
+try:  # ISA-L's gzip: the same format, several times faster both ways (a pinned dependency)
+    from isal import igzip as _gzip
+except ImportError:  # pragma: no cover - isal is installed with lamina
+    _gzip = gzip  # type: ignore[assignment]
+
 SUFFIX = ".json.gz"
 
 
@@ -42,7 +47,7 @@ class TarSplits:
         deleted if the block fails, and kept aside for :meth:`keep` if it ends well."""
         partial = staging.tarsplit(self._tmp, layer_id)
         try:
-            with gzip.open(partial, "wb", compresslevel=1) as out:
+            with _gzip.open(partial, "wb", compresslevel=1) as out:
                 yield out  # type: ignore[misc]
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -53,7 +58,7 @@ class TarSplits:
         os.replace(staging.tarsplit(self._tmp, layer_id), self.path(layer_id))
 
     def open(self, layer_id: str) -> IO[bytes]:
-        return gzip.open(self.path(layer_id), "rb")  # type: ignore[return-value]
+        return _gzip.open(self.path(layer_id), "rb")  # type: ignore[return-value]
 
     def remove(self, layer_id: str) -> None:
         self.path(layer_id).unlink(missing_ok=True)

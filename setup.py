@@ -1,0 +1,20 @@
+"""Build lamina's optional C speedups; everything else is in pyproject.toml.
+
+The extension (``lamina.archive._speedups``) is optional twice over: setuptools only
+warns when it cannot be compiled (no gcc, no Python headers), so ``pip install`` still
+succeeds, and lamina then runs its pure-Python code, which is the specification of the
+same behaviour (see ``lamina.archive.native``).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "lamina.archive._speedups",
+            sources=["src/lamina/archive/_speedups.c"],
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE"],
+            optional=True,
+        )
+    ]
+)
