@@ -8,12 +8,13 @@ costs seconds; one ``syncfs(2)`` on the store's filesystem before the record say
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from lamina.fs.libc import libc_name
+
+_libc = ctypes.CDLL(libc_name(), use_errno=True)
 
 
 def fsync_dir(path: Path) -> None:
