@@ -27,7 +27,7 @@ help:
 # lamina runs its pure-Python code), not on every run.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py src/lamina/archive/_speedups.c
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/lamina/archive/_speedups/*)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@

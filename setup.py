@@ -6,13 +6,16 @@ succeeds, and lamina then runs its pure-Python code, which is the specification 
 same behaviour (see ``lamina.archive.native``).
 """
 
+from pathlib import Path
+
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension(
             "lamina.archive._speedups",
-            sources=["src/lamina/archive/_speedups.c"],
+            sources=sorted(str(p) for p in Path("src/lamina/archive/_speedups").glob("*.c")),
+            depends=["src/lamina/archive/_speedups/speedups.h"],
             extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE"],
             optional=True,
         )

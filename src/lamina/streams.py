@@ -142,9 +142,10 @@ class HashingReader(CountingReader):
     Why a second thread: a layer's DiffID is the sha256 of its tar, taken while the tar
     is applied so the tar is read once. hashlib releases the GIL while it hashes, so a
     helper thread hashes on the other core while this one unpacks, and the DiffID of a
-    200 MB layer is nearly free instead of adding half the unpack time. Reads are
-    gathered into batches of 1 MiB first (a copy: the caller's buffer is reused); a
-    stream smaller than one batch never starts the thread.
+    200 MB layer is nearly free instead of adding half the unpack time. The caller's
+    buffer is reused, so the thread gets a copy: of a large read as it is, of small
+    reads gathered into batches of 1 MiB first (a stream read only in small pieces and
+    smaller than one batch never starts the thread).
     """
 
     def __init__(self, src: IO[bytes], algorithm: str = "sha256",
@@ -160,14 +161,20 @@ class HashingReader(CountingReader):
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         n = super().readinto(b)
         if n:
+            if n >= _HASH_BATCH // 2 and not self._pending:  # one copy, not two
+                self._send(bytes(memoryview(b)[:n]))
+                return n
             self._pending += memoryview(b)[:n]
             if len(self._pending) >= _HASH_BATCH:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._worker, name="lamina-diffid", daemon=True)
-                    self._thread.start()
-                self._queue.put(bytes(self._pending))
+                self._send(bytes(self._pending))
                 self._pending.clear()
         return n
+
+    def _send(self, data: bytes) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="lamina-diffid", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
 
     def _worker(self) -> None:
         while (data := self._queue.get()) is not None:
