@@ -16,7 +16,7 @@ setup(
             "lamina.archive._speedups",
             sources=sorted(str(p) for p in Path("src/lamina/archive/_speedups").glob("*.c")),
             depends=["src/lamina/archive/_speedups/speedups.h"],
-            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE"],
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-fvisibility=hidden"],
             optional=True,
         )
     ]

@@ -47,18 +47,14 @@ static int json_uint(const char **p, const char *e, long long *v)
     return 1;
 }
 
-/* A JSON string of base64 characters (no escapes): its bounds. */
+/* A JSON string (its bounds), for base64 text: no escapes can be in it, since the
+   decoder takes only the base64 alphabet. */
 static int json_b64(const char **p, const char *e, const char **s, size_t *n)
 {
     if (!LIT(p, e, "\""))
         return 0;
-    const char *q = *p;
-    while (q < e && *q != '"') {
-        if (!b64_char((unsigned char)*q))
-            return 0;
-        q++;
-    }
-    if (q == e)
+    const char *q = memchr(*p, '"', (size_t)(e - *p));
+    if (q == NULL)
         return 0;
     *s = *p;
     *n = (size_t)(q - *p);
@@ -72,8 +68,9 @@ typedef struct {
     int dir_fd;
     const char *pre;
     size_t pre_len;
-    Buf out;
-    int status, failed;
+    char *out;           /* the bytes object being filled: limit + 1 bytes */
+    size_t out_len;
+    int status;
 } Replay;
 
 /* Read a file of `size` bytes into r->out, checking its size and CRC; 0 if all is as
@@ -85,11 +82,11 @@ static int replay_file(Replay *r, const char *base, long long size, const unsign
     if (fd < 0)
         return -1;
     struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || buf_reserve(&r->out, (size_t)size + 1) < 0) {
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
         close(fd);
         return -1;
     }
-    unsigned char *p = (unsigned char *)r->out.data + r->out.len;
+    unsigned char *p = (unsigned char *)r->out + r->out_len; /* size + 1 bytes are free */
     long long got = 0;
     for (;;) {
         ssize_t n = read(fd, p + got, (size_t)(size + 1 - got));
@@ -114,7 +111,7 @@ static int replay_file(Replay *r, const char *base, long long size, const unsign
     crc64_digest(crc64_update(0, p, (size_t)size), sum);
     if (memcmp(sum, want, 8) != 0)
         return -1;
-    r->out.len += (size_t)size;
+    r->out_len += (size_t)size;
     return 0;
 }
 
@@ -148,7 +145,6 @@ static int clean_name(const char *s, size_t n, const char **dir, size_t *dir_len
 /* One line; sets r->status and returns 0 to stop at it, 1 when done with it. */
 static int replay_line(Replay *r, const char *p, const char *e)
 {
-    size_t out_mark = r->out.len;
     if (p == e)
         return 1; /* an empty line: the Python reader skips it too */
     if (LIT(&p, e, "{\"type\":2,\"payload\":")) {
@@ -158,14 +154,16 @@ static int replay_line(Replay *r, const char *p, const char *e)
         if (!json_b64(&p, e, &s, &n) || !LIT(&p, e, ",\"position\":") || !json_uint(&p, e, &pos) ||
             !LIT(&p, e, "}") || p != e)
             goto stop;
-        if (buf_reserve(&r->out, n / 4 * 3 + 3) < 0) {
-            r->failed = 1;
-            goto stop;
+        if (r->out_len + n / 4 * 3 > r->limit) {
+            if (r->out_len == 0)
+                goto stop; /* larger than any batch: the Python path's */
+            r->status = REPLAY_FULL;
+            return 0;
         }
-        Py_ssize_t k = b64_decode(s, n, (unsigned char *)r->out.data + r->out.len);
+        Py_ssize_t k = b64_decode(s, n, (unsigned char *)r->out + r->out_len);
         if (k < 0)
             goto stop;
-        r->out.len += (size_t)k;
+        r->out_len += (size_t)k;
         return 1;
     }
     if (!LIT(&p, e, "{\"type\":1,\"name\":\""))
@@ -194,6 +192,10 @@ static int replay_line(Replay *r, const char *p, const char *e)
         goto stop;
     if (size > r->limit)
         goto stop; /* big: the Python path streams it */
+    if (r->out_len + (size_t)size > (size_t)r->limit) {
+        r->status = REPLAY_FULL; /* out_len > 0 here: a file alone fits */
+        return 0;
+    }
     const char *dir, *base;
     size_t dir_len, base_len;
     if (!clean_name(name, name_len, &dir, &dir_len, &base, &base_len) || base_len > 255)
@@ -209,9 +211,7 @@ static int replay_line(Replay *r, const char *p, const char *e)
         goto stop;
     return 1;
 stop:
-    r->out.len = out_mark;
-    if (r->status != REPLAY_NEED_DIR)
-        r->status = REPLAY_STOP;
+    r->status = REPLAY_STOP;
     return 0;
 }
 
@@ -225,7 +225,7 @@ static void replay_loop(Replay *r)
             return;
         r->off = (Py_ssize_t)(line_end - r->blk) + (nl ? 1 : 0);
         r->lines++;
-        if ((Py_ssize_t)r->out.len >= r->limit) {
+        if ((Py_ssize_t)r->out_len >= r->limit) {
             r->status = REPLAY_FULL;
             return;
         }
@@ -234,40 +234,44 @@ static void replay_loop(Replay *r)
 }
 
 const char replay_batch_doc[] =
-"replay_batch(block, off, dir_fd, prefix, limit) -> (status, off, out, lines)\n\n"
-"Rebuild tar bytes from the tar-split lines in block[off:]: segments decoded, files of\n"
-"at most limit bytes read from the directory dir_fd (whose cleaned name plus '/' is\n"
-"prefix) and checked against their size and CRC-64. Stops after about limit bytes of\n"
-"output (status 3), at the end of the block (0), at a line it leaves to the caller (1),\n"
-"or at a file in another directory (2). lines counts the lines done.";
+"replay_batch(block, off, end, dir_fd, prefix, limit) -> (status, off, out, lines)\n\n"
+"Rebuild tar bytes from the tar-split lines in block[off:end] (the last one may lack\n"
+"its newline): segments decoded, files of at most limit bytes read from the directory\n"
+"dir_fd (whose cleaned name plus '/' is prefix) and checked against their size and\n"
+"CRC-64. Stops before its output would pass limit bytes (status 3), at end (0), at a\n"
+"line it leaves to the caller (1), or at a file in another directory (2); off is then\n"
+"that line's. lines counts the lines done.";
 
 PyObject *replay_batch(PyObject *self, PyObject *args)
 {
     Py_buffer block, prefix;
     Replay r;
     memset(&r, 0, sizeof r);
-    if (!PyArg_ParseTuple(args, "y*niy*n", &block, &r.off, &r.dir_fd, &prefix, &r.limit))
+    if (!PyArg_ParseTuple(args, "y*nniy*n", &block, &r.off, &r.len, &r.dir_fd, &prefix, &r.limit))
         return NULL;
-    PyObject *result = NULL;
-    if (r.off < 0 || r.off > block.len || r.limit <= 0) {
-        PyErr_SetString(PyExc_ValueError, "replay_batch: offset outside the block");
-        goto out;
+    PyObject *result = NULL, *out = NULL;
+    if (r.off < 0 || r.len > block.len || r.off > r.len || r.limit <= 0 ||
+        r.limit > PY_SSIZE_T_MAX / 4) {
+        PyErr_SetString(PyExc_ValueError, "replay_batch: offsets outside the block");
+        goto done;
     }
+    /* at most limit bytes (a reader asking for that much takes each as it is), and
+       the byte a file is read past its end by */
+    out = PyBytes_FromStringAndSize(NULL, r.limit + 1);
+    if (out == NULL)
+        goto done;
+    r.out = PyBytes_AS_STRING(out);
     r.blk = block.buf;
-    r.len = block.len;
     r.pre = prefix.buf;
     r.pre_len = (size_t)prefix.len;
-    Py_BEGIN_ALLOW_THREADS
+    Py_BEGIN_ALLOW_THREADS /* the bytes object is ours alone until it is returned */
     replay_loop(&r);
     Py_END_ALLOW_THREADS
-    if (r.failed) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    result = Py_BuildValue("nny#n", (Py_ssize_t)r.status, r.off, r.out.data ? r.out.data : "",
-                           (Py_ssize_t)r.out.len, r.lines);
-out:
-    free(r.out.data);
+    if (_PyBytes_Resize(&out, (Py_ssize_t)r.out_len) < 0)
+        goto done;
+    result = Py_BuildValue("nnOn", (Py_ssize_t)r.status, r.off, out, r.lines);
+done:
+    Py_XDECREF(out);
     PyBuffer_Release(&block);
     PyBuffer_Release(&prefix);
     return result;

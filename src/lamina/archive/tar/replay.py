@@ -47,26 +47,29 @@ class ContentGetter(Protocol):
     def get(self, name: str) -> IO[bytes]: ...
 
 
-def _blocks(tarsplit: IO[bytes]) -> Iterator[tuple[bytes, int]]:
-    """The stream in blocks of whole lines (about 1 MiB; the last newline dropped),
-    each with the number of lines before it. A last line without a newline comes
-    alone, if it is not blank."""
+def _blocks(tarsplit: IO[bytes], count: bool = True) -> Iterator[tuple[bytes, int, int]]:
+    """The stream in blocks of whole lines (about 1 MiB): ``(block, end, number)``, the
+    lines being ``block[:end]`` (the newline at ``end`` dropped; a last line without
+    one comes alone, if it is not blank) and ``number`` the count of lines before them
+    (0 throughout unless ``count``: the C path counts for itself)."""
     rest = b""
     number = 0
     while True:
         block = tarsplit.read(_CHUNK)
         if not block:
             break
-        block = rest + block
+        if rest:
+            block = rest + block
         cut = block.rfind(b"\n")
         if cut < 0:
             rest = block
             continue
         rest = block[cut + 1 :]
-        yield block[:cut], number
-        number += block.count(b"\n", 0, cut + 1)
+        yield block, cut, number
+        if count:
+            number += block.count(b"\n", 0, cut + 1)
     if rest.strip():
-        yield rest, number
+        yield rest, len(rest), number
 
 
 def _entries(tarsplit: IO[bytes]) -> Iterator[dict]:
@@ -76,8 +79,9 @@ def _entries(tarsplit: IO[bytes]) -> Iterator[dict]:
     call per line; only when a block fails to parse are its lines parsed one by one, to
     name the bad line.
     """
-    for block, number in _blocks(tarsplit):
-        yield from _parse_lines([line for line in block.split(b"\n") if line.strip()], number)
+    for block, end, number in _blocks(tarsplit):
+        lines = block[:end].split(b"\n") if end < len(block) else block.split(b"\n")
+        yield from _parse_lines([line for line in lines if line.strip()], number)
 
 
 def _parse_lines(lines: list[bytes], first: int) -> Iterator[dict]:
@@ -219,14 +223,14 @@ def _native_items(tarsplit: IO[bytes], ext: ModuleType,
         except OSError:
             return -1  # every file stops in C then; the Python path says what is wrong
 
-    for block, number in _blocks(tarsplit):
+    number = 0
+    for block, size, _ in _blocks(tarsplit, count=False):
         off = 0
-        size = len(block)
         asked_at = -1  # where a directory was last looked up for C
         fd = fd_of(parts)
         prefix = _prefix(parts)
         while off < size:
-            status, off, out, lines = replay(block, off, fd, prefix, _CHUNK)
+            status, off, out, lines = replay(block, off, size, fd, prefix, _CHUNK)
             number += lines
             if out:
                 yield out
@@ -234,7 +238,7 @@ def _native_items(tarsplit: IO[bytes], ext: ModuleType,
                 break
             if status == _FULL:
                 continue
-            end = block.find(b"\n", off)
+            end = block.find(b"\n", off, size)
             end = size if end < 0 else end
             line = block[off:end]
             if status == _NEED_DIR and off != asked_at:
@@ -250,6 +254,8 @@ def _native_items(tarsplit: IO[bytes], ext: ModuleType,
                 fd = fd_of(parts)
             number += 1
             off = end + 1
+        if not size:
+            number += 1  # an empty line alone
 
 
 def _prefix(parts: tuple[str, ...]) -> bytes:
