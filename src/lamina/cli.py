@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import hashlib
 import importlib
 import io
 import json
@@ -44,7 +43,7 @@ from typing import IO, TYPE_CHECKING, Any
 from lamina.errors import InvalidArchive, InvalidOption, LaminaError
 from lamina.ids import check_id, parse_size
 from lamina.progress import Progress, counted, human_bytes
-from lamina.streams import CountingReader
+from lamina.streams import BackgroundHash, CountingReader
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -165,13 +164,21 @@ class Invocation:
         if to_stdout:
             check_not_terminal(self.stdout)
         chunks = _chunks(source)
-        digest = hashlib.sha256()
+        digest = BackgroundHash("sha256")  # on the other core, while this one writes
+        try:
+            return self._write_chunks(chunks, output, label, digest)
+        finally:
+            digest.stop()
+
+    def _write_chunks(self, chunks: Iterable[bytes], output: str | None, label: str,
+                      digest: BackgroundHash) -> tuple[int, str]:
+        to_stdout = output in (None, "-")
         total = 0
         with self.progress(label) as bar:
             if to_stdout:
                 for chunk in counted(chunks, bar):
                     self.stdout.write(chunk)
-                    digest.update(chunk)
+                    digest.update(_frozen(chunk))
                     total += len(chunk)
                 self.stdout.flush()
                 return total, digest.hexdigest()
@@ -185,7 +192,7 @@ class Invocation:
                 with open(tmp, "wb") as f:
                     for chunk in counted(chunks, bar):
                         f.write(chunk)
-                        digest.update(chunk)
+                        digest.update(_frozen(chunk))
                         total += len(chunk)
                     if tmp != final:
                         f.flush()
@@ -238,6 +245,11 @@ def _regular_size(f: IO[bytes]) -> int | None:
     import stat
 
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _frozen(chunk: bytes) -> bytes:
+    """The chunk as bytes that cannot change before the hashing thread reads them."""
+    return chunk if type(chunk) is bytes else bytes(chunk)
 
 
 def _chunks(source: IO[bytes] | Iterable[bytes]) -> Iterable[bytes]:

@@ -135,50 +135,83 @@ class CountingReader(io.RawIOBase):
         return n
 
 
-class HashingReader(CountingReader):
-    """A raw reader that hashes (and counts) every byte read from ``src``;
-    :meth:`digest` is ``<algorithm>:<hex>`` of all of it.
+class BackgroundHash:
+    """A digest taken on a helper thread of the chunks handed to :meth:`update`.
 
-    Why a second thread: a layer's DiffID is the sha256 of its tar, taken while the tar
-    is applied so the tar is read once. hashlib releases the GIL while it hashes, so a
-    helper thread hashes on the other core while this one unpacks, and the DiffID of a
-    200 MB layer is nearly free instead of adding half the unpack time. The caller's
-    buffer is reused, so the thread gets a copy: of a large read as it is, of small
-    reads gathered into batches of 1 MiB first (a stream read only in small pieces and
-    smaller than one batch never starts the thread).
+    Why: hashlib releases the GIL while it hashes, so on the other core the hashing
+    overlaps the work that produces or consumes the bytes (unpacking a layer, writing a
+    diff) instead of adding to it. Chunks are hashed later, so they must not change:
+    hand over ``bytes``, never a buffer that is reused. The thread starts with the first
+    chunk of at least ``threshold`` bytes; what comes before it is hashed inline.
     """
 
-    def __init__(self, src: IO[bytes], algorithm: str = "sha256",
-                 on_read: Callable[[int], object] | None = None) -> None:
-        super().__init__(src, on_read)
+    def __init__(self, algorithm: str = "sha256", *, threshold: int = _HASH_BATCH // 2,
+                 name: str = "lamina-hash") -> None:
         self.algorithm = algorithm
         self._hash = hashlib.new(algorithm)
-        self._pending = bytearray()
+        self._threshold = threshold
+        self._name = name
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         self._thread: threading.Thread | None = None
-        self._result: str | None = None
+        self._done = False
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = super().readinto(b)
-        if n:
-            if n >= _HASH_BATCH // 2 and not self._pending:  # one copy, not two
-                self._send(bytes(memoryview(b)[:n]))
-                return n
-            self._pending += memoryview(b)[:n]
-            if len(self._pending) >= _HASH_BATCH:
-                self._send(bytes(self._pending))
-                self._pending.clear()
-        return n
-
-    def _send(self, data: bytes) -> None:
+    def update(self, data: bytes) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="lamina-diffid", daemon=True)
+            if len(data) < self._threshold:
+                self._hash.update(data)
+                return
+            self._thread = threading.Thread(target=self._worker, name=self._name, daemon=True)
             self._thread.start()
         self._queue.put(data)
 
     def _worker(self) -> None:
         while (data := self._queue.get()) is not None:
             self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        """Wait for what is queued and return the hex digest (then no more updates)."""
+        self.stop()
+        return self._hash.hexdigest()
+
+    def stop(self) -> None:
+        """Stop the helper thread after what is queued (for a digest no longer wanted)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+class HashingReader(CountingReader):
+    """A raw reader that hashes (and counts) every byte read from ``src``;
+    :meth:`digest` is ``<algorithm>:<hex>`` of all of it.
+
+    Why a second thread (:class:`BackgroundHash`): a layer's DiffID is the sha256 of its
+    tar, taken while the tar is applied so the tar is read once, and on the other core
+    the DiffID of a 200 MB layer is nearly free instead of adding half the unpack time.
+    The caller's buffer is reused, so the thread gets a copy: of a large read as it is,
+    of small reads gathered into batches of 1 MiB first (a stream read only in small
+    pieces and smaller than one batch never starts the thread).
+    """
+
+    def __init__(self, src: IO[bytes], algorithm: str = "sha256",
+                 on_read: Callable[[int], object] | None = None) -> None:
+        super().__init__(src, on_read)
+        self.algorithm = algorithm
+        self._hash = BackgroundHash(algorithm, name="lamina-diffid")
+        self._pending = bytearray()
+        self._result: str | None = None
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = super().readinto(b)
+        if n:
+            if n >= _HASH_BATCH // 2 and not self._pending:  # one copy, not two
+                self._hash.update(bytes(memoryview(b)[:n]))
+                return n
+            self._pending += memoryview(b)[:n]
+            if len(self._pending) >= _HASH_BATCH:
+                self._hash.update(bytes(self._pending))
+                self._pending.clear()
+        return n
 
     def drain(self, chunk: int = 1 << 20) -> int:
         """Read (and hash) everything left in ``src``, so the digest covers bytes the
@@ -192,19 +225,12 @@ class HashingReader(CountingReader):
     def digest(self) -> str:
         """Finish hashing (waiting for the helper thread) and return the digest."""
         if self._result is None:
-            self._stop()
-            self._hash.update(self._pending)
+            self._hash.update(bytes(self._pending))
             self._pending.clear()
             self._result = f"{self.algorithm}:{self._hash.hexdigest()}"
         return self._result
 
-    def _stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
     def close(self) -> None:
         """Stop the helper thread (an apply that failed needs no digest)."""
-        self._stop()
+        self._hash.stop()
         super().close()

@@ -9,7 +9,6 @@ is the fallback, done once.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
@@ -20,4 +19,6 @@ def libc_name() -> str:
         ctypes.CDLL("libc.so.6")
         return "libc.so.6"
     except OSError:
-        return ctypes.util.find_library("c") or "libc.so.6"
+        from ctypes import util  # it imports subprocess and tempfile: only when needed
+
+        return util.find_library("c") or "libc.so.6"
