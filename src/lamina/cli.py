@@ -189,7 +189,7 @@ class Invocation:
             else:
                 tmp = final.with_name(f".{final.name}.lamina-{os.getpid()}.tmp")
             try:
-                with open(tmp, "wb") as f:
+                with open(tmp, "wb") as f, _writeback(f, tmp != final):
                     for chunk in counted(chunks, bar):
                         f.write(chunk)
                         digest.update(_frozen(chunk))
@@ -245,6 +245,16 @@ def _regular_size(f: IO[bytes]) -> int | None:
     import stat
 
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _writeback(f: IO[bytes], durable: bool) -> contextlib.AbstractContextManager[object]:
+    """Flushing a file that will be fsynced while it is written, so the fsync at the end
+    waits only for the tail (lamina.fs.durable.FileWriteback); nothing for a device."""
+    if not durable:
+        return contextlib.nullcontext()
+    from lamina.fs.durable import FileWriteback
+
+    return FileWriteback(f.fileno())
 
 
 def _frozen(chunk: bytes) -> bytes:
