@@ -134,6 +134,20 @@ class CountingReader(io.RawIOBase):
                 self._on_read(n)
         return n
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes as the source gives them (a new object, no copy made
+        here: the tar reader takes a big file's data this way)."""
+        if size is None or size < 0:
+            return self.readall()
+        data = self._src.read(size)
+        if type(data) is not bytes:
+            data = bytes(data)
+        if data:
+            self.count += len(data)
+            if self._on_read is not None:
+                self._on_read(len(data))
+        return data
+
 
 class BackgroundHash:
     """A digest taken on a helper thread of the chunks handed to :meth:`update`.
@@ -212,6 +226,22 @@ class HashingReader(CountingReader):
                 self._hash.update(bytes(self._pending))
                 self._pending.clear()
         return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        """:meth:`CountingReader.read`, hashed: a large read goes to the hashing thread
+        as it is (bytes do not change), with no copy at all."""
+        data = super().read(size)
+        if data:
+            if self._pending:
+                self._pending += data
+                if len(self._pending) >= _HASH_BATCH:
+                    self._hash.update(bytes(self._pending))
+                    self._pending.clear()
+            elif len(data) >= _HASH_BATCH // 2:
+                self._hash.update(data)
+            else:
+                self._pending += data
+        return data
 
     def drain(self, chunk: int = 1 << 20) -> int:
         """Read (and hash) everything left in ``src``, so the digest covers bytes the
