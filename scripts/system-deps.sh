@@ -33,6 +33,8 @@ e2fsprogs        | mkfs.ext4                     | loop-mounted ext4 images for 
 busybox-static   | busybox                       | the rootfs of the images the dockerd tests import
 debootstrap      | debootstrap                   | a real Debian base image for the benches
 tar              | tar                           | GNU tar, the reference of the benches and tests
+gcc              | gcc                           | compiles lamina's C speedups (pip install -e .; without it the pure-Python path runs)
+python3-dev      | python3-config                | the Python headers the C speedups compile against
 systemd          | systemd-analyze               | checks the contrib/ systemd units
 END
 )
