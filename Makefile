@@ -22,10 +22,12 @@ help:
 	@echo "make proto   regenerate the containerd snapshotter's gRPC modules"
 	@echo "make clean   caches and build output; distclean also removes $(VENV)"
 
-# The stamp re-installs when pyproject.toml changes (new pins), not on every run.
+# The stamp re-installs when pyproject.toml changes (new pins) or the C speedups' source
+# does (pip builds lamina.archive._speedups in place; without a compiler it warns, and
+# lamina runs its pure-Python code), not on every run.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/lamina/archive/_speedups/*)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
@@ -81,6 +83,7 @@ stress: system-deps venv
 
 clean:
 	rm -rf build dist bench/out .pytest_cache .ruff_cache .hypothesis
+	find src -name '*.so' -delete
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

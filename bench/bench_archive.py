@@ -1,36 +1,45 @@
-"""lamina's archive engine against GNU tar on the same data, in the same run.
+"""lamina's apply and diff against GNU tar, on the same data, in the same run (issue 13).
 
-Two layers are generated: 10,000 small files in nested directories, and 200 MB in 8
-big files. For each, every operation is timed several times and the best time is kept
-(the median is shown beside it); lamina's time is printed as a ratio to GNU tar's:
+Three layers: **debian**, the layers of a real distro image (``bench_images.py``'s
+debootstrap'ed bookworm image, its layer tars taken from the cached ``docker save``
+archive in ``bench/out``; built with dockerd if missing, skipped with the reason if that
+cannot be done); **small**, 100,000 files of 0-200 bytes; **big**, 200 MB in 8 files.
 
-* apply: ``store.apply_diff(id, None, tar)`` on a vfs store (the whole path a layer
-  takes: tar parsing, safe path resolution, tar-split recording, the DiffID hash and
-  the store's sync) and ``apply_tar`` alone (the engine, no store), against
-  ``tar -xf layer.tar`` into an empty directory. Target: <= 1.5x.
-* diff: ``store.diff(id)`` of the applied layer (rebuilt from tar-split, so
-  byte-identical to the tar applied) and ``tar_tree`` of the tree (what a diff of a
-  layer without tar-split costs), both written to a file, against ``tar -cf``.
-  Target: <= 1.5x.
+For each layer, every figure is taken twice, the Python API and the CLI users meet:
 
-It also times ``create_rw`` + ``get`` (mount) of a container layer on the 200 MB layer.
+* apply: ``store.apply_diff`` on a vfs store / ``lamina apply ID FILE`` (a process),
+  against ``tar -xf FILE`` followed by ``sync -f`` (syncfs of that filesystem: the
+  durability lamina promises, since the store syncs before it records a layer ready).
+  Each layer of the image is applied as a layer of its own (no parent: a vfs child
+  would first copy its parent, which is no part of applying a tar), each synced.
+  Targets: debian <= 1.1x, small <= 1.2x, big <= 1.0x.
+* diff: ``store.diff`` of the applied layer (rebuilt from tar-split, byte for byte the
+  tar applied; checked) written to a file / ``lamina diff ID -o FILE``, against
+  ``tar -cf FILE -C LAYERDIR .``. Targets: small <= 1.2x, big <= 0.7x (debian: shown).
 
-Before each timed run the previous run's output is removed and the page cache written
-back (``sync``), untimed, so one run's writeback does not land in the next.
+and each on two filesystems: a **fresh** ext4 made for the measurement (each apply run
+gets its own; see ``freshfs.py`` for why) and the **store**'s own filesystem (``--dir``,
+default a directory beside the default store root, ``/var/lib`` as root), where churn
+accumulates as it does for a real store. The lamina and tar sides alternate in order
+from run to run; the best wall-clock time of each side is kept, and the ratio is
+lamina's best over tar's best (CPU: the same with CPU seconds, children included).
+
+Last, peak memory: ``lamina apply`` and ``lamina diff -o /dev/null`` of a 2 GB layer
+(mostly zeros, piped in as it is generated), each a process, its peak RSS taken from
+``wait4``; target <= 100 MB, and flat: compared with the same for a 200 MB layer.
 
     python bench/bench_archive.py [--quick] [--runs N] [--driver vfs] [--dir DIR]
+                                  [--only debian,small,big,memory]
 
-``--quick`` uses small sizes and skips the syncs (a few seconds; the test suite
-smoke-runs it; its numbers mean little). If the
-store cannot be imported or opened, the engine functions are timed alone and the output
-says so.
+``--quick`` (the test suite's smoke run) uses small sizes, one run, no debian, and no
+syncs between runs; its numbers mean little.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import filecmp
+import json
 import os
 import random
 import resource
@@ -38,342 +47,561 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(HERE))
 
 import freshfs  # noqa: E402
-from lamina.archive.export import tar_tree  # noqa: E402
+from lamina.archive.tar import writer as tw  # noqa: E402
 
 MiB = 1 << 20
-TARGET = 1.5
+OUT = HERE / "out"
+MEMORY_TARGET_MB = 100
+
+#: write back dirty pages before each timed run (off in --quick)
+SYNC = True
+
+#: the environment of the lamina processes: this tree's lamina, its bytecode cached as an
+#: installed lamina's is (PYTHONDONTWRITEBYTECODE, which test runners set, would have every
+#: start compile lamina anew: ~50 ms that no user pays), in bench/out, not in src/
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p),
+    "PYTHONPYCACHEPREFIX": str(OUT / "pycache"),
+}
+
+
+# -- the layers ---------------------------------------------------------------------------
 
 
 @dataclass
 class Dataset:
     name: str
     describe: str
-    make: Callable[[Path], None]
+    layers: list[Path]
+    apply_target: float
+    diff_target: float | None
 
 
-def make_small_files(root: Path, count: int, seed: int = 7) -> None:
-    """``count`` files of 0-4 KiB, 20 per directory, two directory levels deep."""
+def _tar_writer(out: Path) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    f = open(out, "wb")  # noqa: SIM115 - closed by the returned function
+    return f.write, f.close
+
+
+def make_small_tar(out: Path, count: int, seed: int = 7) -> None:
+    """``count`` files of 0-200 random bytes, 100 per directory, two levels deep, written
+    straight as a Docker-shaped layer tar (names sorted, directories first)."""
     rng = random.Random(seed)
-    for i in range(count):
-        d = root / f"d{i % 20:02d}" / f"s{(i // 20) % 25:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"f{i:05d}.txt").write_bytes(rng.randbytes(rng.randint(0, 4096)))
+    write, close = _tar_writer(out)
+    mtime = 1_700_000_000
+    per_dir, fanout = 100, 20
+    dirs = (count + per_dir - 1) // per_dir
+    n = 0
+    for top in range((dirs + fanout - 1) // fanout):
+        write(tw.header(b"d%03d/" % top, 0o40755, 0, 0, 0, mtime, tw.DIRTYPE))
+        for sub in range(fanout):
+            if n >= count:
+                break
+            write(tw.header(b"d%03d/s%02d/" % (top, sub), 0o40755, 0, 0, 0, mtime, tw.DIRTYPE))
+            for _ in range(min(per_dir, count - n)):
+                data = rng.randbytes(rng.randint(0, 200))
+                write(tw.header(b"d%03d/s%02d/f%06d" % (top, sub, n), 0o100644, 0, 0, len(data),
+                                mtime, tw.REGTYPE))
+                write(data + tw.padding(len(data)))
+                n += 1
+    write(tw.END_OF_ARCHIVE)
+    close()
 
 
-def make_big_files(root: Path, count: int, size: int, seed: int = 8) -> None:
-    """``count`` files of ``size`` bytes each (random 1 MiB blocks, rotated per block)."""
+def make_big_tar(out: Path, count: int, size: int, seed: int = 8) -> None:
+    """``count`` files of ``size`` random bytes (a 1 MiB random block, rotated)."""
     rng = random.Random(seed)
     block = rng.randbytes(MiB)
-    root.mkdir(parents=True, exist_ok=True)
+    write, close = _tar_writer(out)
+    mtime = 1_700_000_000
     for i in range(count):
-        with open(root / f"big{i}.bin", "wb") as f:
-            left = size
-            k = i
-            while left:
-                n = min(left, MiB)
-                cut = (k * 4099) % MiB
-                f.write((block[cut:] + block[:cut])[:n])
-                left -= n
-                k += 1
+        write(tw.header(b"big%d.bin" % i, 0o100644, 0, 0, size, mtime, tw.REGTYPE))
+        left, k = size, i
+        while left:
+            n = min(left, MiB)
+            cut = (k * 4099) % MiB
+            write((block[cut:] + block[:cut])[:n])
+            left -= n
+            k += 1
+        write(tw.padding(size))
+    write(tw.END_OF_ARCHIVE)
+    close()
 
 
-def tree_stats(root: Path) -> tuple[int, int, int]:
+def zero_layer(total: int, files: int = 8) -> Iterator[bytes]:
+    """A layer tar of ``files`` files of zeros, ``total`` bytes in all, generated."""
+    each = total // files
+    zeros = bytes(MiB)
+    for i in range(files):
+        yield tw.header(b"zero%d.bin" % i, 0o100644, 0, 0, each, 1_700_000_000, tw.REGTYPE)
+        left = each
+        while left:
+            n = min(left, MiB)
+            yield zeros[:n]
+            left -= n
+        yield tw.padding(each)
+    yield tw.END_OF_ARCHIVE
+
+
+def debian_layers(dest: Path, quick: bool) -> tuple[list[Path], str]:
+    """The layer tars of bench_images.py's image (built if missing), or ([], why not)."""
+    archive = OUT / "images-bench.tar"
+    source_note = OUT / "images-rootfs.source"
+    if quick:
+        return [], "skipped in --quick"
+    if not archive.exists():
+        try:
+            import bench_images
+
+            archive, _ = bench_images.build_image(False)
+        except Exception as e:  # no dockerd, no mirror, not root...
+            return [], f"cannot build bench_images.py's image: {type(e).__name__}: {e}"
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as t:
+        manifest = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
+        paths = []
+        for i, member in enumerate(manifest[0]["Layers"]):
+            out = dest / f"debian-layer{i}.tar"
+            with t.extractfile(member) as src, open(out, "wb") as f:  # type: ignore[union-attr]
+                shutil.copyfileobj(src, f, MiB)
+            paths.append(out)
+    source = source_note.read_text().strip() if source_note.exists() else "unknown base"
+    return paths, source
+
+
+def layer_stats(paths: list[Path]) -> tuple[int, int, int]:
+    """(non-directories, directories, bytes of regular-file content) in the layer tars,
+    read with lamina's reader (tarfile would keep every member in memory)."""
+    from lamina.archive.tar.reader import DIR, REG, TarReader
+
     files = dirs = size = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirs += len(dirnames)
-        files += len(filenames)
-        size += sum(os.lstat(os.path.join(dirpath, n)).st_size for n in filenames)
+    for p in paths:
+        with open(p, "rb") as f:
+            for e in TarReader(f):
+                if e.type == DIR:
+                    dirs += 1
+                else:
+                    files += 1
+                    size += e.size if e.type == REG else 0
     return files, dirs, size
 
 
-# -- timing -------------------------------------------------------------------------
-
-
-#: write back dirty pages before each timed run (off in --quick: a smoke run on a busy
-#: machine should not wait for everyone else's writeback)
-SYNC = True
+# -- timing -----------------------------------------------------------------------------------
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and its waited-for children (GNU tar), user + system."""
+    """CPU time of this process and its waited-for children, user + system."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_timed(runs: int, setup: Callable[[int], None], body: Callable[[int], None],
-              teardown: Callable[[int], None]) -> tuple[list[float], list[float]]:
-    """Time ``body(i)`` for each run, wall clock and CPU; setup/teardown (and a sync)
-    are not timed."""
-    wall, cpu = [], []
-    for i in range(runs):
-        setup(i)
+def run(cmd: list[str], **kw) -> None:
+    res = subprocess.run(cmd, capture_output=True, env=ENV, **kw)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.decode(errors='replace').strip()}")
+
+
+@dataclass
+class Side:
+    """One side of a comparison: its times over the runs."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def time(self, body: Callable[[], None]) -> None:
         if SYNC:
             os.sync()
-        c0 = cpu_seconds()
-        t0 = time.perf_counter()
-        body(i)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(cpu_seconds() - c0)
-        teardown(i)
-    return wall, cpu
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        body()
+        self.wall.append(time.perf_counter() - t0)
+        self.cpu.append(cpu_seconds() - c0)
+
+    def best(self) -> str:
+        return f"{min(self.wall):7.3f} s (med {statistics.median(self.wall):.3f}, cpu {min(self.cpu):.3f})"
 
 
-def rm(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+class Report:
+    """Every figure with its target, and the summary line."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.verdicts: list[tuple[str, bool]] = []
+
+    def compare(self, key: str, where: str, ref_label: str, ref: Side, lam: Side,
+                target: float | None) -> None:
+        ratio = min(lam.wall) / max(min(ref.wall), 1e-6)
+        cpu_ratio = min(lam.cpu) / max(min(ref.cpu), 1e-6)
+        verdict = ""
+        if target is not None:
+            ok = ratio <= target
+            verdict = f"  target <= {target}x: {'ok' if ok else 'OVER'}"
+            self.verdicts.append((key, ok))
+        print(f"    {where:<10} {ref_label} {ref.best()}  lamina {lam.best()}"
+              f"  ratio {ratio:.2f}x (cpu {cpu_ratio:.2f}x){verdict}", flush=True)
+        self.figures[key] = ratio
+        self.cpu[key] = cpu_ratio
+
+    def summary(self) -> str:
+        heads: dict[str, float] = {}
+        for key, value in self.figures.items():
+            head = ".".join(key.split(".")[:2])
+            heads[head] = max(heads.get(head, 0.0), value)
+            heads[head + ".cpu"] = max(heads.get(head + ".cpu", 0.0), self.cpu[key])
+        items = heads | self.figures
+        return " ".join(f"{k}={v:.2f}x" for k, v in items.items())
 
 
-def write_chunks(chunks, out: Path) -> None:
-    with open(out, "wb") as f:
-        for c in chunks:
-            f.write(c)
+# -- where the work happens ----------------------------------------------------------------------
 
 
-def copy_stream(stream, out: Path) -> None:
-    with stream, open(out, "wb") as f:
-        shutil.copyfileobj(stream, f, MiB)
+class Places:
+    """The filesystems of the two sides: ``fresh`` (a new ext4 per use) and ``store``."""
 
+    def __init__(self, store_dir: Path, fresh: bool) -> None:
+        self.store_dir = store_dir
+        self.fresh = fresh
+        self._n = 0
 
-class Row:
-    """One line of the report: a label and its run times (wall clock and CPU)."""
+    def sides(self) -> list[str]:
+        return (["fresh"] if self.fresh else []) + ["store"]
 
-    def __init__(self, label: str, timed: tuple[list[float], list[float]]) -> None:
-        self.label = label
-        self.times, self.cpu_times = timed
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-    @property
-    def best_cpu(self) -> float:
-        return min(self.cpu_times)
-
-    def cpu_ratio(self, base: Row) -> float:
-        return self.best_cpu / max(base.best_cpu, 1e-6)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    def line(self, base: Row | None = None, target: float | None = None) -> str:
-        s = f"    {self.label:<22} {self.best:8.3f} s  [median {self.median:.3f}, cpu {self.best_cpu:.3f}]"
-        if base is not None:
-            r = self.best / base.best
-            s += f"   ratio {r:.2f}x (cpu {self.cpu_ratio(base):.2f}x)"
-            if target is not None:
-                s += f" target <= {target}x: {'ok' if r <= target else 'OVER'}"
-        return s
-
-
-# -- the lamina side ------------------------------------------------------------------
-
-
-class Lamina:
-    """The store when it can be opened, else the engine functions alone."""
-
-    def __init__(self, work: Path, driver: str) -> None:
-        self.work = work
-        self.store = None
-        self.note = ""
+    @contextlib.contextmanager
+    def place(self, side: str) -> Iterator[Path]:
+        """An empty directory on that side's filesystem, removed (untimed) after."""
+        if side == "fresh":
+            with freshfs.fresh_fs() as mnt:
+                yield mnt
+            return
+        self._n += 1
+        d = self.store_dir / f"place{self._n}"
+        d.mkdir()
         try:
+            yield d
+        finally:
+            _remove(d)
+
+
+def _remove(path: Path) -> None:
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+    if SYNC:
+        os.sync()
+
+
+def default_store_dir() -> Path:
+    """A new directory on the filesystem that holds the default store root."""
+    from lamina.store import default_root
+
+    base = default_root()
+    while not base.exists():
+        base = base.parent
+    return Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=base))
+
+
+# -- the measurements -------------------------------------------------------------------------------
+
+
+def lamina_cmd(root: Path, driver: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lamina", "--root", str(root), "--driver", driver, *args]
+
+
+def alternate(runs: int, lamina_run: Callable[[], None], tar_run: Callable[[], None]) -> None:
+    """Run both sides ``runs`` times, lamina first in even runs, tar first in odd ones."""
+    for i in range(runs):
+        for step in ((lamina_run, tar_run) if i % 2 == 0 else (tar_run, lamina_run)):
+            step()
+
+
+def bench_apply(ds: Dataset, places: Places, side: str, cli: bool, runs: int, driver: str,
+                report: Report) -> None:
+    """Apply every layer of ``ds`` on a new place of ``side`` per run, each side."""
+    ref, lam = Side(), Side()
+
+    def tar_run() -> None:
+        with places.place(side) as where:
+            def body() -> None:
+                for k, layer in enumerate(ds.layers):
+                    out = where / f"x{k}"
+                    out.mkdir()
+                    run(["tar", "-xf", str(layer), "-C", str(out)])
+                    run(["sync", "-f", str(out)])
+            ref.time(body)
+
+    def lamina_run() -> None:
+        with places.place(side) as where:
+            root = where / "store"
+            if cli:
+                def body() -> None:
+                    for k, layer in enumerate(ds.layers):
+                        run(lamina_cmd(root, driver, "apply", f"l{k}", str(layer)))
+                lam.time(body)
+                return
             import lamina
 
-            self.store = lamina.open(work / "store", driver=driver)
-            self.driver = self.store.driver.name
-        except Exception as e:  # the bench must still say something useful
-            self.note = f"store unavailable ({type(e).__name__}: {e}); timing apply_tar/tar_tree directly"
+            store = lamina.open(root, driver=driver)
+            try:
+                def api_body() -> None:
+                    for k, layer in enumerate(ds.layers):
+                        with open(layer, "rb") as f:
+                            store.apply_diff(f"l{k}", None, f)
+                lam.time(api_body)
+            finally:
+                store.close()
+
+    alternate(runs, lamina_run, tar_run)
+    report.compare(f"{ds.name}.apply.{'cli' if cli else 'api'}.{side}",
+                   f"{'CLI' if cli else 'API'} {side}", "tar -xf", ref, lam, ds.apply_target)
+
+
+def bench_diff(ds: Dataset, places: Places, side: str, runs: int, driver: str,
+               report: Report) -> None:
+    """Both paths on one applied copy of the layers (on that side's filesystem)."""
+    import lamina
+
+    with places.place(side) as where:
+        root = where / "store"
+        store = lamina.open(root, driver=driver)
         try:
-            from lamina.archive.apply import apply_tar
-
-            self.apply_tar = apply_tar
-        except Exception as e:
-            self.apply_tar = None
-            self.note += f"; apply engine unavailable ({type(e).__name__}: {e})"
-
-
-def bench_dataset(ds: Dataset, lam: Lamina, work: Path, runs: int) -> dict[str, float]:
-    base = work / ds.name
-    tree = base / "tree"
-    ds.make(tree)
-    layer_tar = base / "layer.tar"
-    write_chunks(tar_tree(tree), layer_tar)
-    files, dirs, size = tree_stats(tree)
-    print(f"  {ds.name}: {ds.describe} -- {files} files, {dirs} dirs, {size / 1e6:.1f} MB;"
-          f" layer tar {layer_tar.stat().st_size / 1e6:.1f} MB")
-    ratios: dict[str, float] = {}
-    scratch = base / "out"
-
-    def fresh_dir(i: int) -> None:
-        rm(scratch)
-        scratch.mkdir()
-
-    def clear(i: int) -> None:
-        rm(scratch)
-
-    # apply
-    print("  apply")
-    gnu_x = Row("tar -xf", run_timed(
-        runs, fresh_dir,
-        lambda i: subprocess.run(["tar", "-xf", str(layer_tar), "-C", str(scratch)], check=True),
-        clear))
-    print(gnu_x.line())
-    applied: str | None = None
-    if lam.store is not None:
-        ids = [f"{ds.name}-{i}" for i in range(runs)]
-
-        def store_apply(i: int) -> None:
-            with open(layer_tar, "rb") as f:
-                lam.store.apply_diff(ids[i], None, f)
-
-        def drop_layer(i: int) -> None:
-            if i < runs - 1:
-                lam.store.remove(ids[i])
-
-        row = Row("store.apply_diff", run_timed(runs, lambda i: None, store_apply, drop_layer))
-        print(row.line(gnu_x, TARGET))
-        ratios[f"{ds.name}.apply"] = row.best / gnu_x.best
-        ratios[f"{ds.name}.apply.cpu"] = row.cpu_ratio(gnu_x)
-        applied = ids[-1]
-    if lam.apply_tar is not None:
-        def engine_apply(i: int) -> None:
-            with open(layer_tar, "rb") as f:
-                lam.apply_tar(scratch, f)
-
-        row = Row("apply_tar (engine)", run_timed(runs, fresh_dir, engine_apply, clear))
-        print(row.line(gnu_x, TARGET if lam.store is None else None))
-        ratios.setdefault(f"{ds.name}.apply", row.best / gnu_x.best)
-        ratios.setdefault(f"{ds.name}.apply.cpu", row.cpu_ratio(gnu_x))
-
-    # diff
-    print("  diff")
-    out = base / "out.tar"
-    gnu_c = Row("tar -cf", run_timed(
-        runs, lambda i: rm(out),
-        lambda i: subprocess.run(["tar", "-cf", str(out), "-C", str(tree), "."], check=True),
-        lambda i: rm(out)))
-    print(gnu_c.line())
-    if lam.store is not None and applied is not None:
-        row = Row("store.diff", run_timed(
-            runs, lambda i: rm(out), lambda i: copy_stream(lam.store.diff(applied), out),
-            lambda i: None))
-        print(row.line(gnu_c, TARGET))
-        ratios[f"{ds.name}.diff"] = row.best / gnu_c.best
-        ratios[f"{ds.name}.diff.cpu"] = row.cpu_ratio(gnu_c)
-        if not filecmp.cmp(out, layer_tar, shallow=False):
-            print("    NOTE: store.diff did not give back the applied tar byte for byte")
-        rm(out)
-    row = Row("tar_tree (engine)", run_timed(
-        runs, lambda i: rm(out), lambda i: write_chunks(tar_tree(tree), out), lambda i: rm(out)))
-    print(row.line(gnu_c, TARGET if lam.store is None else None))
-    ratios.setdefault(f"{ds.name}.diff", row.best / gnu_c.best)
-    ratios.setdefault(f"{ds.name}.diff.cpu", row.cpu_ratio(gnu_c))
-    rm(tree)
-    return ratios | ({"_layer": applied} if applied else {})  # type: ignore[dict-item]
+            for k, layer in enumerate(ds.layers):
+                with open(layer, "rb") as f:
+                    store.apply_diff(f"l{k}", None, f)
+            ids = [f"l{k}" for k in range(len(ds.layers))]
+            dirs = [store.driver.layer_dir(i) for i in ids]  # type: ignore[attr-defined]
+            out = where / "out.tar"
+            exact = all(_diff_is_exact(store, i, layer, out) for i, layer in zip(ids, ds.layers, strict=True))
+            for cli in (False, True):
+                _diff_pair(ds, store, root, driver, ids, dirs, out, cli, side, runs, report)
+            if not exact:
+                print("    NOTE: the diff did not give back the applied tar byte for byte")
+        finally:
+            store.close()
 
 
-def bench_mount(lam: Lamina, layer_id: str, runs: int) -> None:
-    store = lam.store
-    create_t, get_t = [], []
-    for i in range(runs):
-        rw = f"rw-{i}"
-        if SYNC:
-            os.sync()
-        t0 = time.perf_counter()
-        store.create_rw(rw, layer_id)
-        t1 = time.perf_counter()
-        store.get(rw)
-        t2 = time.perf_counter()
-        create_t.append(t1 - t0)
-        get_t.append(t2 - t1)
-        store.put(rw)
-        store.remove(rw)
-    total = [a + b for a, b in zip(create_t, get_t, strict=True)]
-    print(f"  create_rw {min(create_t):.3f} s + get {min(get_t):.3f} s"
-          f" = {min(total):.3f} s  [median {statistics.median(total):.3f}]")
+def _diff_is_exact(store, layer_id: str, layer: Path, out: Path) -> bool:  # type: ignore[no-untyped-def]
+    import filecmp
+
+    with store.diff(layer_id) as s, open(out, "wb") as f:
+        shutil.copyfileobj(s, f, MiB)
+    same = filecmp.cmp(out, layer, shallow=False)
+    out.unlink()
+    return same
+
+
+def _diff_pair(ds: Dataset, store, root: Path, driver: str, ids: list[str],  # type: ignore[no-untyped-def]
+               dirs: list[Path], out: Path, cli: bool, side: str, runs: int, report: Report) -> None:
+    ref, lam = Side(), Side()
+
+    def tar_run() -> None:
+        def body() -> None:
+            for d in dirs:
+                run(["tar", "-cf", str(out), "-C", str(d), "."])
+        ref.time(body)
+        out.unlink()
+
+    def lamina_run() -> None:
+        def cli_body() -> None:
+            for i in ids:
+                run(lamina_cmd(root, driver, "diff", i, "-o", str(out)))
+
+        def api_body() -> None:
+            for i in ids:
+                with store.diff(i) as s, open(out, "wb") as f:
+                    shutil.copyfileobj(s, f, MiB)
+        lam.time(cli_body if cli else api_body)
+        out.unlink()
+
+    alternate(runs, lamina_run, tar_run)
+    report.compare(f"{ds.name}.diff.{'cli' if cli else 'api'}.{side}",
+                   f"{'CLI' if cli else 'API'} {side}", "tar -cf", ref, lam, ds.diff_target)
+
+
+#: starts its arguments as a child of its own and prints the child's peak RSS (KiB) on
+#: stderr. Why a launcher: a child forked from this process starts out with this
+#: process's memory counted in its high-water mark (the kernel keeps it across exec), so
+#: wait4 here would report the bench's size, not lamina's.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\nmaxrss={usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_rss_mb(cmd: list[str], stdin_chunks: Iterator[bytes] | None = None) -> float:
+    """Run ``cmd`` (feeding it ``stdin_chunks``) and return its peak RSS in MB (10^6)."""
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *cmd],
+                            stdin=subprocess.PIPE if stdin_chunks is not None else None,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()))  # type: ignore[union-attr]
+    reader.start()
+    if stdin_chunks is not None:
+        assert proc.stdin is not None
+        try:
+            for chunk in stdin_chunks:
+                proc.stdin.write(chunk)
+        finally:
+            proc.stdin.close()
+    proc.wait()
+    reader.join()
+    text = b"".join(errors).decode(errors="replace")
+    if proc.returncode != 0 or "maxrss=" not in text:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {text}")
+    return int(text.rsplit("maxrss=", 1)[1].split()[0]) * 1024 / 1e6
+
+
+def bench_memory(places: Places, driver: str, big: int, small: int) -> None:
+    side = places.sides()[0]
+    results: dict[str, dict[int, float]] = {"apply": {}, "diff": {}}
+    for size in (small, big):
+        with places.place(side) as where:
+            root = where / "store"
+            results["apply"][size] = peak_rss_mb(lamina_cmd(root, driver, "apply", "m", "-"),
+                                                 zero_layer(size))
+            results["diff"][size] = peak_rss_mb(lamina_cmd(root, driver, "diff", "m", "-o", "/dev/null"))
+    for op in ("apply", "diff"):
+        peak, base = results[op][big], results[op][small]
+        ok = peak <= MEMORY_TARGET_MB
+        growth = peak - base
+        flat = growth <= max(5.0, 0.05 * base)
+        print(f"    {op:<6} peak RSS {peak:6.1f} MB for a {big / 1e9:.1f} GB layer"
+              f" ({base:.1f} MB for {small / 1e6:.0f} MB: {'flat' if flat else 'NOT flat'},"
+              f" {growth:+.1f} MB)  target <= {MEMORY_TARGET_MB} MB: {'ok' if ok else 'OVER'}",
+              flush=True)
+
+
+def bench_mount(places: Places, ds: Dataset, driver: str, runs: int) -> None:
+    """create_rw + get of a container layer on the big layer (the store's filesystem)."""
+    import lamina
+
+    with places.place("store") as where:
+        store = lamina.open(where / "store", driver=driver)
+        try:
+            with open(ds.layers[0], "rb") as f:
+                store.apply_diff("base", None, f)
+            total = []
+            for i in range(runs):
+                if SYNC:
+                    os.sync()
+                t0 = time.perf_counter()
+                store.create_rw(f"rw{i}", "base")
+                store.get(f"rw{i}")
+                total.append(time.perf_counter() - t0)
+                store.put(f"rw{i}")
+                store.remove(f"rw{i}")
+            print(f"  mount: create_rw + get of a container layer on the {ds.name} layer ({driver}):"
+                  f" {min(total):.3f} s [median {statistics.median(total):.3f}]", flush=True)
+        finally:
+            store.close()
+
+
+# -- main ---------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, 2 runs (a smoke run)")
-    ap.add_argument("--runs", type=int, help="runs per measurement (default 5, quick 2)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, 1 run (a smoke run)")
+    ap.add_argument("--runs", type=int, help="runs per measurement (default 3, quick 1)")
     ap.add_argument("--driver", default="vfs", help="store driver (default vfs)")
-    ap.add_argument("--dir", type=Path, help="work directory (default: a freshly made ext4 "
-                    "filesystem as root, else a new temp dir)")
+    ap.add_argument("--dir", type=Path, help="a directory on the store's filesystem (default: "
+                    "beside the default store root)")
+    ap.add_argument("--only", default="debian,small,big,memory",
+                    help="what to measure (comma-separated: debian, small, big, memory)")
     args = ap.parse_args(argv)
     if not shutil.which("tar"):
         print("bench_archive: GNU tar is not installed; nothing to compare against")
         return 0
-    runs = args.runs or (2 if args.quick else 5)
     global SYNC
     SYNC = not args.quick
-    small_n, big_n, big_size = (300, 8, MiB // 2) if args.quick else (10_000, 8, 25 * MiB)
-    datasets = [
-        Dataset("small", f"{small_n} small files in nested dirs",
-                lambda root: make_small_files(root, small_n)),
-        Dataset("big", f"{big_n} files of {big_size / MiB:g} MiB",
-                lambda root: make_big_files(root, big_n, big_size)),
-    ]
-    with contextlib.ExitStack() as stack:
-        parent = args.dir
-        if parent is None and freshfs.available():
-            parent = stack.enter_context(freshfs.fresh_fs())  # see bench/freshfs.py: why
-        return _run(args, runs, datasets, parent, big_n, big_size)
-
-
-def _run(args: argparse.Namespace, runs: int, datasets: list[Dataset], parent: Path | None,
-         big_n: int, big_size: int) -> int:
-    work = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=parent))
+    runs = args.runs or (1 if args.quick else 3)
+    only = set(args.only.split(","))
+    store_dir = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=args.dir)) if args.dir \
+        else default_store_dir()
     try:
-        lam = Lamina(work, args.driver)
-        where = f"{lam.driver} store" if lam.store is not None else "engine only"
-        print(f"lamina archive benchmark: {where} in {work}; best of {runs} runs")
-        if lam.note:
-            print(f"NOTE: {lam.note}")
-        summary: dict[str, float] = {}
-        big_layer = None
-        for ds in datasets:
-            r = bench_dataset(ds, lam, work, runs)
-            if ds.name == "big":
-                big_layer = r.pop("_layer", None)
-            else:
-                r.pop("_layer", None)
-            summary |= r
-        if lam.store is not None and big_layer is not None:
-            print(f"  mount: a container layer on the {big_n * big_size / MiB:g} MiB layer ({lam.driver})")
-            bench_mount(lam, str(big_layer), max(1, min(runs, 3)))
-        print("summary: " + " ".join(f"{k}={v:.2f}x" for k, v in summary.items()))
-        if lam.store is not None:
-            lam.store.close()
+        return _run(args, runs, only, store_dir)
     finally:
-        _remove_work(work)
+        shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, runs: int, only: set[str], store_dir: Path) -> int:
+    from lamina.archive import native
+
+    places = Places(store_dir, fresh=freshfs.available())
+    OUT.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "lamina")],
+                   env=ENV, stdout=subprocess.DEVNULL, check=False)
+    inputs = store_dir / "inputs"
+    inputs.mkdir()
+    small_n, big_n, big_size = (300, 8, MiB // 2) if args.quick else (100_000, 8, 25 * MiB)
+    mem_big, mem_small = (64 * MiB, 16 * MiB) if args.quick else (2 << 30, 200 << 20)
+    speedups = "C speedups" if native.ext is not None else "pure Python (no C speedups)"
+    print(f"lamina archive benchmark: {args.driver} store, {speedups}; best of {runs} runs;"
+          f" sides: {', '.join(places.sides())} (store fs: {store_dir})", flush=True)
+    if not places.fresh:
+        print("NOTE: no fresh filesystems here (needs root, loop devices and mkfs.ext4)")
+    datasets: list[Dataset] = []
+    if "debian" in only:
+        layers, source = debian_layers(inputs, args.quick)
+        if layers:
+            datasets.append(Dataset("debian", f"the {len(layers)} layers of bench_images.py's image"
+                                    f" ({source})", layers, 1.1, None))
+        else:
+            print(f"  debian: {source}")
+    if "small" in only:
+        make_small_tar(inputs / "small.tar", small_n)
+        datasets.append(Dataset("small", f"{small_n} files of 0-200 bytes", [inputs / "small.tar"],
+                                1.2, 1.2))
+    if "big" in only:
+        make_big_tar(inputs / "big.tar", big_n, big_size)
+        datasets.append(Dataset("big", f"{big_n} files of {big_size / MiB:g} MiB", [inputs / "big.tar"],
+                                1.0, 0.7))
+    report = Report()
+    for ds in datasets:
+        files, dirs, size = layer_stats(ds.layers)
+        tar_mb = sum(p.stat().st_size for p in ds.layers) / 1e6
+        print(f"  {ds.name}: {ds.describe} -- {files} files, {dirs} dirs, {size / 1e6:.1f} MB;"
+              f" layer tar{'s' if len(ds.layers) > 1 else ''} {tar_mb:.1f} MB", flush=True)
+        for path in ds.layers:  # both sides read the input from the page cache
+            with open(path, "rb") as f:
+                while f.read(16 * MiB):
+                    pass
+        print(f"  apply (tar -xf = tar -xf + sync -f; target <= {ds.apply_target}x)")
+        for side in places.sides():
+            for cli in (False, True):
+                bench_apply(ds, places, side, cli, runs, args.driver, report)
+        target = f"target <= {ds.diff_target}x" if ds.diff_target else "no target"
+        print(f"  diff (tar -cf; {target})")
+        for side in places.sides():
+            bench_diff(ds, places, side, runs, args.driver, report)
+        if ds.name == "big":
+            bench_mount(places, ds, args.driver, max(1, min(runs, 3)))
+    if "memory" in only:
+        print(f"  memory: lamina apply / lamina diff -o /dev/null of a generated layer (peak RSS;"
+              f" target <= {MEMORY_TARGET_MB} MB, flat in the layer size)")
+        bench_memory(places, args.driver, mem_big, mem_small)
+    if report.verdicts:
+        over = [k for k, ok in report.verdicts if not ok]
+        print(f"targets: {len(report.verdicts) - len(over)} ok, {len(over)} OVER"
+              + (f" ({', '.join(over)})" if over else ""))
+    print("summary: " + report.summary(), flush=True)
     return 0
-
-
-def _remove_work(work: Path) -> None:
-    """Remove the work dir; a store may have left mounts (overlay) under it."""
-    try:
-        from lamina.fs.mount import mounts_under, umount
-
-        for m in sorted(mounts_under(work), reverse=True):
-            umount(m)
-    except Exception:
-        pass
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ e2fsprogs        | mkfs.ext4 chattr              | loop-mounted ext4 images for 
 busybox-static   | busybox                       | the rootfs of the images the dockerd tests import    | test_plugin_dockerd test_images_docker test_snapshotter_containerd
 debootstrap      | debootstrap                   | a real Debian base image for the benches             | (the benches: make bench)
 tar              | tar                           | GNU tar, the reference of the benches and tests      | test_archive_export test_bench_smoke
+gcc              | gcc                           | compiles lamina's C speedups (pip install -e .; without it the pure-Python path runs) | test_speedups
+python3-dev      | python3-config                | the Python headers the C speedups compile against    | test_speedups
 systemd          | systemd-analyze               | checks the contrib/ systemd units                    | test_plugin_protocol
 END
 )

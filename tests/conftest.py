@@ -108,6 +108,28 @@ def require_user_xattrs(path: Path) -> None:
         skip_or_fail(f"no user xattrs on the filesystem of {path}: {e.strerror or e}")
 
 
+@pytest.fixture(params=["native", "python"])
+def native_mode(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Run the test with the archive engine's C speedups on, then with them off.
+
+    The pure-Python code is the fallback where no compiler built the extension and the
+    specification the C code must agree with, so every archive test runs both ways.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("native_mode")``. Without
+    the built extension the native half is skipped (a failure in strict mode).
+    """
+    from lamina.archive import native
+
+    if request.param == "native" and not native.available():
+        skip_or_fail("the C speedups (lamina.archive._speedups) are not built: "
+                     "pip install -e . needs gcc and the Python headers")
+    saved = native.ext
+    native.use(request.param == "native")
+    try:
+        yield request.param
+    finally:
+        native.ext = saved
+
+
 @pytest.fixture
 def tmp_root(tmp_path: Path) -> Path:
     """A fresh directory to hold one store."""

@@ -188,6 +188,11 @@ class _ClosingGetter(FileGetter):
     def get(self, name: str) -> IO[bytes]:
         return self._inner.get(name)
 
+    @property
+    def dir_fd(self) -> Callable[[tuple[str, ...]], int] | None:
+        """The inner getter's directory fds, if it hands them out (tar-split replay in C)."""
+        return getattr(self._inner, "dir_fd", None)
+
     def close(self) -> None:
         try:
             self._inner.close()

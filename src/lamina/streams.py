@@ -134,44 +134,114 @@ class CountingReader(io.RawIOBase):
                 self._on_read(n)
         return n
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes as the source gives them (a new object, no copy made
+        here: the tar reader takes a big file's data this way)."""
+        if size is None or size < 0:
+            return self.readall()
+        data = self._src.read(size)
+        if type(data) is not bytes:
+            data = bytes(data)
+        if data:
+            self.count += len(data)
+            if self._on_read is not None:
+                self._on_read(len(data))
+        return data
+
+
+class BackgroundHash:
+    """A digest taken on a helper thread of the chunks handed to :meth:`update`.
+
+    Why: hashlib releases the GIL while it hashes, so on the other core the hashing
+    overlaps the work that produces or consumes the bytes (unpacking a layer, writing a
+    diff) instead of adding to it. Chunks are hashed later, so they must not change:
+    hand over ``bytes``, never a buffer that is reused. The thread starts with the first
+    chunk of at least ``threshold`` bytes; what comes before it is hashed inline.
+    """
+
+    def __init__(self, algorithm: str = "sha256", *, threshold: int = _HASH_BATCH // 2,
+                 name: str = "lamina-hash") -> None:
+        self.algorithm = algorithm
+        self._hash = hashlib.new(algorithm)
+        self._threshold = threshold
+        self._name = name
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._thread: threading.Thread | None = None
+        self._done = False
+
+    def update(self, data: bytes) -> None:
+        if self._thread is None:
+            if len(data) < self._threshold:
+                self._hash.update(data)
+                return
+            self._thread = threading.Thread(target=self._worker, name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put(data)
+
+    def _worker(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        """Wait for what is queued and return the hex digest (then no more updates)."""
+        self.stop()
+        return self._hash.hexdigest()
+
+    def stop(self) -> None:
+        """Stop the helper thread after what is queued (for a digest no longer wanted)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
 
 class HashingReader(CountingReader):
     """A raw reader that hashes (and counts) every byte read from ``src``;
     :meth:`digest` is ``<algorithm>:<hex>`` of all of it.
 
-    Why a second thread: a layer's DiffID is the sha256 of its tar, taken while the tar
-    is applied so the tar is read once. hashlib releases the GIL while it hashes, so a
-    helper thread hashes on the other core while this one unpacks, and the DiffID of a
-    200 MB layer is nearly free instead of adding half the unpack time. Reads are
-    gathered into batches of 1 MiB first (a copy: the caller's buffer is reused); a
-    stream smaller than one batch never starts the thread.
+    Why a second thread (:class:`BackgroundHash`): a layer's DiffID is the sha256 of its
+    tar, taken while the tar is applied so the tar is read once, and on the other core
+    the DiffID of a 200 MB layer is nearly free instead of adding half the unpack time.
+    The caller's buffer is reused, so the thread gets a copy: of a large read as it is,
+    of small reads gathered into batches of 1 MiB first (a stream read only in small
+    pieces and smaller than one batch never starts the thread).
     """
 
     def __init__(self, src: IO[bytes], algorithm: str = "sha256",
                  on_read: Callable[[int], object] | None = None) -> None:
         super().__init__(src, on_read)
         self.algorithm = algorithm
-        self._hash = hashlib.new(algorithm)
+        self._hash = BackgroundHash(algorithm, name="lamina-diffid")
         self._pending = bytearray()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._thread: threading.Thread | None = None
         self._result: str | None = None
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         n = super().readinto(b)
         if n:
+            if n >= _HASH_BATCH // 2 and not self._pending:  # one copy, not two
+                self._hash.update(bytes(memoryview(b)[:n]))
+                return n
             self._pending += memoryview(b)[:n]
             if len(self._pending) >= _HASH_BATCH:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._worker, name="lamina-diffid", daemon=True)
-                    self._thread.start()
-                self._queue.put(bytes(self._pending))
+                self._hash.update(bytes(self._pending))
                 self._pending.clear()
         return n
 
-    def _worker(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._hash.update(data)
+    def read(self, size: int | None = -1) -> bytes:
+        """:meth:`CountingReader.read`, hashed: a large read goes to the hashing thread
+        as it is (bytes do not change), with no copy at all."""
+        data = super().read(size)
+        if data:
+            if self._pending:
+                self._pending += data
+                if len(self._pending) >= _HASH_BATCH:
+                    self._hash.update(bytes(self._pending))
+                    self._pending.clear()
+            elif len(data) >= _HASH_BATCH // 2:
+                self._hash.update(data)
+            else:
+                self._pending += data
+        return data
 
     def drain(self, chunk: int = 1 << 20) -> int:
         """Read (and hash) everything left in ``src``, so the digest covers bytes the
@@ -185,19 +255,12 @@ class HashingReader(CountingReader):
     def digest(self) -> str:
         """Finish hashing (waiting for the helper thread) and return the digest."""
         if self._result is None:
-            self._stop()
-            self._hash.update(self._pending)
+            self._hash.update(bytes(self._pending))
             self._pending.clear()
             self._result = f"{self.algorithm}:{self._hash.hexdigest()}"
         return self._result
 
-    def _stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
     def close(self) -> None:
         """Stop the helper thread (an apply that failed needs no digest)."""
-        self._stop()
+        self._hash.stop()
         super().close()

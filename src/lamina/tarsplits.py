@@ -21,6 +21,14 @@ from typing import IO
 from lamina.fs import staging
 from lamina.fs.private import PRIVATE_FILE
 
+try:  # ISA-L's gzip: the same format, several times faster both ways (a pinned dependency)
+    from isal import igzip as _gzip
+
+    _GzipFile = _gzip.IGzipFile
+except ImportError:  # pragma: no cover - isal is installed with lamina
+    _gzip = gzip  # type: ignore[assignment]
+    _GzipFile = gzip.GzipFile  # type: ignore[assignment,misc]
+
 SUFFIX = ".json.gz"
 
 
@@ -45,7 +53,7 @@ class TarSplits:
         try:
             # born 0600: a tar-split names every file of the layer (lamina.fs.private)
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE)
-            with open(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
+            with open(fd, "wb") as raw, _GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
                 yield out  # type: ignore[misc]
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -61,7 +69,7 @@ class TarSplits:
         os.replace(staging.tarsplit(self._tmp, layer_id), self.path(layer_id))
 
     def open(self, layer_id: str) -> IO[bytes]:
-        return gzip.open(self.path(layer_id), "rb")  # type: ignore[return-value]
+        return _gzip.open(self.path(layer_id), "rb")  # type: ignore[return-value]
 
     def remove(self, layer_id: str) -> None:
         self.path(layer_id).unlink(missing_ok=True)

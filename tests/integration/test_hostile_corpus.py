@@ -26,6 +26,9 @@ from lamina.check import check  # noqa: E402
 from lamina.errors import InvalidArchive  # noqa: E402
 from lamina.streams import open_chunks  # noqa: E402
 
+# the C speedups and the pure-Python path must behave alike: every test runs in both
+pytestmark = pytest.mark.usefixtures("native_mode")
+
 CANARY_DIR = Path("/tmp/lamina-hostile-canary")
 CASES = list(cases())
 

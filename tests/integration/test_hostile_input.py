@@ -25,6 +25,9 @@ from lamina.errors import ImageError, InvalidArchive
 from lamina.images import load
 from lamina.streams import open_chunks
 
+# the C speedups and the pure-Python path must behave alike: every test runs in both
+pytestmark = pytest.mark.usefixtures("native_mode")
+
 # -- data after the end-of-archive blocks ------------------------------------------------
 
 

@@ -15,6 +15,9 @@ from conftest import require_root, require_user_xattrs, skip_or_fail
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.errors import InvalidArchive
 
+# the C speedups and the pure-Python path must behave alike: every test runs in both
+pytestmark = pytest.mark.usefixtures("native_mode")
+
 MTIME = 1_600_000_000
 
 

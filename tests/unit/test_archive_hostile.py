@@ -15,6 +15,9 @@ import tarmaker as tm
 from lamina.archive.apply import ApplyOptions, apply_tar
 from lamina.errors import InvalidArchive
 
+# the C speedups and the pure-Python path must behave alike: every test runs in both
+pytestmark = pytest.mark.usefixtures("native_mode")
+
 
 def _snapshot(top: Path, skip: Path) -> dict[str, tuple[int, int, int, bytes]]:
     """Everything under ``top`` except ``skip``: mode, size, link count, content."""

@@ -23,6 +23,9 @@ from lamina.archive.tar.split import RecordingReader, reassemble
 from lamina.archive.tar.writer import gnu_header
 from lamina.streams import CountingReader, HashingReader
 
+# the C speedups and the pure-Python path must behave alike: every test runs in both
+pytestmark = pytest.mark.usefixtures("native_mode")
+
 # -- GNU headers (image archives) ------------------------------------------------------
 
 

@@ -22,6 +22,9 @@ from lamina.archive.tar.reader import TarReader
 from lamina.archive.tar.split import reassemble
 from lamina.errors import InvalidArchive
 
+# the C speedups and the pure-Python path must behave alike: every test runs in both
+pytestmark = pytest.mark.usefixtures("native_mode")
+
 
 def names(data: bytes) -> list[tuple[str, str]]:
     return [(e.name, e.linkname) for e in TarReader(io.BytesIO(data))]

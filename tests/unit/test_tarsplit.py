@@ -23,6 +23,9 @@ from lamina.archive.tar.crc64 import Crc64, crc64
 from lamina.archive.tar.split import reassemble
 from lamina.errors import InvalidArchive
 
+# the C speedups and the pure-Python path must behave alike: every test runs in both
+pytestmark = pytest.mark.usefixtures("native_mode")
+
 
 def crc64_bitwise(data: bytes) -> bytes:
     """Go's crc64 ISO, one bit at a time: slow and obviously right."""

@@ -65,6 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+from lamina.archive import native
+from lamina.archive.fastapply import FastFiles
 from lamina.archive.tar.crc64 import Crc64
 from lamina.archive.tar.reader import (
     BLK,
@@ -220,6 +222,9 @@ class _Applier:
         self.dir_times: list[tuple[list[str], int, int]] = []
         self.dir_modes: list[tuple[list[str], int]] = []
         self.reader: TarReader
+        #: the directory the last entry was a plain file in (or was): where the files
+        #: that follow probably are, for the fast path (None: no such directory)
+        self.fast_dir: list[str] | None = None
 
     def close(self) -> None:
         self.dirs.close()
@@ -233,7 +238,14 @@ class _Applier:
         reader = self.reader = TarReader(stream, record=self.split is not None)
         split = self.split
         size = 0
-        for e in reader:
+        fast = self._fast_files()
+        while True:
+            if fast is not None and self.fast_dir is not None:
+                size += fast.run(self.fast_dir)
+            e = reader.next_entry()
+            if e is None:
+                break
+            self.fast_dir = None
             if split is not None:
                 split.segment(e.raw or b"")
                 self.digest = None
@@ -269,6 +281,14 @@ class _Applier:
             for _ in reader.trailing():
                 pass
         return size
+
+    def _fast_files(self) -> FastFiles | None:
+        """The C fast path for runs of plain files, where the extension is built and no
+        id map asks for per-entry work it does not do."""
+        ext = native.ext
+        if ext is None or self.map_uid is not None or self.map_gid is not None:
+            return None
+        return FastFiles(self, ext)
 
     def _entry(self, e: TarEntry) -> None:
         t = e.type
@@ -426,6 +446,7 @@ class _Applier:
             os.utime(fd, ns=(m if a is None or a < m else a, m))
         finally:
             os.close(fd)
+        self.fast_dir = parts[:-1]
 
     def _directory(self, e: TarEntry, parts: list[str]) -> None:
         pfd = self._parent(parts)
@@ -465,6 +486,7 @@ class _Applier:
         if deferred:
             self.dir_modes.append((parts, mode))
         self.dir_times.append((parts, *_times(e)))
+        self.fast_dir = parts
 
     def _root_dir(self, e: TarEntry) -> None:
         """A ``./`` entry: the layer root's own metadata."""
@@ -483,6 +505,7 @@ class _Applier:
         else:
             self.dir_modes.append(([], e.mode))
         self.dir_times.append(([], *_times(e)))
+        self.fast_dir = []
 
     def _symlink(self, e: TarEntry, parts: list[str]) -> None:
         if not e.linkname:

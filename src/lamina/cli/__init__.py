@@ -34,6 +34,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from lamina.cli.invocation import Handler, Invocation, parse_options
 from lamina.cli.output import UsageError, check_not_terminal, go_text, one_line
@@ -93,7 +94,7 @@ def build_parser(extensions: Sequence[str] | None = None) -> argparse.ArgumentPa
         prog="lamina",
         description="A container layer store with Docker's graph-driver contract.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     _add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _register_core(sub)
@@ -101,6 +102,60 @@ def build_parser(extensions: Sequence[str] | None = None) -> argparse.ArgumentPa
         importlib.import_module(module_name).register(sub)
     _spread_global_options(parser)
     return parser
+
+
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for this command line: the core verbs alone when the verb is one of
+    them and has nothing an extension adds, else the full one.
+
+    Why: importing every extension (images, registry, plugin, snapshotter) and building
+    their parsers costs ``lamina apply`` and ``lamina diff`` more time than a small
+    layer's work; a core verb parses the same either way. A verb whose sub-verbs the
+    extensions add (``serve``), and anything unusual before the verb (help, abbreviated
+    options), take the full parser.
+    """
+    verb = _verb_in(argv)
+    if verb is not None:
+        core = build_parser(extensions=[])
+        chosen = _sub_actions(core)[0].choices.get(verb)
+        if chosen is not None and not _sub_actions(chosen):
+            return core
+    return build_parser()
+
+
+#: the global options that take a value (the others are flags)
+_VALUE_OPTIONS = ("--root", "--driver", "--opt")
+_FLAG_OPTIONS = ("--json", "--debug")
+
+
+def _verb_in(argv: Sequence[str]) -> str | None:
+    """The verb of a command line whose global options before it are spelled out in
+    full; None when in doubt."""
+    args = iter(argv)
+    for arg in args:
+        if arg in _VALUE_OPTIONS:
+            next(args, None)
+        elif arg.startswith(tuple(o + "=" for o in _VALUE_OPTIONS)) or arg in _FLAG_OPTIONS:
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for (reading the installed metadata
+    costs every other run milliseconds)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        parser.exit(message=f"{parser.prog} {_version()}\n")
 
 
 def _version() -> str:
@@ -114,7 +169,7 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lamina`` script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = _parser_for(sys.argv[1:] if argv is None else argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="lamina: %(levelname)s %(name)s: %(message)s",

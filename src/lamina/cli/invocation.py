@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -34,7 +33,7 @@ from lamina.cli.output import (
 )
 from lamina.errors import InvalidOption
 from lamina.progress import Progress, counted
-from lamina.streams import CountingReader
+from lamina.streams import BackgroundHash, CountingReader
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -145,13 +144,21 @@ class Invocation:
         if to_stdout:
             check_not_terminal(self.stdout)
         pieces = chunks(source)
-        digest = hashlib.sha256()
+        digest = BackgroundHash("sha256")  # on the other core, while this one writes
+        try:
+            return self._write_chunks(pieces, output, label, digest)
+        finally:
+            digest.stop()
+
+    def _write_chunks(self, pieces: Iterable[bytes], output: str | None, label: str,
+                      digest: BackgroundHash) -> tuple[int, str]:
+        to_stdout = output in (None, "-")
         total = 0
         with self.progress(label) as bar:
             if to_stdout:
                 for chunk in counted(pieces, bar):
                     self.stdout.write(chunk)
-                    digest.update(chunk)
+                    digest.update(_frozen(chunk))
                     total += len(chunk)
                 self.stdout.flush()
                 return total, digest.hexdigest()
@@ -162,10 +169,10 @@ class Invocation:
             else:
                 tmp = final.with_name(f".{final.name}.lamina-{os.getpid()}.tmp")
             try:
-                with open(tmp, "wb") as f:
+                with open(tmp, "wb") as f, _writeback(f, tmp != final):
                     for chunk in counted(pieces, bar):
                         f.write(chunk)
-                        digest.update(chunk)
+                        digest.update(_frozen(chunk))
                         total += len(chunk)
                     if tmp != final:
                         f.flush()
@@ -181,6 +188,21 @@ class Invocation:
                     tmp.unlink(missing_ok=True)
                 raise
         return total, digest.hexdigest()
+
+
+def _writeback(f: IO[bytes], durable: bool) -> contextlib.AbstractContextManager[object]:
+    """Flushing a file that will be fsynced while it is written, so the fsync at the end
+    waits only for the tail (lamina.fs.durable.FileWriteback); nothing for a device."""
+    if not durable:
+        return contextlib.nullcontext()
+    from lamina.fs.durable import FileWriteback
+
+    return FileWriteback(f.fileno())
+
+
+def _frozen(chunk: bytes) -> bytes:
+    """The chunk as bytes that cannot change before the hashing thread reads them."""
+    return chunk if type(chunk) is bytes else bytes(chunk)
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -11,12 +11,13 @@ from /proc/self/mountinfo, so it is right even under bind mounts.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import tempfile
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from lamina.fs.libc import libc_name
+
+_libc = ctypes.CDLL(libc_name(), use_errno=True)
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 _libc.opendir.argtypes = [ctypes.c_char_p]
 _libc.opendir.restype = ctypes.c_void_p

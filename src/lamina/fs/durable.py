@@ -11,14 +11,15 @@ being written to the filesystem meanwhile.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from lamina.fs.libc import libc_name
+
+_libc = ctypes.CDLL(libc_name(), use_errno=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -100,6 +101,39 @@ def syncfs(path: Path) -> None:
             raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+class FileWriteback:
+    """While a big file is written, flush it to disk in the background.
+
+    ``with FileWriteback(fd): write()`` runs ``fdatasync(fd)`` on a helper thread every
+    ``interval`` seconds (it releases the GIL), so the disk works while the file is
+    written and the ``fsync`` that must follow only waits for the tail. Like
+    :class:`EarlyWriteback` it promises nothing by itself.
+    """
+
+    def __init__(self, fd: int, interval: float = 0.05) -> None:
+        self.fd = fd
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                os.fdatasync(self.fd)
+            except OSError:
+                return  # best effort only
+
+    def __enter__(self) -> FileWriteback:
+        self._thread = threading.Thread(target=self._run, name="lamina-filewriteback", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class EarlyWriteback:

@@ -66,6 +66,14 @@ class DirFileGetter(FileGetter):
         for fd in dirs.values():
             os.close(fd)
 
+    def dir_fd(self, parts: tuple[str, ...]) -> int:
+        """The fd of directory ``parts`` (clean names; () for the root), opened with
+        O_NOFOLLOW per component and kept by the getter: valid until its next call.
+        For tar-split replay in C (:mod:`lamina.archive.tar.replay`)."""
+        if ".." in parts or "." in parts or "" in parts:
+            raise FileNotFoundError(f"{'/'.join(parts)}: not a directory name inside the layer")
+        return self._dir(tuple(parts))
+
     def get(self, name: str) -> IO[bytes]:
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if not parts or ".." in parts:

@@ -15,7 +15,6 @@ were unified), but they are kept per machine so a new architecture fails loudly.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -23,7 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from lamina.fs.libc import libc_name
+
+_libc = ctypes.CDLL(libc_name(), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 #: syscall numbers per ``platform.machine()``

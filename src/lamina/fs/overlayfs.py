@@ -20,7 +20,6 @@ mount the same way and learn the kernel's features the same way.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -36,9 +35,10 @@ from typing import Any
 
 from lamina.fs import newmount, quota
 from lamina.fs.backingfs import backing_fs, existing_ancestor, supports_d_type
+from lamina.fs.libc import libc_name
 from lamina.fs.mount import MS_RDONLY, mount, umount
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(libc_name(), use_errno=True)
 CLONE_FS = 0x200
 
 #: overlayfs's OVL_MAX_STACK: lower directories one mount may have

@@ -18,7 +18,6 @@ A write past either limit fails with EDQUOT or ENOSPC and touches nothing else.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -31,10 +30,11 @@ from pathlib import Path
 
 from lamina.errors import LoopImageBusy, QuotaNotSupported
 from lamina.fs import loopdev, newmount
+from lamina.fs.libc import libc_name
 from lamina.fs.locks import locked
 from lamina.fs.mount import is_mountpoint, mount, mounts_naming, umount
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(libc_name(), use_errno=True)
 _libc.quotactl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
 _libc.syscall.restype = ctypes.c_long
 

@@ -16,7 +16,7 @@ whether the work is still going on.
 
 from __future__ import annotations
 
-import uuid
+import os
 from pathlib import Path
 
 SEP = "~"
@@ -32,7 +32,7 @@ def creating(tmp: Path, layer_id: str) -> Path:
 def removing(tmp: Path, layer_id: str) -> Path:
     """A fresh name to rename ``layer_id``'s directory to before deleting it (fresh: an
     earlier interrupted removal of the same ID may still lie there)."""
-    return tmp / f"{layer_id}{SEP}removing-{uuid.uuid4().hex[:8]}"
+    return tmp / f"{layer_id}{SEP}removing-{os.urandom(4).hex()}"
 
 
 def tarsplit(tmp: Path, layer_id: str) -> Path:

@@ -19,6 +19,8 @@ from lamina.errors import InvalidArchive
 
 #: size of the reusable read buffer; also the largest data slice handed out
 BUFFER_SIZE = 1 << 20
+#: file data still to come from which on a big file's data bypasses the buffer
+_DIRECT = BUFFER_SIZE // 2
 
 
 class BlockBuffer:
@@ -118,13 +120,24 @@ class BlockBuffer:
     def data(self) -> Iterator[memoryview]:
         """Yield the current entry's data as slices of the internal buffer.
 
-        Each slice is only valid until the generator is resumed.
+        Each slice is only valid until the generator is resumed. Once the buffer is
+        empty, a big file's data is read in chunks of their own instead, handed out as
+        they come: no copy into the buffer (a hashing stream hashes them as they are).
         """
         rem = self._remaining
         while rem:
             avail = self._end - self._pos
             if not avail:
                 self._pos = self._end = 0
+                if rem >= _DIRECT and not self._eof:
+                    chunk = self._stream.read(min(rem, BUFFER_SIZE))
+                    if not chunk:
+                        self._eof = True
+                        raise InvalidArchive("archive truncated in file data", self._current)
+                    rem -= len(chunk)
+                    self._remaining = rem
+                    yield memoryview(chunk)
+                    continue
                 if not self._read_more():
                     raise InvalidArchive("archive truncated in file data", self._current)
                 avail = self._end

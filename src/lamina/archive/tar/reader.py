@@ -170,6 +170,34 @@ class TarReader(BlockBuffer):
                 return
             yield entry
 
+    def next_entry(self) -> TarEntry | None:
+        """The next entry (what iterating gives), or None at the end."""
+        return self._next()
+
+    # -- for a caller that consumes plain entries from the buffer itself ------------------
+
+    def between_entries(self) -> tuple[bytearray, int, int, int] | None:
+        """``(buffer, pos, end, pad)`` when the current entry's data is all consumed: the
+        next entry starts at ``buffer[pos + pad]`` (``pad`` bytes of the previous entry's
+        padding come first) and ``buffer[pos:end]`` is what is buffered. None otherwise.
+        For the native fast path (:mod:`lamina.archive.fastapply`)."""
+        if self._done or self._remaining:
+            return None
+        return self._buf, self._pos, self._end, self._pad
+
+    def consumed(self, pos: int, pad: int, name: str) -> None:
+        """Note whole entries taken from the buffer by the caller: the next one starts at
+        ``pos`` (after ``pad`` bytes of padding); ``name`` was the last one's."""
+        self._pos = pos
+        self._pad = pad
+        self._current = name
+        self._seen = True
+
+    def buffer_at_least(self, n: int) -> bool:
+        """Make ``n`` bytes (at most the buffer size) available from the position of
+        :meth:`between_entries`; False if the stream ends first."""
+        return n <= BUFFER_SIZE and self._fill(n)
+
     # -- headers ----------------------------------------------------------------------
 
     def _next(self) -> TarEntry | None:

@@ -24,25 +24,26 @@ sha256 (the image's DiffID). We write the same format Docker writes
   layer, so the tar could never be rebuilt); :meth:`TarSplitWriter.finish` reports
   that case, at the end, so a hostile entry later in the tar is named first.
 
-The file is written uncompressed here; the store gzips it.
+The file is written uncompressed here; the store gzips it. Reading it back (the tar
+rebuilt) is :mod:`lamina.archive.tar.replay`.
 """
 
 from __future__ import annotations
 
-import binascii
 import json
 import posixpath
 import re
 from binascii import b2a_base64
-from collections.abc import Callable, Iterator
-from typing import IO, Protocol
+from collections.abc import Callable
+from typing import IO
 
 from lamina.archive.tar.crc64 import Crc64
 from lamina.archive.tar.reader import DIR, TarEntry, TarReader
+from lamina.archive.tar.replay import FILE, SEGMENT, ContentGetter, reassemble
 from lamina.errors import InvalidArchive
 
-SEGMENT = 2
-FILE = 1
+__all__ = ["FILE", "SEGMENT", "ContentGetter", "RecordingReader", "TarSplitWriter", "reassemble"]
+
 _CHUNK = 1 << 20
 
 # -- writing ---------------------------------------------------------------------------
@@ -115,6 +116,18 @@ class TarSplitWriter:
                 "this entry replaces or whites out content added earlier in the same tar: "
                 "tar-split could never rebuild the tar", self._shadowed)
 
+    def native_state(self) -> tuple[set[str], set[str], int]:
+        """The sets and the line number the native fast path updates as :meth:`file` would."""
+        return self._with_content, self._content_dirs, self._position
+
+    def native_lines(self, lines: bytes, position: int, shadowed: str | None) -> None:
+        """Lines the native fast path made (as :meth:`segment` and :meth:`file` would
+        have), the next line number, and the first name it saw repeat one with content."""
+        if shadowed is not None and self._shadowed is None:
+            self._shadowed = shadowed
+        self._position = position
+        self._emit(lines)
+
     def segment(self, payload: bytes) -> None:
         if not payload:
             return
@@ -163,146 +176,6 @@ class TarSplitWriter:
             head += b',"payload":"' + b2a_base64(checksum, newline=False) + b'"'
         self._emit(head + b',"position":' + str(self._position).encode() + b"}\n")
         self._position += 1
-
-
-# -- reading ---------------------------------------------------------------------------
-
-
-class ContentGetter(Protocol):
-    """What reassembly needs from a layer: open a file by its tar name.
-
-    (``lamina.drivers.base.FileGetter`` satisfies it; the archive engine does not
-    import drivers, so it states the need as a protocol.)
-    """
-
-    def get(self, name: str) -> IO[bytes]: ...
-
-
-def _entries(tarsplit: IO[bytes]) -> Iterator[dict]:
-    """The records of a tar-split stream, parsed about 1 MiB at a time.
-
-    One ``json.loads`` over a block of lines joined as a JSON array costs a fraction of a
-    call per line; only when a block fails to parse are its lines parsed one by one, to
-    name the bad line.
-    """
-    rest = b""
-    number = 0
-    while True:
-        block = tarsplit.read(_CHUNK)
-        if not block:
-            break
-        block = rest + block
-        cut = block.rfind(b"\n")
-        if cut < 0:
-            rest = block
-            continue
-        rest = block[cut + 1 :]
-        lines = [line for line in block[:cut].split(b"\n") if line.strip()]
-        yield from _parse_lines(lines, number)
-        number += block.count(b"\n", 0, cut + 1)
-    if rest.strip():
-        yield from _parse_lines([rest], number)
-
-
-def _parse_lines(lines: list[bytes], first: int) -> Iterator[dict]:
-    try:
-        objs = json.loads(b"[" + b",".join(lines) + b"]")
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        objs = None
-    if objs is not None and all(isinstance(o, dict) for o in objs):
-        yield from objs
-        return
-    decoder = json.JSONDecoder()
-    for offset, line in enumerate(lines, 1):
-        try:
-            obj, _ = decoder.raw_decode(line.strip().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise InvalidArchive(f"tar-split record {first + offset} is not JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise InvalidArchive(f"tar-split record {first + offset} is not a JSON object")
-        yield obj
-
-
-def _b64(value: object, what: str) -> bytes:
-    if value is None:
-        return b""
-    if not isinstance(value, str):
-        raise InvalidArchive(f"tar-split {what} is not base64 text")
-    try:
-        return binascii.a2b_base64(value, strict_mode=True)
-    except binascii.Error:
-        raise InvalidArchive(f"tar-split {what} is not base64") from None
-
-
-def reassemble(tarsplit: IO[bytes], getter: ContentGetter) -> Iterator[bytes]:
-    """Yield the original tar's bytes from its tar-split record and the layer's files.
-
-    Each file's content is read from ``getter.get(name)`` and checked against the
-    recorded size and CRC-64; a mismatch raises :class:`InvalidArchive` naming the file
-    (after its bytes were yielded, as in Docker: the stream cannot be un-sent).
-    """
-    pending: list[bytes] = []  # small pieces are joined: one yield per ~1 MiB, not two per entry
-    pending_size = 0
-    for obj in _entries(tarsplit):
-        kind = obj.get("type")
-        if kind == SEGMENT:
-            payload = _b64(obj.get("payload"), "segment")
-            if payload:
-                pending.append(payload)
-                pending_size += len(payload)
-                if pending_size >= _CHUNK:
-                    yield b"".join(pending)
-                    pending, pending_size = [], 0
-            continue
-        if kind != FILE:
-            raise InvalidArchive(f"tar-split entry of unknown type {kind!r}")
-        if obj.get("name_raw"):
-            name = _b64(obj["name_raw"], "name_raw").decode("utf-8", "surrogateescape")
-        else:
-            name = obj.get("name") or ""
-            if not isinstance(name, str):
-                raise InvalidArchive("tar-split entry name is not text")
-        size = obj.get("size") or 0
-        if not isinstance(size, int) or size < 0:
-            raise InvalidArchive(f"tar-split size {size!r} is not a size", name)
-        if not size:
-            continue
-        expected = _b64(obj.get("payload"), "checksum")
-        crc = Crc64()
-        got = 0
-        with getter.get(name) as f:
-            while True:
-                want = min(_CHUNK, size + 1 - got)
-                chunk = f.read(want)
-                if not chunk:
-                    break
-                got += len(chunk)
-                if got > size:
-                    break
-                last = len(chunk) < want and got == size  # a short read of a file: its end
-                crc.update(chunk)
-                if len(chunk) >= _CHUNK // 2:  # big: pass it on as it is, never copied
-                    if pending:
-                        yield b"".join(pending)
-                        pending, pending_size = [], 0
-                    yield chunk
-                else:
-                    pending.append(chunk)
-                    pending_size += len(chunk)
-                    if pending_size >= _CHUNK:
-                        yield b"".join(pending)
-                        pending, pending_size = [], 0
-                if last:
-                    break
-        if got != size:
-            raise InvalidArchive(
-                f"layer file is {'longer' if got > size else 'shorter'} than the "
-                f"{size} bytes tar-split recorded", name)
-        if crc.digest() != expected:
-            raise InvalidArchive("layer file content does not match its tar-split checksum",
-                                 name)
-    if pending:
-        yield b"".join(pending)
 
 
 # -- reading a tar while recording it ---------------------------------------------------
