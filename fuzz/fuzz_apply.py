@@ -61,16 +61,20 @@ def _tree(root: Path) -> list[tuple[object, ...]]:
     the clock's, not the tar's: left out."""
     out: list[tuple[object, ...]] = []
     now = time.time_ns()
-    for dirpath, dirnames, filenames in os.walk(root):
+    # through directory fds (fwalk): a tar's paths may pass PATH_MAX
+    for dirpath, dirnames, filenames, dfd in os.fwalk(root):
         for n in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, n)
-            st = os.lstat(p)
+            st = os.lstat(n, dir_fd=dfd)
             kind = stat.S_IFMT(st.st_mode)
             clock = kind == stat.S_IFDIR or abs(st.st_mtime_ns - now) < 3600 * 10**9
-            out.append((os.path.relpath(p, root), st.st_mode, st.st_size,
+            content = None
+            if kind == stat.S_IFREG:
+                fd = os.open(n, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+                with open(fd, "rb") as f:
+                    content = f.read()
+            out.append((os.path.relpath(os.path.join(dirpath, n), root), st.st_mode, st.st_size,
                         None if clock else st.st_mtime_ns,
-                        os.readlink(p) if kind == stat.S_IFLNK else None,
-                        open(p, "rb").read() if kind == stat.S_IFREG else None))
+                        os.readlink(n, dir_fd=dfd) if kind == stat.S_IFLNK else None, content))
     return sorted(out, key=lambda e: str(e[0]))
 
 

@@ -60,7 +60,6 @@ def tree(root: Path) -> list[tuple]:
     its directory is listed, and file contents are read last), xattrs, link target and
     content."""
     entries: list[tuple] = []
-    files: list[tuple[int, Path]] = []
     now = time.time_ns()
 
     def tar_time(ns: int) -> int | None:
@@ -68,7 +67,7 @@ def tree(root: Path) -> list[tuple]:
         not list, or one filled after its own entry without one to set it again)."""
         return None if abs(ns - now) < 3600 * 10**9 else ns
 
-    def visit(path: Path, rel: str) -> None:
+    def visit(path: str, rel: str, fds: list[int]) -> None:
         st_ = os.lstat(path)
         xattrs = sorted((a, os.getxattr(path, a, follow_symlinks=False))
                         for a in os.listxattr(path, follow_symlinks=False))
@@ -77,14 +76,25 @@ def tree(root: Path) -> list[tuple]:
                         tar_time(st_.st_mtime_ns), tar_time(st_.st_atime_ns),
                         st_.st_rdev, xattrs, link, None])
         if stat.S_ISREG(st_.st_mode):
-            files.append((len(entries) - 1, path))
+            with open(path, "rb") as f:  # read last, through an fd kept open till then
+                fds.append(os.dup(f.fileno()))
+            files.append((len(entries) - 1, fds[-1]))
         if stat.S_ISDIR(st_.st_mode):
-            for name in sorted(os.listdir(path)):
-                visit(path / name, f"{rel}/{name}" if rel else name)
+            # reached through the directory's fd: a layer's paths may pass PATH_MAX
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fds.append(fd)
+            for name in sorted(os.listdir(fd)):
+                visit(f"/proc/self/fd/{fd}/{name}", f"{rel}/{name}" if rel else name, fds)
 
-    visit(root, "")
-    for i, path in files:
-        entries[i][-1] = path.read_bytes()
+    fds: list[int] = []
+    files: list[tuple[int, int]] = []
+    try:
+        visit(str(root), "", fds)
+        for i, fd in files:
+            entries[i][-1] = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        for fd in fds:
+            os.close(fd)
     return [tuple(e) for e in entries]
 
 
