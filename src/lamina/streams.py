@@ -102,6 +102,19 @@ def open_chunks(chunks: Iterable[bytes], on_close: Callable[[], None] | None = N
 _HASH_BATCH = 1 << 20  # bytes gathered before they are handed to the hashing thread
 
 
+def _read(src: IO[bytes], size: int) -> bytes:
+    """Up to ``size`` bytes from ``src`` as it gives them: its own ``read`` where it has
+    one (no copy), else through ``readinto`` (a raw source with nothing else)."""
+    read = getattr(src, "read", None)
+    if read is not None:
+        data = read(size)
+        return data if type(data) is bytes else bytes(data)
+    buf = bytearray(size)
+    n = src.readinto(buf) or 0
+    del buf[n:]
+    return bytes(buf)
+
+
 def _readinto(src: IO[bytes], b: bytearray | memoryview) -> int:
     readinto = getattr(src, "readinto", None)
     if readinto is not None:
@@ -139,9 +152,7 @@ class CountingReader(io.RawIOBase):
         here: the tar reader takes a big file's data this way)."""
         if size is None or size < 0:
             return self.readall()
-        data = self._src.read(size)
-        if type(data) is not bytes:
-            data = bytes(data)
+        data = _read(self._src, size)
         if data:
             self.count += len(data)
             if self._on_read is not None:
