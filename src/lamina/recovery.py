@@ -35,10 +35,10 @@ from lamina.fs.mount import mounts_under, umount
 from lamina.fs.relax import force_rmtree
 from lamina.ids import check_id
 from lamina.records import LayerRecord, LayerState, MountRef, SnapshotRecord
-from lamina.treecheck import check_trees
 
 if TYPE_CHECKING:
     from lamina.store import Store
+    from lamina.treecheck import Finding
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def scan(store: Store, *, content: bool = False, trees: bool = False) -> list[Pr
         problems += _content(store, records)
     if trees:
         problems += [Problem(Kind.OVERLAY_XATTR if f.overlay_xattr else Kind.TREE_MISMATCH, f.layer, f.message)
-                     for f in check_trees(store, records, content=content)]
+                     for f in _check_trees(store, records, content)]
     return problems
 
 
@@ -507,3 +507,11 @@ def release_own_mounts(store: Store) -> tuple[list[str], list[str]]:
             why = "in use by the store (a view of it or of a layer above it, or work on it)"
             kept.append(f"{'layer ' + owner + ': ' if owner else ''}{point} is still mounted: {why}")
     return done, kept
+
+
+def _check_trees(store: Store, records: dict[str, LayerRecord], content: bool) -> list[Finding]:
+    """:func:`lamina.treecheck.check_trees`, imported when a check walks trees (cleanup
+    never does), not by every process that opens a store."""
+    from lamina.treecheck import check_trees
+
+    return check_trees(store, records, content=content)

@@ -29,11 +29,9 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from lamina import recovery
 from lamina.archive.change import Change
-from lamina.chainapply import ChainApply, SerialChain, open_chain
 from lamina.diffs import Diffs
 from lamina.drivers.base import (
     Capabilities,
@@ -65,6 +63,9 @@ from lamina.storeconfig import CONFIG_NAME, settle_driver
 from lamina.streams import HashingReader
 from lamina.tarsplits import TarSplits
 from lamina.worklocks import WorkLocks
+
+if TYPE_CHECKING:  # imported where used: a CLI verb that needs neither starts faster
+    from lamina.chainapply import ChainApply, SerialChain
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,8 @@ class Store:
         side by side where the driver allows it (None: one per CPU), each made ready
         only after its parent; ``sizes``: about how many bytes each layer to come holds,
         if known. See :mod:`lamina.chainapply`."""
+        from lamina.chainapply import open_chain
+
         return open_chain(self, jobs, sizes)
 
     def _apply_into(self, layer_id: str, stream: HashingReader) -> int:
@@ -412,6 +415,8 @@ class Store:
         tidy its own: every repairable problem :func:`lamina.recovery.scan` finds. With
         ``unmount_all`` every mount is released (dockerd's Cleanup at shutdown).
         """
+        from lamina import recovery
+
         return recovery.cleanup(self, unmount_all=unmount_all)
 
     # -- reading content --------------------------------------------------------------------
