@@ -15,17 +15,34 @@ load has made) and :mod:`recover` (undoing killed loads), and :mod:`cli` (the ve
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from lamina.images.digest import chain_ids
-from lamina.images.load import LoadResult, load
 from lamina.images.records import ImageNotFound, ImageRecord, ImageRecords
-from lamina.images.recover import recover
-from lamina.images.remove import ImageInUse, RemoveResult, remove_images
-from lamina.images.save import SaveResult, save
 
 if TYPE_CHECKING:
+    from lamina.images.digest import chain_ids
+    from lamina.images.load import LoadResult, load
+    from lamina.images.recover import recover
+    from lamina.images.remove import ImageInUse, RemoveResult, remove_images
+    from lamina.images.save import SaveResult, save
     from lamina.layerstore import LayerStore
+
+#: the package's API that lives in its modules, imported on first use: ``lamina apply``
+#: imports :mod:`lamina.images.compress` to sniff its input, and should not pay for the
+#: loader, the formats and the saver with it
+_LAZY = {
+    "chain_ids": "digest", "LoadResult": "load", "load": "load", "recover": "recover",
+    "ImageInUse": "remove", "RemoveResult": "remove", "remove_images": "remove",
+    "SaveResult": "save", "save": "save",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lamina.images' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lamina.images.{module}"), name)
 
 __all__ = [
     "ImageInUse", "ImageNotFound", "ImageRecord", "LoadResult", "RemoveResult", "SaveResult",
