@@ -13,9 +13,10 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Self
 
 from lamina.fs.libc import libc_name
 
@@ -103,30 +104,27 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-class FileWriteback:
-    """While a big file is written, flush it to disk in the background.
+class _Periodic:
+    """Runs ``flush`` on a helper thread every ``interval`` seconds for the length of a
+    ``with`` block (best effort: the first OSError ends it). The flushes release the
+    GIL, so the work of the block goes on meanwhile."""
 
-    ``with FileWriteback(fd): write()`` runs ``fdatasync(fd)`` on a helper thread every
-    ``interval`` seconds (it releases the GIL), so the disk works while the file is
-    written and the ``fsync`` that must follow only waits for the tail. Like
-    :class:`EarlyWriteback` it promises nothing by itself.
-    """
-
-    def __init__(self, fd: int, interval: float = 0.05) -> None:
-        self.fd = fd
+    def __init__(self, flush: Callable[[], object], interval: float, name: str) -> None:
         self.interval = interval
+        self._flush = flush
+        self._name = name
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                os.fdatasync(self.fd)
+                self._flush()
             except OSError:
                 return  # best effort only
 
-    def __enter__(self) -> FileWriteback:
-        self._thread = threading.Thread(target=self._run, name="lamina-filewriteback", daemon=True)
+    def __enter__(self) -> Self:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
         return self
 
@@ -136,34 +134,28 @@ class FileWriteback:
             self._thread.join()
 
 
-class EarlyWriteback:
+class FileWriteback(_Periodic):
+    """While a big file is written, flush it to disk in the background.
+
+    ``with FileWriteback(fd): write()`` runs ``fdatasync(fd)`` every ``interval``
+    seconds, so the disk works while the file is written and the ``fsync`` that must
+    follow only waits for the tail. Like :class:`EarlyWriteback` it promises nothing by
+    itself.
+    """
+
+    def __init__(self, fd: int, interval: float = 0.05) -> None:
+        super().__init__(lambda: os.fdatasync(fd), interval, "lamina-filewriteback")
+        self.fd = fd
+
+
+class EarlyWriteback(_Periodic):
     """While long work writes files, keep the disk busy flushing them in the background.
 
-    ``with EarlyWriteback(root): unpack()`` runs ``syncfs`` on a helper thread every
-    ``interval`` seconds (ctypes releases the GIL, so the unpacking goes on meanwhile);
+    ``with EarlyWriteback(root): unpack()`` runs ``syncfs`` every ``interval`` seconds;
     the final ``syncfs`` after the work then only waits for the tail instead of the whole
     layer. It promises nothing by itself: durability still comes from that final call.
     """
 
     def __init__(self, path: Path, interval: float = 0.05) -> None:
+        super().__init__(lambda: syncfs(path), interval, "lamina-writeback")
         self.path = path
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                syncfs(self.path)
-            except OSError:
-                return  # best effort only
-
-    def __enter__(self) -> EarlyWriteback:
-        self._thread = threading.Thread(target=self._run, name="lamina-writeback", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
