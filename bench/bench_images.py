@@ -395,7 +395,7 @@ def _decompressors() -> list[tuple[str, Callable[[object], object] | None, str]]
 
 def section_decompress(blobs: list[Path], summary: dict[str, object]) -> None:
     """MB/s of each gzip library on the image's own gzip layers; which lamina uses."""
-    from lamina.images.compress import gzip_library
+    from lamina.compression import gzip_library
 
     total_in = sum(p.stat().st_size for p in blobs)
     log(f"== gzip decompression of the image's layers ({total_in / 1e6:.0f} MB of gzip), best of 3, "

@@ -90,7 +90,7 @@ def _copy_distribution(dist: metadata.Distribution, dest: Path) -> None:
 
 
 def _can_run(prefix: tuple[str, ...], python: str, path: list[Path], work: Path, deps: bool) -> bool:
-    modules = "lamina.store, lamina.images.compress, zstandard" if deps else "lamina.drivers.overlay"
+    modules = "lamina.store, lamina.compression, zstandard" if deps else "lamina.drivers.overlay"
     probe = subprocess.run([*prefix, python, "-c", f"import sys, {modules}; "
                             f"assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"],
                            capture_output=True, cwd=work,

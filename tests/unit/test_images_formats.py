@@ -16,8 +16,9 @@ import pytest
 
 from conftest import require_module
 from images_support import Image, docker_save, layer_tar, oci_layout, sha
+from lamina import compression as compress
 from lamina.errors import ImageError
-from lamina.images import compress, dockersave, oci
+from lamina.images import dockersave, oci
 from lamina.images.digest import chain_ids, check_digest
 from lamina.images.refs import normalize
 from lamina.images.source import DirSource, TarSource, open_source

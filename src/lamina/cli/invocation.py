@@ -111,7 +111,7 @@ class Invocation:
         zstd, bzip2 and xz are recognised by their first bytes, as ``docker load`` does;
         damage in the compressed stream is one error naming the input.
         """
-        from lamina.images.compress import SNIFF_BYTES, decompressed, sniff
+        from lamina.compression import SNIFF_BYTES, decompressed, sniff
 
         with contextlib.ExitStack() as stack:
             if name == "-":

@@ -5,44 +5,27 @@ the layers as ordinary store layers named by their chain IDs (Docker's rule, see
 :mod:`lamina.images.digest`), so images that share a base share its layers, and keeps a
 small record per image (:mod:`lamina.images.records`): names -> config -> chain.
 
-The modules, one idea each: :mod:`digest` (chain IDs, hashing readers), :mod:`compress`
-(sniffing and decompressing layers), :mod:`source` (files of an archive, tar or
-directory), :mod:`dockersave` and :mod:`oci` (the two formats, read and written),
-:mod:`spec` (what a reader hands the loader), :mod:`load`, :mod:`save`, :mod:`remove`,
+The modules, one idea each: :mod:`digest` (chain IDs, hashing readers), :mod:`source`
+(files of an archive, tar or directory; layers are decompressed by
+:mod:`lamina.compression`, which the CLI's ``apply`` shares), :mod:`dockersave` and
+:mod:`oci` (the two formats, read and written), :mod:`spec` (what a reader hands the loader), :mod:`load`, :mod:`save`, :mod:`remove`,
 :mod:`records`, :mod:`refs` (names), :mod:`tarwriter`, :mod:`journal` (what a running
 load has made) and :mod:`recover` (undoing killed loads), and :mod:`cli` (the verbs).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from lamina.images.digest import chain_ids
+from lamina.images.load import LoadResult, load
 from lamina.images.records import ImageNotFound, ImageRecord, ImageRecords
+from lamina.images.recover import recover
+from lamina.images.remove import ImageInUse, RemoveResult, remove_images
+from lamina.images.save import SaveResult, save
 
 if TYPE_CHECKING:
-    from lamina.images.digest import chain_ids
-    from lamina.images.load import LoadResult, load
-    from lamina.images.recover import recover
-    from lamina.images.remove import ImageInUse, RemoveResult, remove_images
-    from lamina.images.save import SaveResult, save
     from lamina.layerstore import LayerStore
-
-#: the package's API that lives in its modules, imported on first use: ``lamina apply``
-#: imports :mod:`lamina.images.compress` to sniff its input, and should not pay for the
-#: loader, the formats and the saver with it
-_LAZY = {
-    "chain_ids": "digest", "LoadResult": "load", "load": "load", "recover": "recover",
-    "ImageInUse": "remove", "RemoveResult": "remove", "remove_images": "remove",
-    "SaveResult": "save", "save": "save",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lamina.images' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"lamina.images.{module}"), name)
 
 __all__ = [
     "ImageInUse", "ImageNotFound", "ImageRecord", "LoadResult", "RemoveResult", "SaveResult",

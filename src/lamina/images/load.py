@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
+from lamina import compression as compress
 from lamina.errors import DiffIDMismatch, ImageError, LaminaError, LayerNotFound
-from lamina.images import compress, dockersave, oci
+from lamina.images import dockersave, oci
 from lamina.images.digest import layer_id, split_digest
 from lamina.images.journal import LoadJournal
 from lamina.images.records import ImageRecord, ImageRecords

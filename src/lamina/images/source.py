@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
+from lamina import compression as compress
 from lamina.errors import ImageError
-from lamina.images import compress
 from lamina.streams import CountingReader
 
 #: the largest JSON document (manifest, config, index) read into memory

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lamina.errors import ImageError, LaminaError
+from lamina.errors import ImageError
 from lamina.images.digest import layer_id
 from lamina.images.load import ProgressSink, load_specs
 from lamina.images.recover import recover as recover_images
@@ -35,8 +35,8 @@ from lamina.registry import distribution, manifests
 from lamina.registry.blobs import fetch_small_blob
 from lamina.registry.manifests import Platform
 from lamina.registry.prefetch import MEMORY_BUDGET, PARALLEL, RegistrySource
-from lamina.registry.reference import Reference, error_line, parse
-from lamina.registry.transport import ClientOptions, RegistryClient
+from lamina.registry.reference import Reference, parse
+from lamina.registry.transport import ClientOptions, RegistryClient, session
 
 if TYPE_CHECKING:
     from lamina.store import Store
@@ -100,18 +100,9 @@ def pull(store: Store, ref: str | Reference, *, platform: str | Platform | None 
     want = (Platform.parse(platform) if isinstance(platform, str) else platform) or \
         Platform.host(store.driver.name)
     what = str(reference)
-    client = RegistryClient(reference.registry, reference.api_host, options)
-    try:
-        try:
-            return _pull(store, client, reference, want, explicit, what, progress,
-                         events or PullEvents(), parallel, memory)
-        except LaminaError as e:
-            line = error_line(reference, str(e))  # every error line names the reference, once
-            if line != str(e):
-                raise ImageError(line) from e
-            raise
-    finally:
-        client.close()
+    with session(reference, options) as client:
+        return _pull(store, client, reference, want, explicit, what, progress,
+                     events or PullEvents(), parallel, memory)
 
 
 def _pull(store: Store, client: RegistryClient, ref: Reference, want: Platform, explicit: bool,

@@ -31,14 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lamina.errors import ImageError, InvalidArchive, LaminaError
-from lamina.images import compress
+from lamina import compression as compress
+from lamina.errors import ImageError, InvalidArchive
 from lamina.images.digest import layer_id
 from lamina.images.records import ImageRecord, ImageRecords
 from lamina.registry import distribution, manifests
 from lamina.registry.distribution import BlobPlace, KnownManifest
-from lamina.registry.reference import Reference, error_line, parse
-from lamina.registry.transport import ClientOptions, RegistryClient
+from lamina.registry.reference import Reference, parse
+from lamina.registry.transport import ClientOptions, RegistryClient, session
 from lamina.registry.upload import (
     DEFAULT_CHUNK,
     blob_exists,
@@ -123,18 +123,9 @@ def push(store: Store, name: str, ref: str | Reference, *, options: ClientOption
     reference = parse(ref) if isinstance(ref, str) else ref
     rec = ImageRecords(store.root).resolve(name)
     what = str(reference)
-    client = RegistryClient(reference.registry, reference.api_host, options)
-    try:
-        try:
-            return _push(store, client, rec, reference, what, fmt, compression,
-                         events or PushEvents(), parallel, chunk_size)
-        except LaminaError as e:
-            line = error_line(reference, str(e))  # every error line names the reference, once
-            if line != str(e):
-                raise ImageError(line) from e
-            raise
-    finally:
-        client.close()
+    with session(reference, options) as client:
+        return _push(store, client, rec, reference, what, fmt, compression,
+                     events or PushEvents(), parallel, chunk_size)
 
 
 @dataclass

@@ -41,14 +41,15 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lamina.errors import ImageError
+from lamina.errors import ImageError, LaminaError
 from lamina.registry import credentials as creds_mod
 from lamina.registry.auth import Authenticator, AuthError
 from lamina.registry.credentials import Credentials
+from lamina.registry.reference import Reference, error_line
 
 log = logging.getLogger(__name__)
 
@@ -418,3 +419,19 @@ def error_detail(body: bytes) -> str:
     except (ValueError, AttributeError):
         pass
     return ""
+
+
+@contextlib.contextmanager
+def session(reference: Reference, options: ClientOptions | None) -> Iterator[RegistryClient]:
+    """A client of ``reference``'s registry for one pull or push, closed after it; every
+    error that leaves it names the reference, once (:func:`error_line`)."""
+    client = RegistryClient(reference.registry, reference.api_host, options)
+    try:
+        yield client
+    except LaminaError as e:
+        line = error_line(reference, str(e))
+        if line != str(e):
+            raise ImageError(line) from e
+        raise
+    finally:
+        client.close()

@@ -1,5 +1,8 @@
 """Recognise a compressed layer by its first bytes and decompress it as a stream.
 
+A module of its own, not of :mod:`lamina.images`: ``lamina apply`` sniffs its input
+too, and should not import the image loader to do it.
+
 Why sniff and not trust the media type: docker-save archives carry no media types at
 all, and OCI layouts written by hand or by older tools label gzip layers as plain tars
 (and the reverse). ``docker load`` sniffs too (``archive.DecompressStream``), so lamina
