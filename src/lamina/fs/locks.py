@@ -145,56 +145,35 @@ class KeyLockTable:
     @contextlib.contextmanager
     def held(self, key: str, *, shared: bool = False) -> Iterator[None]:
         """Hold ``key`` for the block, waiting for others to let go."""
-        with self._hold(key, shared=shared, blocking=True):
+        self._acquire(key, shared=shared, blocking=True)
+        try:
             yield
-
-    @contextlib.contextmanager
-    def try_held(self, key: str, *, shared: bool = False) -> Iterator[bool]:
-        """Hold ``key`` for the block if nobody else has it; yields whether it is held."""
-        with self._hold(key, shared=shared, blocking=False) as got:
-            yield got
+        finally:
+            self.release(key)
 
     def try_acquire(self, key: str) -> bool:
         """Hold ``key`` exclusively if nobody else has it (then :meth:`release` it);
-        whether it is held. :meth:`try_held` without a generator's cost, for the get and
-        put that sit on every container start."""
+        whether it is held. Not a context manager, so that it costs no generator: the
+        get and put of a mounted view sit on every container start."""
+        return self._acquire(key, shared=False, blocking=False)
+
+    def release(self, key: str) -> None:
+        """Let go of ``key``, held by this thread."""
+        self._local.held.discard(key)
+        fcntl.fcntl(self._fd(), fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, _key_offset(key), 1, 0))
+
+    def _acquire(self, key: str, *, shared: bool, blocking: bool) -> bool:
         fd = self._fd()
         held: set[str] = self._local.held
         if key in held:
             raise RuntimeError(f"lock {key!r} of {self.path} is already held by this thread")
+        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
         try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _key_offset(key), 1, 0))
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK,
+                        _FLOCK.pack(kind, os.SEEK_SET, _key_offset(key), 1, 0))
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
+            if blocking or e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             return False
         held.add(key)
         return True
-
-    def release(self, key: str) -> None:
-        """Let go of ``key``, taken with :meth:`try_acquire`."""
-        self._local.held.discard(key)
-        fcntl.fcntl(self._fd(), fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, _key_offset(key), 1, 0))
-
-    @contextlib.contextmanager
-    def _hold(self, key: str, *, shared: bool, blocking: bool) -> Iterator[bool]:
-        fd = self._fd()
-        held: set[str] = self._local.held
-        if key in held:
-            raise RuntimeError(f"lock {key!r} of {self.path} is already held by this thread")
-        offset = _key_offset(key)
-        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK,
-                        _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
-        except OSError as e:
-            if blocking or e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            yield False
-            return
-        held.add(key)
-        try:
-            yield True
-        finally:
-            held.discard(key)
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
