@@ -88,8 +88,10 @@ def _spread_global_options(p: argparse.ArgumentParser) -> None:
             _spread_global_options(child)
 
 
-def build_parser(extensions: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The full parser: core verbs, then every extension module's verbs."""
+def build_parser(extensions: Sequence[str] | None = None, *, verb: str | None = None) -> argparse.ArgumentParser:
+    """The full parser: core verbs, then every extension module's verbs. Given the
+    ``verb`` of the command line, the extensions are left out when it is a core verb
+    that no extension adds to (:func:`_parser_for` says why)."""
     parser = argparse.ArgumentParser(
         prog="lamina",
         description="A container layer store with Docker's graph-driver contract.",
@@ -98,8 +100,10 @@ def build_parser(extensions: Sequence[str] | None = None) -> argparse.ArgumentPa
     _add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _register_core(sub)
-    for module_name in EXTENSIONS if extensions is None else extensions:
-        importlib.import_module(module_name).register(sub)
+    chosen = sub.choices.get(verb) if verb is not None else None
+    if chosen is None or _sub_actions(chosen):
+        for module_name in EXTENSIONS if extensions is None else extensions:
+            importlib.import_module(module_name).register(sub)
     _spread_global_options(parser)
     return parser
 
@@ -114,13 +118,7 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     extensions add (``serve``), and anything unusual before the verb (help, abbreviated
     options), take the full parser.
     """
-    verb = _verb_in(argv)
-    if verb is not None:
-        core = build_parser(extensions=[])
-        chosen = _sub_actions(core)[0].choices.get(verb)
-        if chosen is not None and not _sub_actions(chosen):
-            return core
-    return build_parser()
+    return build_parser(verb=_verb_in(argv))
 
 
 #: the global options that take a value (the others are flags)
