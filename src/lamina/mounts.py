@@ -38,14 +38,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from lamina import liveness
 from lamina.drivers.base import Driver
 from lamina.errors import LayerNotFound
 from lamina.fs.locks import FileLock, KeyLockTable
-from lamina.records import LayerState, MountRef, Records
+from lamina.records import LayerState, MountRef, Records, Writer
+
+T = TypeVar("T")
 
 
 class Mounts:
@@ -129,23 +132,18 @@ class Mounts:
         and through the plugin each is a call on its event loop; one statement under
         the layer's lock is what it costs."""
         pid, start = liveness.me()
-        locks = self._layer_locks
-        if not locks.try_acquire(layer_id):
+
+        def claim(db: Writer) -> Path | None:
+            path = db.claim_mounted(layer_id, pid=pid, pid_start=start, persistent=persistent,
+                                    boot_id=liveness.boot_id())
+            if path is not None:
+                return self._path(path)
+            claim = db.mount_claim(layer_id)  # not the quick case: no layer is an error at once
+            if claim is None or claim.state is not LayerState.READY:
+                raise LayerNotFound(f"layer {layer_id} not found")
             return None
-        try:
-            with self._records.try_write(durable=False) as db:
-                if db is None:
-                    return None
-                path = db.claim_mounted(layer_id, pid=pid, pid_start=start, persistent=persistent,
-                                        boot_id=liveness.boot_id())
-                if path is None:  # not the quick case: no layer is an error at once
-                    claim = db.mount_claim(layer_id)
-                    if claim is None or claim.state is not LayerState.READY:
-                        raise LayerNotFound(f"layer {layer_id} not found")
-                    return None
-        finally:
-            locks.release(layer_id)
-        return self._path(path)
+
+        return self._at_once(layer_id, claim)
 
     def try_put(self, layer_id: str, *, persistent: bool) -> bool | None:
         """:meth:`put` of a reference that is not the last, never waiting and never
@@ -154,19 +152,26 @@ class Mounts:
         caller then calls :meth:`put`. The quick case is one statement; the others ask
         again, as they lead to a mount, an unmount or an error anyway."""
         pid, start = liveness.me()
+
+        def release(db: Writer) -> bool | None:
+            if db.release_not_last(layer_id, persistent=persistent, pid=pid, pid_start=start):
+                return True
+            choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
+            if choice is None:
+                raise LayerNotFound(f"layer {layer_id} not found")
+            return False if choice[0] is None else None  # none held; or the last: it unmounts
+
+        return self._at_once(layer_id, release)
+
+    def _at_once(self, layer_id: str, step: Callable[[Writer], T]) -> T | None:
+        """``step`` under the layer's mount lock in a reference transaction, or None at
+        once where either would have to wait (for :meth:`try_get` and :meth:`try_put`)."""
         locks = self._layer_locks
         if not locks.try_acquire(layer_id):
             return None
         try:
             with self._records.try_write(durable=False) as db:
-                if db is None:
-                    return None
-                if db.release_not_last(layer_id, persistent=persistent, pid=pid, pid_start=start):
-                    return True
-                choice = db.put_choice(layer_id, persistent=persistent, pid=pid, pid_start=start)
-                if choice is None:
-                    raise LayerNotFound(f"layer {layer_id} not found")
-                return False if choice[0] is None else None  # none held; or the last: it unmounts
+                return None if db is None else step(db)
         finally:
             locks.release(layer_id)
 
