@@ -8,6 +8,7 @@ never go green by skipping what it was meant to test.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,20 @@ def require_containerd() -> None:
     require_root()
     for tool in ("containerd", "ctr", "runc"):
         require_tool(tool)
+
+
+def layer_hold(locks_dir: Path, recorded: set[str]):  # type: ignore[no-untyped-def]
+    """A :class:`lamina.drivers.base.LayerHold` for a driver tested without a store:
+    the layers in ``recorded`` have records, and the work locks in ``locks_dir`` say
+    who is at work (take ``WorkLocks(locks_dir).busy(id)`` to play a maker)."""
+    from lamina.worklocks import WorkLocks
+
+    locks_dir.mkdir(parents=True, exist_ok=True)
+    locks = WorkLocks(locks_dir)
+
+    @contextlib.contextmanager
+    def hold(layer_id: str) -> Iterator[bool | None]:
+        with locks.idle(layer_id) as free:
+            yield (layer_id in recorded) if free else None
+
+    return hold

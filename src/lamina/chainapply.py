@@ -64,7 +64,7 @@ from typing import IO, TYPE_CHECKING, Any
 from lamina.applyworker import Channel, decode_error
 from lamina.archive.apply import apply_tar
 from lamina.drivers.base import ApplyPlan, CreateOptions
-from lamina.errors import DiffIDMismatch, LaminaError, LayerBusy
+from lamina.errors import DiffIDMismatch, LaminaError
 from lamina.fs.durable import EarlyWriteback, syncfs
 from lamina.fs.locks import KeyLock
 from lamina.ids import check_id
@@ -257,10 +257,7 @@ class ChainApply:
                              f"(parent {parent}, last added {below.id})")
         layer = _Layer(layer_id, parent, stream, expected_diff_id)
         layer.below = [*below.below, below] if below is not None else []
-        lock = self._store.work_locks.lock(layer_id)
-        if not lock.acquire(blocking=False):
-            raise LayerBusy(f"layer {layer_id} is in use by another operation (reading or changing it)")
-        layer.lock = lock
+        layer.lock = self._store.work_locks.take(layer_id)
         self._pending.append(layer)  # from here on, an abort undoes it
         try:
             plan = self._begin(layer, below)

@@ -23,7 +23,6 @@ from typing import IO
 from lamina.archive.change import Change
 from lamina.archive.tar.split import reassemble
 from lamina.drivers.base import Capabilities, FileGetter
-from lamina.errors import LayerBusy
 from lamina.fs.locks import KeyLock
 from lamina.naive import Naive
 from lamina.records import LayerRecord, Records
@@ -66,10 +65,8 @@ class Diffs:
             for lid in layer_ids:
                 if lid is None:
                     continue
-                lock = self._locks.lock(lid)
-                if not lock.acquire(shared=True, blocking=False):
-                    raise LayerBusy(f"layer {lid} is being changed or removed by another operation")
-                locks.append(lock)
+                locks.append(self._locks.take(lid, shared=True, culprit=(
+                    f"layer {lid} is being changed or removed by another operation")))
                 self._records.ready(lid)  # it cannot go away now; make sure it had not already
                 if self._readable is not None:
                     readable.enter_context(self._readable(lid))

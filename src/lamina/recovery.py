@@ -18,11 +18,13 @@ while no mount is in flight (:meth:`lamina.mounts.Mounts.no_mount_in_flight`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -438,6 +440,20 @@ _REPAIRS: dict[Kind, Callable[[Store, Problem], list[str]]] = {
 # -- cleanup ---------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _hold(store: Store, layer_id: str) -> Iterator[bool | None]:
+    """The :class:`lamina.drivers.base.LayerHold` the store lends its driver's cleanup:
+    None while work on the layer goes on, else whether it has a record (which cannot
+    change meanwhile: a record is only written by work that holds the layer)."""
+    with store.work_locks.idle(layer_id) as free:
+        if not free:
+            yield None
+            return
+        with store.records.read() as db:
+            recorded = db.layer(layer_id) is not None
+        yield recorded
+
+
 def cleanup(store: Store, *, unmount_all: bool = False) -> list[str]:
     """``Store.cleanup``: repair every repairable problem the scan finds (content is not
     re-hashed), then let the driver tidy its own. With ``unmount_all`` every reference
@@ -452,7 +468,7 @@ def cleanup(store: Store, *, unmount_all: bool = False) -> list[str]:
     done += repair(store, scan(store))
     with store.records.read() as db:
         known = {r.id for r in db.layers()}
-    done += store.driver.cleanup(known)
+    done += store.driver.cleanup(known, functools.partial(_hold, store))
     if unmount_all:
         released, kept = release_own_mounts(store)
         done += released

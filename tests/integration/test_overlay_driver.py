@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_loop, require_overlay, require_tool, skip_or_fail
+from conftest import REPO, layer_hold, require_loop, require_overlay, require_tool, skip_or_fail
 from lamina.archive.change import Change, ChangeKind
 from lamina.drivers.base import CreateOptions, DriverContext
 from lamina.drivers.overlay import ChainTooDeep, OverlayDriver, probe
 from lamina.errors import InvalidOption, UnsupportedFilesystem
 from lamina.fs.mount import is_mountpoint, mounts_under, umount
+from lamina.worklocks import WorkLocks
 from unprivileged import AS_NOBODY, NOBODY, nobody_python
 
 RO = CreateOptions()
@@ -390,7 +391,7 @@ def test_cleanup_mends_links_and_drops_unknown_layers(driver: OverlayDriver, roo
     short = (root / "layers/kept/link").read_text()
     (root / "l" / short).unlink()  # as after a crash between two steps
     (root / "l" / "DANGLINGDANGLINGDANGLING00").symlink_to("../layers/nothing/diff")
-    done = driver.cleanup({"kept"})
+    done = driver.cleanup({"kept"}, layer_hold(root / "locks", {"kept"}))
     assert any("stray" in line for line in done)
     assert any(f"restored short link l/{short}" == line for line in done)
     assert any("DANGLING" in line for line in done)
@@ -401,13 +402,30 @@ def test_cleanup_mends_links_and_drops_unknown_layers(driver: OverlayDriver, roo
 
 def test_cleanup_leaves_the_link_of_a_layer_being_made(driver: OverlayDriver, root: Path) -> None:
     """A create writes l/<short> before renaming its dir into layers/: a cleanup running
-    in between must not take the link away."""
+    in between must not take the link away (its maker holds the layer)."""
     (root / "tmp" / "busy~creating").mkdir()
     (root / "l" / "INPROGRESSINPROGRESSINPROG").symlink_to("../layers/busy/diff")
-    assert driver.cleanup({"busy"}) == []
+    (root / "locks").mkdir(exist_ok=True)
+    locks = WorkLocks(root / "locks")
+    with locks.busy("busy"):
+        assert driver.cleanup(set(), layer_hold(root / "locks", {"busy"})) == []
     assert os.path.lexists(root / "l" / "INPROGRESSINPROGRESSINPROG")
     (root / "tmp" / "busy~creating").rmdir()
-    assert driver.cleanup(set()) == ["removed stale short link l/INPROGRESSINPROGRESSINPROG"]
+    assert driver.cleanup(set(), layer_hold(root / "locks", set())) == [
+        "removed stale short link l/INPROGRESSINPROGRESSINPROG"]
+
+
+def test_cleanup_spares_what_was_made_after_it_listed_the_records(driver: OverlayDriver, root: Path) -> None:
+    """``known`` is the records as cleanup began; a layer made since (recorded now) keeps
+    its directory and its link, and one being made is not touched at all."""
+    driver.create("new", None, rw=False, opts=RO)
+    driver.create("making", None, rw=False, opts=RO)
+    (root / "locks").mkdir(exist_ok=True)
+    locks = WorkLocks(root / "locks")
+    with locks.busy("making"):
+        assert driver.cleanup(set(), layer_hold(root / "locks", {"new", "making"})) == []
+    assert (root / "layers/new").is_dir() and (root / "layers/making").is_dir()
+    assert sorted(os.listdir(root / "l")) == sorted((root / f"layers/{i}/link").read_text() for i in ("new", "making"))
 
 
 # -- across processes (through the store) ----------------------------------------------

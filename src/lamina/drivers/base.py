@@ -71,6 +71,18 @@ from lamina.fs.durable import syncfs
 from lamina.fs.getter import FileGetter  # part of the contract: diff_getter returns one
 
 
+class LayerHold(Protocol):
+    """Cleanup's hold on one layer, lent by the store to :meth:`Driver.cleanup`.
+
+    ``with hold(layer_id) as recorded:`` yields None when work on the layer is going on
+    (leave everything of it alone), else whether the layer has a record; for the block
+    nobody can start making, filling or removing it. Why a driver needs it: a layer
+    made after cleanup listed the records would otherwise look like a stray and be
+    deleted, and a removal in progress would be raced to the same files."""
+
+    def __call__(self, layer_id: str) -> contextlib.AbstractContextManager[bool | None]: ...
+
+
 @dataclass(frozen=True)
 class MountSpec:
     """One mount for someone else to perform: mount(2)'s type, source and fstab-style
@@ -245,9 +257,13 @@ class Driver(abc.ABC):
         """Docker's GetMetadata for one layer (paths the user may want to know)."""
         return {}
 
-    def cleanup(self, known: set[str]) -> list[str]:
-        """Remove the driver's own leftovers (``known`` = IDs of every recorded layer)
-        and return one line per thing removed."""
+    def cleanup(self, known: set[str], hold: LayerHold) -> list[str]:
+        """Remove the driver's own leftovers and return one line per thing removed.
+
+        Cleanup runs beside other work (containerd calls it after every garbage
+        collection), so ``known`` (the IDs recorded when it began) is only a first sort:
+        whatever it suggests removing or restoring is decided again inside
+        ``hold(owner)``, which stops work on that layer from starting meanwhile."""
         return []
 
     def close(self) -> None:  # noqa: B027 - optional hook: most drivers hold nothing

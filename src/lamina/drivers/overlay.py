@@ -48,6 +48,7 @@ shared with windowsfilter; this module is the overlay2 layout on top of it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -67,6 +68,7 @@ from lamina.drivers.base import (
     Driver,
     DriverContext,
     FileGetter,
+    LayerHold,
     MountSpec,
     refuse_unknown,
 )
@@ -594,41 +596,61 @@ class OverlayDriver(Driver):
             meta["LowerDir"] = ":".join(os.path.realpath(self._upper(p)) for p in ids)
         return meta
 
-    def cleanup(self, known: set[str]) -> list[str]:
+    def cleanup(self, known: set[str], hold: LayerHold) -> list[str]:
         done: list[str] = []
         for entry in sorted(self.ctx.layers.iterdir()) if self.ctx.layers.is_dir() else []:
             if entry.name not in known:
-                self._discard(entry)
-                done.append(f"removed overlay layer directory {entry.name} that no record names")
+                with hold(entry.name) as recorded:
+                    if recorded is False:  # not made meanwhile, nor being made
+                        self._discard(entry)
+                        done.append(f"removed overlay layer directory {entry.name} that no record names")
         for entry in sorted(self.ctx.tmp.iterdir()) if self.ctx.tmp.is_dir() else []:
-            # a creating dir whose layer still has a record may be in use right now
             owner, what = staging.owner(entry.name), staging.kind(entry.name)
-            if what == "removing" or (what == "creating" and owner not in known):
+            if what not in ("removing", "creating") or (what == "creating" and owner in known):
+                continue
+            with hold(owner) as recorded:
+                # a removal or creation still at work, or a creating dir whose layer has a
+                # record (it may be in use right now), stays
+                if recorded is None or (what == "creating" and recorded) or not os.path.lexists(entry):
+                    continue
                 if mounts_under(entry):
                     self._discard(entry)
                     done.append(f"unmounted and removed leftover tmp/{entry.name}")
+        return done + self._mend_links(known, hold)
+
+    def _mend_links(self, known: set[str], hold: LayerHold) -> list[str]:
+        """Drop the short links in ``l/`` that name no recorded layer's ``diff``, and
+        restore a recorded layer's missing one; each change decided under the layer's hold."""
+        done: list[str] = []
         links = self.ctx.root / "l"
         wanted = {}
         for layer_id in known:
             short = self._link(layer_id)
             if short:
-                wanted[short] = f"../layers/{layer_id}/diff"
+                wanted[short] = layer_id
         for entry in sorted(links.iterdir()):
-            target = wanted.get(entry.name)
             try:
                 current = os.readlink(entry)
             except OSError:
                 current = None
+            if entry.name in wanted and current == f"../layers/{wanted[entry.name]}/diff":
+                continue
             owner = Path(current).parts[2] if current and current.startswith("../layers/") else ""
-            if owner in known and staging.creating(self.ctx.tmp, owner).exists():
-                continue  # a layer being made right now: its link comes before its dir
-            if target is None or current != target:
-                entry.unlink()
-                done.append(f"removed stale short link l/{entry.name}")
-        for short, target in sorted(wanted.items()):
-            if not os.path.lexists(links / short):
-                os.symlink(target, links / short)
-                done.append(f"restored short link l/{short}")
+            with hold(owner) if owner else contextlib.nullcontext(False) as recorded:
+                if recorded is None:
+                    continue  # its layer is being made (the link comes before the dir) or removed
+                if recorded and self._link(owner) == entry.name:
+                    continue  # made since cleanup began
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    done.append(f"removed stale short link l/{entry.name}")
+        for short, layer_id in sorted(wanted.items()):
+            if os.path.lexists(links / short):
+                continue
+            with hold(layer_id) as recorded:
+                if recorded and self._link(layer_id) == short and not os.path.lexists(links / short):
+                    os.symlink(f"../layers/{layer_id}/diff", links / short)
+                    done.append(f"restored short link l/{short}")
         return done
 
 

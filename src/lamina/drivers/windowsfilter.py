@@ -51,7 +51,14 @@ import lamina
 from lamina.archive import wintar
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.winexport import ExportItem, write_tar
-from lamina.drivers.base import CreateOptions, Driver, DriverContext, FileGetter, refuse_unknown
+from lamina.drivers.base import (
+    CreateOptions,
+    Driver,
+    DriverContext,
+    FileGetter,
+    LayerHold,
+    refuse_unknown,
+)
 from lamina.drivers.windowsfilter_meta import TAR_RECORD, XATTR_NAME, read_meta
 from lamina.errors import (
     InvalidOption,
@@ -517,9 +524,10 @@ class WindowsFilterDriver(Driver):
     def metadata(self, layer_id: str) -> dict[str, str]:
         return {"dir": str(self.dir(layer_id))}
 
-    def cleanup(self, known: set[str]) -> list[str]:
+    def cleanup(self, known: set[str], hold: LayerHold) -> list[str]:
         """Finish removals a crash interrupted (``*-removing`` folders) and drop the
-        staging folders of imports that died."""
+        staging folders of imports that died. A ``-removing`` folder whose removal is
+        still at work (its layer held) is left to it."""
         from lamina.drivers.windowsfilter_import import is_staging, staging_in_use
 
         done: list[str] = []
@@ -531,11 +539,14 @@ class WindowsFilterDriver(Driver):
             if not entry.is_dir(follow_symlinks=False):
                 continue
             if entry.name.endswith(REMOVING_SUFFIX):
-                try:
-                    self._destroy(Path(entry.path))
-                except (OSError, LaminaError) as e:
-                    log.warning("Failed to cleanup %s: %s", entry.name, e)
-                    continue
+                with hold(entry.name.removesuffix(REMOVING_SUFFIX)) as recorded:
+                    if recorded is None or not os.path.lexists(entry.path):
+                        continue
+                    try:
+                        self._destroy(Path(entry.path))
+                    except (OSError, LaminaError) as e:
+                        log.warning("Failed to cleanup %s: %s", entry.name, e)
+                        continue
                 done.append(f"removed {entry.name} (an interrupted removal)")
                 continue
             for inner in os.scandir(entry.path):

@@ -118,6 +118,18 @@ class KeyLock(_FdLock):
         fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, self._offset, 1, 0))
 
 
+def lock_conflicts(path: Path, key: str) -> bool:
+    """Whether anybody holds ``key`` in the lock file ``path`` (shared or exclusive),
+    asked with ``F_OFD_GETLK``: nothing is taken, so the question never stands in the
+    way of work that wants the lock at that moment, as a try-and-release would."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _key_offset(key), 1, 0))
+    finally:
+        os.close(fd)
+    return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+
+
 class KeyLockTable:
     """The locks of :class:`KeyLock` for short, frequent holds: one open fd per thread,
     kept, instead of an open and a close per hold.

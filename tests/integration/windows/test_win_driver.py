@@ -19,7 +19,7 @@ import pytest
 from winfixtures import driver_at, export, import_layer, sandbox
 from wintarmaker import BA, BU, SY, SYSTEM_FILE_SD, LayerTar, decode_sd, hcs_check
 
-from conftest import require_root
+from conftest import layer_hold, require_root
 from lamina.archive.change import Change, ChangeKind
 from lamina.drivers.base import CreateOptions, DriverContext
 from lamina.drivers.windowsfilter import WindowsFilterDriver
@@ -140,7 +140,7 @@ def test_cleanup_finishes_interrupted_removals(wf: WindowsFilterDriver) -> None:
     os.rename(layers / "ctr", layers / "ctr-removing")
     (layers / "gone-removing").mkdir()
     (layers / "gone-removing/Files").mkdir()
-    done = wf.cleanup({"base"})
+    done = wf.cleanup({"base"}, layer_hold(wf.ctx.root / "locks", {"base"}))
     assert sorted(done) == ["removed ctr-removing (an interrupted removal)",
                             "removed gone-removing (an interrupted removal)"]
     assert sorted(os.listdir(layers)) == ["base"]
@@ -151,7 +151,8 @@ def test_cleanup_drops_a_dead_imports_staging(wf: WindowsFilterDriver) -> None:
     import_layer(wf, "base", None, base_tar())
     stale = wf.dir("base") / ".import-99999"
     (stale / "Files").mkdir(parents=True)
-    assert wf.cleanup({"base"}) == ["removed base/.import-99999 (an import that died)"]
+    assert wf.cleanup({"base"}, layer_hold(wf.ctx.root / "locks", {"base"})) == [
+        "removed base/.import-99999 (an import that died)"]
     assert not stale.exists()
 
 
