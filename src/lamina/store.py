@@ -212,6 +212,8 @@ class Store:
                 hashed.close()
                 self.lifecycle.abandon(layer_id)
                 raise_no_space(layer_id, e)
+                if isinstance(e, OSError):  # it names a file; say whose
+                    e.add_note(f"layer {layer_id} not made")
                 raise
             self.lifecycle.commit(layer_id, size=size, has_tarsplit=True, diff_id=diff_id)
             return size

@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fuzz.corpus import cases, long_path_tar  # noqa: E402
-from fuzz.rawtar import entry, tar  # noqa: E402
+from fuzz.rawtar import DIR, entry, tar  # noqa: E402
 
 import lamina  # noqa: E402
 from conftest import REPO, require_overlay, require_root, require_tool, skip_or_fail  # noqa: E402
@@ -147,6 +147,33 @@ def test_a_layer_with_0000_dirs_is_a_parent_is_read_and_goes(nobody: Nobody) -> 
     assert os.listdir(nobody.root / "layers") == []
     assert os.listdir(nobody.root / "tmp") == []
     assert nobody.ok("check").strip() == "ok"
+
+
+def test_a_child_layer_writes_into_its_parents_locked_dirs(nobody: Nobody) -> None:
+    """A child tar adds to, deletes from and re-modes directories that the parent made
+    0000 and 0555: the unprivileged owner widens them for the apply and puts back each
+    directory's mode, the parent's or the child tar's own word on it (before, opening
+    the 0000 directory failed with a bare "Permission denied: 'd'")."""
+    parent = tar(entry("shut", typeflag=DIR, mode=0o755), entry("shut/old", b"o"), entry("shut/gone", b"g"),
+                 entry("ro", typeflag=DIR, mode=0o555), entry("ro/keep", b"k"),
+                 entry("reopened", typeflag=DIR, mode=0o000),
+                 entry("shut", typeflag=DIR, mode=0o000))
+    child = tar(entry("shut/new", b"n"), entry("shut/.wh.gone"), entry("ro/added", b"a"),
+                entry("reopened", typeflag=DIR, mode=0o750), entry("reopened/in", b"i"))
+    nobody.ok("apply", "p", str(nobody.file("p.tar", parent)))
+    assert nobody.ok("apply", "q", "--parent", "p", str(nobody.file("q.tar", child))).strip() == "3"
+    q = nobody.root / "layers" / "q"
+    assert (mode(q / "shut"), mode(q / "ro"), mode(q / "reopened")) == (0, 0o555, 0o750)
+    os.chmod(q / "shut", 0o700)
+    assert sorted(os.listdir(q / "shut")) == ["new", "old"]
+    os.chmod(q / "shut", 0)
+    assert sorted(os.listdir(q / "ro")) == ["added", "keep"]
+    assert nobody.ok("changes", "q") == ("C /reopened\nA /reopened/in\nC /ro\nA /ro/added\nC /shut\n"
+                                         "D /shut/gone\nA /shut/new\n")
+    assert nobody.ok("check").strip() == "ok"
+    for layer in ("q", "p"):
+        nobody.ok("rm", layer)
+    assert os.listdir(nobody.root / "layers") == [] and os.listdir(nobody.root / "tmp") == []
 
 
 def test_chmod_000_inside_a_container_layer(nobody: Nobody) -> None:

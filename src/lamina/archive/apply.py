@@ -82,6 +82,7 @@ from lamina.archive.tar.reader import (
 )
 from lamina.archive.tar.split import TarSplitWriter
 from lamina.errors import InvalidArchive, NoSpace, UnsupportedFilesystem
+from lamina.fs import relax
 from lamina.fs.safepath import (
     DIR_FLAGS,
     DirCache,
@@ -212,7 +213,11 @@ class _Applier:
         check = self._check_lowers if self.overlay and opts.lower_roots else None
         self.dirs = DirCache(self.root_fd, mode=IMPLIED_DIR_MODE, on_create=self._implied_dir,
                              before_create=check)
-        self.dirs.on_open = lambda names, fd: self._note_dir(fd)
+        if self.dac_override:
+            self.dirs.on_open = lambda names, fd: self._note_dir(fd)
+        else:
+            self.dirs.on_open = self._reach_dir
+            self.dirs.on_denied = self._widen_dir
         self.lower_fds: list[int] | None = None
         self.split = (TarSplitWriter(opts.tarsplit, buffered=True)
                       if opts.tarsplit is not None else None)
@@ -330,6 +335,30 @@ class _Applier:
             self.setgid[fd] = st.st_gid
         else:
             self.setgid.pop(fd, None)
+
+    def _reach_dir(self, names: list[str], fd: int) -> None:
+        """An existing directory opened by an unprivileged apply: one the tar is to fill
+        but whose mode forbids it (a parent layer's ``0555``, say) gets its owner's
+        bits now and its mode back at the end (:meth:`_finish_dirs`), as a directory
+        the tar makes itself does."""
+        st = os.fstat(fd)
+        if st.st_mode & stat.S_ISGID:
+            self.setgid[fd] = st.st_gid
+        else:
+            self.setgid.pop(fd, None)
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o700 != 0o700 and st.st_uid == self.euid:
+            os.fchmod(fd, mode | 0o700)
+            self.dir_modes.append((list(names), mode))
+
+    def _widen_dir(self, parent_fd: int, name: str, names: list[str]) -> int:
+        """An existing directory the unprivileged owner may not even open (``0000``):
+        widened as :func:`lamina.fs.relax.open_at` does, its mode put back at the end;
+        refused as before if it is somebody else's."""
+        fd, old = relax.open_at(name, DIR_FLAGS, parent_fd, 0o700)
+        if old is not None:
+            self.dir_modes.append((list(names), old))
+        return fd
 
     def _implied_dir(self, fd: int) -> None:
         """A parent directory the tar did not list: owned by the mapped root."""
@@ -483,7 +512,7 @@ class _Applier:
         if cur_mode != mkmode or (chowned and mkmode & 0o6000):
             os.fchmod(fd, mkmode)
             self._note_dir(fd)
-        if deferred:
+        if not self.dac_override:  # set again at the end: it may have been widened
             self.dir_modes.append((parts, mode))
         self.dir_times.append((parts, *_times(e)))
         self.fast_dir = parts
@@ -836,12 +865,16 @@ class _Applier:
             except (FileNotFoundError, UnsafePath):
                 continue  # replaced or removed later in the tar
             os.utime(fd, ns=(atime, mtime))
-        for parts, mode in reversed(self.dir_modes):
+        final: dict[tuple[str, ...], int] = {}
+        for parts, mode in self.dir_modes:  # the last word on a directory counts
+            final[tuple(parts)] = mode
+        # deepest first: a parent closed first could shut the way to its children
+        for key in sorted(final, key=len, reverse=True):
             try:
-                fd = dirs.get(parts, create=False) if parts else self.root_fd
+                fd = dirs.get(list(key), create=False) if key else self.root_fd
             except (FileNotFoundError, UnsafePath):
                 continue
-            os.fchmod(fd, mode)
+            os.fchmod(fd, final[key])
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -105,8 +105,13 @@ def json_default(obj: object) -> object:
 
 
 def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+    """The error as one line. A system error (OSError) names only a file, so the notes
+    the code added on its way up (which tar entry, which layer) go with it."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    notes = getattr(err, "__notes__", None) if isinstance(err, OSError) else None
+    if notes:
+        text += " (" + "; ".join(" ".join(str(n).split()) for n in notes) + ")"
+    return text
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

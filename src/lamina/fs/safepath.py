@@ -162,7 +162,13 @@ def remove_at(dir_fd: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)
+        try:
+            shutil.rmtree(name, dir_fd=dir_fd)
+        except PermissionError:
+            # a 0000 directory inside, met by its unprivileged owner: widened and removed
+            from lamina.fs.relax import remove_at as force_remove_at
+
+            force_remove_at(dir_fd, name, name)
     else:
         os.unlink(name, dir_fd=dir_fd)
     return True
@@ -198,6 +204,10 @@ class DirCache:
         #: called with each directory fd when it is opened (not created): lets the
         #: caller learn about existing directories (their setgid bit, say)
         self.on_open: Callable[[list[str], int], None] | None = None
+        #: called as ``on_denied(parent_fd, name, path)`` when opening an existing
+        #: directory is refused for want of permission: returns an fd it got another way
+        #: (its owner widening the mode) or raises
+        self.on_denied: Callable[[int, str, list[str]], int] | None = None
 
     def get(self, parts: Sequence[str], *, create: bool = True) -> int:
         """The fd of directory ``parts`` (cleaned), opening and creating as needed.
@@ -219,9 +229,14 @@ class DirCache:
         for i in range(common, len(parts)):
             part = parts[i]
             before = None if check is None else functools.partial(check, list(parts[:i + 1]))
-            nfd = open_child_dir(fd, part, "/".join(parts[:i + 1]), create=create,
-                                 mode=self._mode, on_create=self._on_create,
-                                 before_create=before)
+            try:
+                nfd = open_child_dir(fd, part, "/".join(parts[:i + 1]), create=create,
+                                     mode=self._mode, on_create=self._on_create,
+                                     before_create=before)
+            except PermissionError:
+                if self.on_denied is None:
+                    raise
+                nfd = self.on_denied(fd, part, list(parts[:i + 1]))
             names.append(part)
             self._fds.append(nfd)
             self._open += 1
@@ -261,7 +276,12 @@ class DirCache:
             base -= 1
         fd = self._fds[base - 1] if base else self.root_fd
         for i in range(base, depth):
-            nfd = open_child_dir(fd, self._names[i], "/".join(self._names[:i + 1]))
+            try:
+                nfd = open_child_dir(fd, self._names[i], "/".join(self._names[:i + 1]))
+            except PermissionError:
+                if self.on_denied is None:
+                    raise
+                nfd = self.on_denied(fd, self._names[i], self._names[:i + 1])
             self._fds[i] = nfd
             self._open += 1
             if self.on_open is not None:
