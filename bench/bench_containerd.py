@@ -256,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"run {r + 1} {side}: import {times[side]['import'][-1]:.2f} s, "
                         f"run {statistics.median(times[side]['run'][-3:]):.3f} s")
                     if r == 0:
-                        for name, sock, sn, ns in (
-                                (f"{side} via containerd", ctd.socket, side, NAMESPACE),
-                                *([("lamina direct", lam.socket, "lamina", None)] if side == "lamina" else [])):
-                            # the direct calls need the backend's name for the parent
-                            par = chain if ns else _backend_name(lam.socket, chain)
-                            rpcs[name] = rpc_p50s(sock, par, calls, sn, ns)
+                        rpcs[f"{side} via containerd"] = rpc_p50s(ctd.socket, chain, calls, side, NAMESPACE)
+                        if side == "lamina":
+                            # containerd's garbage collector removes every snapshot its
+                            # metadata does not name, so snapshots made on lamina's own
+                            # socket would be removed under the calls (a Commit then
+                            # meets the Remove: "in use"): stopped first, same store
+                            # and chain (the backend's name for the parent)
+                            par = _backend_name(lam.socket, chain)
+                            ctd.close()
+                            rpcs["lamina direct"] = rpc_p50s(lam.socket, par, calls, "lamina", None)
         log(f"\nload average at start {load:.1f}, now {os.getloadavg()[0]:.1f} (2 cores, shared: "
             "wall clock is noisy; spread = min-max over runs)")
         summary = []
