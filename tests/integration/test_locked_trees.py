@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,29 +26,27 @@ from fuzz.corpus import cases, long_path_tar  # noqa: E402
 from fuzz.rawtar import DIR, entry, tar  # noqa: E402
 
 import lamina  # noqa: E402
-from conftest import REPO, require_overlay, require_root, require_tool, skip_or_fail  # noqa: E402
+from conftest import require_overlay, require_root, require_tool, skip_or_fail  # noqa: E402
+from unprivileged import AS_NOBODY, NOBODY, NobodyPython, nobody_python  # noqa: E402
 
 CORPUS = {c.name: c for c in cases()}
-NOBODY = 65534
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 class Nobody:
     """``lamina`` run as uid/gid 65534 on a store that user owns, as an unprivileged
-    user runs it: the system's Python (the venv's lives under /root, mode 0700), lamina
-    and its dependencies from the worktree, from a directory everyone may enter."""
+    user runs it, through :func:`unprivileged.nobody_python` (an interpreter and a copy
+    of lamina that user can run, wherever the checkout and the venv live)."""
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.root = home / "store"
-        site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-        self.env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LC_ALL": "C.UTF-8",
-                    "PYTHONPATH": f"{REPO / 'src'}:{site}"}
+    def __init__(self, py: NobodyPython) -> None:
+        self.py = py
+        self.home = py.work / "home"
+        self.home.mkdir(mode=0o755)
+        os.chown(self.home, NOBODY, NOBODY)
+        self.root = self.home / "store"
 
     def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-               SYSTEM_PYTHON, "-m", "lamina", "--root", str(self.root), "--driver", "vfs", *args]
-        return subprocess.run(cmd, input=input, capture_output=True, env=self.env, cwd="/tmp")
+        cmd = [*AS_NOBODY, self.py.python, "-m", "lamina", "--root", str(self.root), "--driver", "vfs", *args]
+        return subprocess.run(cmd, input=input, capture_output=True, env=self.py.env(), cwd=self.py.work)
 
     def ok(self, *args: str, input: bytes | None = None) -> str:
         r = self.run(*args, input=input)
@@ -59,8 +55,7 @@ class Nobody:
 
     def sh(self, script: str) -> None:
         """A shell command as the same user (what a container process does)."""
-        subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                        "sh", "-ec", script], check=True, cwd="/tmp")
+        subprocess.run([*AS_NOBODY, "sh", "-ec", script], check=True, cwd="/tmp")
 
     def file(self, name: str, data: bytes) -> Path:
         p = self.home / name
@@ -71,21 +66,8 @@ class Nobody:
 
 @pytest.fixture
 def nobody() -> Iterator[Nobody]:
-    require_root()
-    require_tool("setpriv")
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
-                           capture_output=True, text=True) if os.path.exists(SYSTEM_PYTHON) else None
-    if probe is None or probe.stdout.strip() != str(tuple(sys.version_info[:2])):
-        skip_or_fail(f"{SYSTEM_PYTHON} of Python {sys.version_info.major}.{sys.version_info.minor} "
-                     "is needed to run lamina as another user")
-    home = Path(tempfile.mkdtemp(prefix="lamina-nobody-", dir="/tmp"))
-    os.chmod(home, 0o755)
-    os.chown(home, NOBODY, NOBODY)
-    try:
-        yield Nobody(home)
-    finally:
-        subprocess.run(["chmod", "-R", "u+rwx", str(home)], check=False)
-        shutil.rmtree(home, ignore_errors=True)
+    with nobody_python() as py:
+        yield Nobody(py)
 
 
 def mode(p: Path) -> int:
