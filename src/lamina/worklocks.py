@@ -49,15 +49,14 @@ class WorkLocks:
         self._path.touch(mode=0o600)
         self._tidy_wait = tidy_wait
 
-    def lock(self, layer_id: str) -> KeyLock:
-        """The layer's lock, not taken: :meth:`take` takes it as work should."""
+    def _lock(self, layer_id: str) -> KeyLock:
         return KeyLock(self._path, layer_id)
 
     def take(self, layer_id: str, *, shared: bool = False, culprit: str = "") -> KeyLock:
         """The layer's lock, held (shared for reading): LayerBusy at once if other work
         holds it, after a wait if cleanup is tidying it. ``culprit`` replaces the
         error's default wording."""
-        lock = self.lock(layer_id)
+        lock = self._lock(layer_id)
         deadline: float | None = None
         pause = 0.001
         while not lock.acquire(shared=shared, blocking=False):
@@ -94,7 +93,7 @@ class WorkLocks:
             yield False
             return
         try:
-            lock = self.lock(layer_id)
+            lock = self._lock(layer_id)
             got = lock.acquire(blocking=False)
             try:
                 yield got

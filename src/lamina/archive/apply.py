@@ -329,8 +329,8 @@ class _Applier:
 
     # -- helpers --------------------------------------------------------------------
 
-    def _note_dir(self, fd: int) -> None:
-        st = os.fstat(fd)
+    def _note_dir(self, fd: int, st: os.stat_result | None = None) -> None:
+        st = st or os.fstat(fd)
         if st.st_mode & stat.S_ISGID:
             self.setgid[fd] = st.st_gid
         else:
@@ -342,14 +342,10 @@ class _Applier:
         bits now and its mode back at the end (:meth:`_finish_dirs`), as a directory
         the tar makes itself does."""
         st = os.fstat(fd)
-        if st.st_mode & stat.S_ISGID:
-            self.setgid[fd] = st.st_gid
-        else:
-            self.setgid.pop(fd, None)
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o700 != 0o700 and st.st_uid == self.euid:
-            os.fchmod(fd, mode | 0o700)
-            self.dir_modes.append((list(names), mode))
+        self._note_dir(fd, st)
+        old = relax.widen(fd, 0o700, st)
+        if old is not None:
+            self.dir_modes.append((list(names), old))
 
     def _widen_dir(self, parent_fd: int, name: str, names: list[str]) -> int:
         """An existing directory the unprivileged owner may not even open (``0000``):

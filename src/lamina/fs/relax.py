@@ -58,6 +58,21 @@ def open_at(name: str, flags: int, dir_fd: int, need: int) -> tuple[int, int | N
     return fd, old
 
 
+def widen(fd: int, need: int, st: os.stat_result | None = None) -> int | None:
+    """Add the owner bits ``need`` to the open ``fd`` if this unprivileged process owns
+    it and its mode lacks them (root needs no bits); return the mode to put back, or
+    None if nothing was changed. ``st``: its ``fstat``, if the caller has it already."""
+    euid = os.geteuid()
+    if euid == 0:
+        return None
+    st = st or os.fstat(fd)
+    old = stat.S_IMODE(st.st_mode)
+    if st.st_uid != euid or old & need == need:
+        return None
+    os.fchmod(fd, old | need)
+    return old
+
+
 def restore(fd: int, old: int | None, need: int) -> None:
     """Put back the mode :func:`open_at` widened by ``need``, unless it changed meanwhile."""
     if old is None:
@@ -142,9 +157,7 @@ def _open_for_removal(parent: int, name: str, shown: str) -> int:
             raise FileNotFoundError(shown) from None
         raise _named(e, shown) from None
     try:
-        st = os.fstat(fd)
-        if os.geteuid() != 0 and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & WRITE_DIR != WRITE_DIR:
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) | WRITE_DIR)  # to unlink inside
+        widen(fd, WRITE_DIR)  # to unlink inside
     except BaseException:
         os.close(fd)
         raise

@@ -21,6 +21,8 @@ import shutil
 import stat
 from collections.abc import Callable, Sequence
 
+from lamina.fs import relax
+
 #: flags for opening a directory component: never follow, never a controlling tty
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -166,9 +168,7 @@ def remove_at(dir_fd: int, name: str) -> bool:
             shutil.rmtree(name, dir_fd=dir_fd)
         except PermissionError:
             # a 0000 directory inside, met by its unprivileged owner: widened and removed
-            from lamina.fs.relax import remove_at as force_remove_at
-
-            force_remove_at(dir_fd, name, name)
+            relax.remove_at(dir_fd, name, name)
     else:
         os.unlink(name, dir_fd=dir_fd)
     return True
@@ -229,14 +229,7 @@ class DirCache:
         for i in range(common, len(parts)):
             part = parts[i]
             before = None if check is None else functools.partial(check, list(parts[:i + 1]))
-            try:
-                nfd = open_child_dir(fd, part, "/".join(parts[:i + 1]), create=create,
-                                     mode=self._mode, on_create=self._on_create,
-                                     before_create=before)
-            except PermissionError:
-                if self.on_denied is None:
-                    raise
-                nfd = self.on_denied(fd, part, list(parts[:i + 1]))
+            nfd = self._open_dir(fd, list(parts[:i + 1]), create=create, before_create=before)
             names.append(part)
             self._fds.append(nfd)
             self._open += 1
@@ -246,6 +239,18 @@ class DirCache:
                 self._close_oldest()
             fd = nfd
         return fd
+
+    def _open_dir(self, fd: int, path: list[str], *, create: bool = False,
+              before_create: Callable[[], None] | None = None) -> int:
+        """The fd of ``path``'s last directory, inside ``fd`` (its parent's), by
+        :func:`open_child_dir`, or by :attr:`on_denied` if permission is refused."""
+        try:
+            return open_child_dir(fd, path[-1], "/".join(path), create=create, mode=self._mode,
+                                  on_create=self._on_create, before_create=before_create)
+        except PermissionError:
+            if self.on_denied is None:
+                raise
+            return self.on_denied(fd, path[-1], path)
 
     def forget(self, parts: Sequence[str]) -> None:
         """Drop cached fds for ``parts`` and everything beneath it."""
@@ -276,12 +281,7 @@ class DirCache:
             base -= 1
         fd = self._fds[base - 1] if base else self.root_fd
         for i in range(base, depth):
-            try:
-                nfd = open_child_dir(fd, self._names[i], "/".join(self._names[:i + 1]))
-            except PermissionError:
-                if self.on_denied is None:
-                    raise
-                nfd = self.on_denied(fd, self._names[i], self._names[:i + 1])
+            nfd = self._open_dir(fd, self._names[:i + 1])
             self._fds[i] = nfd
             self._open += 1
             if self.on_open is not None:
