@@ -190,3 +190,12 @@ def layer_hold(locks_dir: Path, recorded: set[str]):  # type: ignore[no-untyped-
             yield (layer_id in recorded) if free else None
 
     return hold
+
+
+def write_file(p: Path, data: bytes | str = b"x", mode: int | None = None) -> Path:
+    """Write ``data`` to ``p`` (parents made), with ``mode`` if given; return ``p``."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        os.chmod(p, mode)
+    return p

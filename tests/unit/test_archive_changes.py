@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_overlay, require_root
+from conftest import write_file as write
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.changes import (
     changes_dirs,
@@ -34,14 +35,6 @@ M, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
 
 def ch(*pairs: tuple[ChangeKind, str]) -> list[Change]:
     return [Change(p, k) for k, p in pairs]
-
-
-def write(p: Path, data: bytes | str = b"x", mode: int | None = None) -> Path:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data.encode() if isinstance(data, str) else data)
-    if mode is not None:
-        os.chmod(p, mode)
-    return p
 
 
 def copy_tree(src: Path, dst: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_root, require_tool
+from conftest import write_file as write
 from lamina.archive import export as export_mod
 from lamina.archive.change import Change, ChangeKind
 from lamina.archive.changes import changes_dirs
@@ -28,14 +29,6 @@ from lamina.archive.export import tar_changes, tar_tree
 from lamina.errors import InvalidArchive, UnsupportedFilesystem
 
 M, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
-
-
-def write(p: Path, data: bytes | str = b"x", mode: int | None = None) -> Path:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data.encode() if isinstance(data, str) else data)
-    if mode is not None:
-        os.chmod(p, mode)
-    return p
 
 
 def as_bytes(chunks: Iterator[bytes]) -> bytes:
