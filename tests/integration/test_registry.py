@@ -8,11 +8,13 @@ client (through :class:`registry_support.FaultProxy`) is met once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,12 +254,7 @@ def test_multi_platform_index(plain: Registry, tmp_path: Path) -> None:
 
 
 def test_tls_and_basic_auth(tmp_path: Path, built: Built) -> None:
-    _require_registry()
-    ca, server = make_ca(tmp_path / "pki")
-    pw = htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
-    with Registry(tmp_path / "reg", tls=server, htpasswd_file=pw) as reg:
-        skopeo("copy", "--dest-creds", "alice:wonderland", "--dest-cert-dir", str(_certdir(tmp_path, ca)),
-               f"oci:{built.layout}:app:1", f"docker://{reg.host}/secure/app:1")
+    with _secure_registry(tmp_path, built) as (reg, ca):
         ref = f"{reg.host}/secure/app:1"
         store = _store(tmp_path / "s")
         with pytest.raises(ImageError, match="not trusted.*--ca-file"):
@@ -280,6 +277,19 @@ def test_tls_and_basic_auth(tmp_path: Path, built: Built) -> None:
             pushed = push(_store(tmp_path / "s2"), ref, f"{reg.host}/secure/copy:1",
                           options=ClientOptions(ca_file=str(ca.cert)))
             assert pushed.layers_mounted == 3 and pushed.manifest_reused
+
+
+@contextlib.contextmanager
+def _secure_registry(tmp_path: Path, built: Built) -> Iterator[tuple[Registry, Any]]:
+    """A TLS registry (its CA made here) that wants alice:wonderland, holding the built
+    image as ``secure/app:1`` (pushed by skopeo); yields it and the CA."""
+    _require_registry()
+    ca, server = make_ca(tmp_path / "pki")
+    pw = htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
+    with Registry(tmp_path / "reg", tls=server, htpasswd_file=pw) as reg:
+        skopeo("copy", "--dest-creds", "alice:wonderland", "--dest-cert-dir", str(_certdir(tmp_path, ca)),
+               f"oci:{built.layout}:app:1", f"docker://{reg.host}/secure/app:1")
+        yield reg, ca
 
 
 def _certdir(tmp_path: Path, ca: object) -> Path:
@@ -359,12 +369,7 @@ def test_credentials_from_the_creds_store(tmp_path: Path, built: Built,
     """config.json with nothing but ``credsStore``: its helper is the only source, the
     pull from a basic-auth registry authenticates with what it answers; a store that
     answers "credentials not found" leaves the pull without, and the error says so."""
-    _require_registry()
-    ca, server = make_ca(tmp_path / "pki")
-    pw = htpasswd(tmp_path / "htpasswd", {"alice": "wonderland"})
-    with Registry(tmp_path / "reg", tls=server, htpasswd_file=pw) as reg:
-        skopeo("copy", "--dest-creds", "alice:wonderland", "--dest-cert-dir", str(_certdir(tmp_path, ca)),
-               f"oci:{built.layout}:app:1", f"docker://{reg.host}/secure/app:1")
+    with _secure_registry(tmp_path, built) as (reg, ca):
         ref = f"{reg.host}/secure/app:1"
         options = ClientOptions(ca_file=str(ca.cert))
         asked = _creds_store(tmp_path, monkeypatch, (
